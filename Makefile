@@ -1,0 +1,38 @@
+# The verbs a user types. The environment is made on first use and refreshed when the
+# project's dependencies change.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 8080
+export HOST PORT
+
+.PHONY: run test bench install install-test clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[router,piper]'
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e '.[router,piper,test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+install-test: $(VENV)/.installed-test
+
+run: install
+	$(BIN)/chorus serve
+
+test: install-test
+	$(BIN)/pytest
+
+bench: install-test
+	$(BIN)/python bench/speech.py
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,40 @@
+"""Synthesis backends, one module each, imported only when a config names them."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from functions.config import ModelConfig
+from functions.protocol import Backend, BackendUnavailableError
+
+# backend name -> (module, class, image folder under images/). The module is imported lazily:
+# each backend's libraries exist only in its own image.
+BACKENDS: dict[str, tuple[str, str, str]] = {
+    "piper": ("functions.piper", "PiperBackend", "piper"),
+    "coqui": ("functions.coqui", "CoquiBackend", "coqui"),
+    "bark": ("functions.bark", "BarkBackend", "bark"),
+    "parler-tts": ("functions.parler", "ParlerBackend", "parler-tts"),
+    "transformers-musicgen": ("functions.musicgen", "MusicgenBackend", "transformers-musicgen"),
+    "vall-e-x": ("functions.valle", "ValleBackend", "vall-e-x"),
+}
+
+
+def backend_class(name: str) -> type[Backend]:
+    try:
+        module_name, class_name, image = BACKENDS[name]
+    except KeyError:
+        raise BackendUnavailableError(f"backend '{name}' is not implemented") from None
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise BackendUnavailableError(
+            f"backend '{name}' is not installed in this environment ({exc.name or exc} is "
+            f"missing); run it in its own image, images/{image}, or install "
+            f"images/{image}/requirements.txt"
+        ) from exc
+    return getattr(module, class_name)
+
+
+def create_backend(config: ModelConfig, models_dir: Path) -> Backend:
+    return backend_class(config.backend)(config, models_dir)

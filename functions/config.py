@@ -1,0 +1,136 @@
+"""Model configs: LocalAI's YAML schema plus Chorus's own `deploy:` and `voices:` blocks.
+
+LocalAI configs carry many fields Chorus has no use for (threads, f16, ...): unknown keys are
+kept and ignored so that a LocalAI user's YAML loads unchanged, while every field Chorus reads is
+typed and validated.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+BackendName = Literal[
+    "piper", "coqui", "bark", "parler-tts", "transformers-musicgen", "vall-e-x"
+]
+
+# Names travel in URLs, file names and Modal parameters: keep them to a safe alphabet.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$"
+
+
+class Parameters(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    language: str | None = None
+
+
+class ValleSettings(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    audio_path: str | None = None
+    transcript: str | None = None
+
+
+class TTSSettings(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    voice: str | None = None
+    vall_e: ValleSettings = Field(default_factory=ValleSettings, alias="vall-e")
+
+
+class DeploySettings(BaseModel):
+    """How the backend function runs on Modal and compose. `gpu: null` means CPU."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    gpu: str | None = None
+    min_containers: int = Field(0, ge=0)
+    scaledown_window: int = Field(300, ge=2, le=3600)
+    max_concurrent_inputs: int = Field(4, ge=1)
+    timeout: int = Field(600, ge=1, le=86400)
+
+
+class ModelConfig(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(pattern=NAME_PATTERN)
+    backend: BackendName
+    parameters: Parameters = Field(default_factory=Parameters)
+    tts: TTSSettings = Field(default_factory=TTSSettings)
+    deploy: DeploySettings = Field(default_factory=DeploySettings)
+    #: Chorus's own: public voice names (OpenAI's `alloy`, an ElevenLabs voice id...) mapped to
+    #: this model's voices or speakers.
+    voices: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("voices")
+    @classmethod
+    def _no_empty_voice(cls, value: dict[str, str]) -> dict[str, str]:
+        for alias, target in value.items():
+            if not alias or not target:
+                raise ValueError("voice names and their targets must not be empty")
+        return value
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; the message names the file and the field."""
+
+
+class UnsafePathError(ValueError):
+    """A path that would leave the models directory."""
+
+
+def resolve_in(base: Path, relative: str) -> Path:
+    """Resolve `relative` inside `base`, refusing anything that would leave it.
+
+    Absolute paths, `..` components and symlinks pointing outside are all refused before
+    anything is opened, so a hostile name can never make Chorus read outside `base`.
+    """
+    if not relative or "\x00" in relative:
+        raise UnsafePathError(f"invalid path {relative!r}")
+    candidate = Path(relative)
+    if candidate.is_absolute() or ".." in candidate.parts or "\\" in relative:
+        raise UnsafePathError(f"path {relative!r} is outside the models directory")
+    root = base.resolve()
+    resolved = (root / candidate).resolve()
+    if resolved != root and root not in resolved.parents:
+        raise UnsafePathError(f"path {relative!r} is outside the models directory")
+    return resolved
+
+
+def load_config_file(path: Path) -> ModelConfig:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path.name}: cannot read YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path.name}: expected a mapping at the top level")
+    try:
+        return ModelConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"field '{'.'.join(str(p) for p in err['loc'])}': {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"{path.name}: {problems}") from exc
+
+
+def load_configs(directory: Path) -> list[ModelConfig]:
+    """Every `*.yaml`/`*.yml` in `directory`, in file-name order (the first is the default)."""
+    files = sorted(
+        p for p in directory.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file()
+    )
+    configs: list[ModelConfig] = []
+    seen: dict[str, str] = {}
+    for path in files:
+        config = load_config_file(path)
+        if config.name in seen:
+            raise ConfigError(
+                f"{path.name}: field 'name': '{config.name}' is already defined in {seen[config.name]}"
+            )
+        seen[config.name] = path.name
+        configs.append(config)
+    return configs

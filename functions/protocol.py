@@ -1,0 +1,82 @@
+"""The one contract between the router and every synthesis backend.
+
+A backend is built from a model config and the models directory, loads once, and turns a
+`SynthesisRequest` into a stream of PCM chunks: signed 16-bit little-endian mono `bytes` at
+`sample_rate`. Plain bytes travel unchanged in-process, over the worker's HTTP protocol and
+through Modal, so no layer needs to convert them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from functions.config import ModelConfig
+
+SAMPLE_FORMAT = "s16le"
+
+
+class SynthesisRequest(BaseModel):
+    """One synthesis job after the API family's wire schema has been translated.
+
+    Overrides are already applied: `voice` and `language` are the request's values where it
+    gave them and the config's otherwise, so a backend never needs to know which API asked.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    text: str
+    voice: str | None = None
+    language: str | None = None
+    speed: float = Field(1.0, gt=0)
+    instructions: str | None = None
+    seed: int | None = None
+
+
+class BackendError(Exception):
+    """Synthesis failed for a reason the caller cannot fix by changing the request."""
+
+
+class InvalidRequestError(ValueError):
+    """The request asks for something this model cannot do (unknown voice, language...)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class BackendUnavailableError(BackendError):
+    """The backend's library is not installed in this environment."""
+
+
+class Backend(ABC):
+    """Load once with `load()`, then `synthesize()` any number of requests, possibly from
+    several threads at once."""
+
+    #: The backend's name as configs spell it (`backend:` in the YAML).
+    name: str
+
+    def __init__(self, config: ModelConfig, models_dir: Path):
+        self.config = config
+        self.models_dir = models_dir
+
+    @abstractmethod
+    def load(self) -> None:
+        """Load weights and voices. Called once, before any synthesis."""
+
+    @property
+    @abstractmethod
+    def sample_rate(self) -> int:
+        """Rate of the PCM that `synthesize` yields. Valid after `load()`."""
+
+    @abstractmethod
+    def voices(self) -> list[str]:
+        """Voice names this model accepts as `SynthesisRequest.voice`. Valid after `load()`."""
+
+    @abstractmethod
+    def synthesize(self, request: SynthesisRequest) -> Iterator[bytes]:
+        """Yield PCM chunks as soon as each is ready, so the caller can stream and stop early."""

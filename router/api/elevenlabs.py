@@ -1,0 +1,140 @@
+"""ElevenLabs' text-to-speech API: /v1/text-to-speech/{voice_id}[/stream], /v1/voices, /v2/voices."""
+
+from __future__ import annotations
+
+import re
+
+from fastapi import APIRouter, Depends, Query
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from router.api.common import audio_response, family_route, speech_service
+from router.encoding import AudioFormat
+from router.errors import InvalidRequest
+from router.speech import SpeechService, model_voices
+
+DEFAULT_OUTPUT_FORMAT = "mp3_44100_128"
+# ElevenLabs' own codes: codec_samplerate[_bitrate in kbit/s].
+_OUTPUT_FORMATS: dict[str, set[tuple[int, int | None]]] = {
+    "mp3": {(22050, 32), (24000, 48), *((44100, kbps) for kbps in (32, 64, 96, 128, 192))},
+    "pcm": {(rate, None) for rate in (8000, 16000, 22050, 24000, 32000, 44100, 48000)},
+    "wav": {(rate, None) for rate in (8000, 16000, 22050, 24000, 32000, 44100, 48000)},
+    "opus": {(48000, kbps) for kbps in (32, 64, 96, 128, 192)},
+    "ulaw": {(8000, None)},
+    "alaw": {(8000, None)},
+}
+_FORMAT_CODE = re.compile(r"^([a-z0-9]+)_(\d+)(?:_(\d+))?$")
+
+
+def output_formats() -> list[str]:
+    return sorted(
+        f"{codec}_{rate}" + (f"_{kbps}" if kbps else "")
+        for codec, variants in _OUTPUT_FORMATS.items()
+        for rate, kbps in variants
+    )
+
+
+def parse_output_format(code: str) -> AudioFormat:
+    match = _FORMAT_CODE.match(code)
+    if match:
+        codec, rate, kbps = match.group(1), int(match.group(2)), match.group(3)
+        kbps_value = int(kbps) if kbps else None
+        if (rate, kbps_value) in _OUTPUT_FORMATS.get(codec, set()):
+            return AudioFormat(
+                codec, sample_rate=rate, bit_rate=kbps_value * 1000 if kbps_value else None
+            )
+    raise InvalidRequest(
+        f"output_format '{code}' is not supported; use one of: {', '.join(output_formats())}",
+        param="output_format",
+    )
+
+
+def elevenlabs_error(status: int, message: str, param: str | None, code: str) -> JSONResponse:
+    return JSONResponse({"detail": {"status": code, "message": message}}, status_code=status)
+
+
+router = APIRouter(
+    route_class=family_route(elevenlabs_error, validation_status=422), tags=["ElevenLabs"]
+)
+
+
+class VoiceSettings(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    stability: float | None = Field(None, ge=0, le=1)
+    similarity_boost: float | None = Field(None, ge=0, le=1)
+    style: float | None = Field(None, ge=0, le=1)
+    use_speaker_boost: bool | None = None
+    # ElevenLabs' documented range.
+    speed: float | None = Field(None, ge=0.7, le=1.2)
+
+
+class TextToSpeechBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    text: str
+    model_id: str | None = None
+    language_code: str | None = None
+    voice_settings: VoiceSettings | None = None
+    seed: int | None = Field(None, ge=0, le=4294967295)
+
+
+@router.post("/v1/text-to-speech/{voice_id}", summary="Text to speech (ElevenLabs)")
+@router.post("/v1/text-to-speech/{voice_id}/stream", summary="Text to speech, streamed (ElevenLabs)")
+async def text_to_speech(
+    voice_id: str,
+    body: TextToSpeechBody,
+    output_format: str = Query(DEFAULT_OUTPUT_FORMAT),
+    # Accepted for compatibility: Chorus always streams as early as it can.
+    optimize_streaming_latency: int | None = Query(None, ge=0, le=4),
+    enable_logging: bool = Query(True),
+    service: SpeechService = Depends(speech_service),
+) -> StreamingResponse:
+    fmt = parse_output_format(output_format)
+    speed = body.voice_settings.speed if body.voice_settings else None
+    job = service.prepare(
+        text=body.text,
+        text_param="text",
+        model=body.model_id,
+        voice=voice_id,
+        language=body.language_code,
+        speed=speed or 1.0,
+        seed=body.seed,
+    )
+    return audio_response(await service.audio(job, fmt))
+
+
+async def _voices(service: SpeechService) -> list[dict]:
+    by_voice: dict[str, list[str]] = {}
+    for model, voices in (await model_voices(service)).items():
+        for voice in voices:
+            by_voice.setdefault(voice, []).append(model)
+    return [
+        {
+            "voice_id": voice,
+            "name": voice,
+            "category": "premade",
+            "labels": {},
+            "description": f"served by {', '.join(models)}",
+            "preview_url": None,
+            "high_quality_base_model_ids": models,
+        }
+        for voice, models in by_voice.items()
+    ]
+
+
+@router.get("/v1/voices", summary="List voices (ElevenLabs)")
+async def list_voices(service: SpeechService = Depends(speech_service)):
+    return {"voices": await _voices(service)}
+
+
+@router.get("/v2/voices", summary="Search voices (ElevenLabs)")
+async def search_voices(
+    search: str | None = Query(None), service: SpeechService = Depends(speech_service)
+):
+    voices = [
+        voice
+        for voice in await _voices(service)
+        if not search or search.lower() in voice["name"].lower()
+    ]
+    return {"voices": voices, "has_more": False, "total_count": len(voices), "next_page_token": None}

@@ -1,0 +1,129 @@
+"""OpenAI's speech API: POST /v1/audio/speech, GET /v1/models, GET /v1/audio/voices."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import AsyncIterator
+from typing import Literal
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from router.api.common import audio_response, family_route, speech_service
+from router.encoding import AudioFormat
+from router.errors import ChorusError
+from router.speech import SpeechService, model_voices
+
+OPENAI_FORMATS: dict[str, AudioFormat] = {
+    "mp3": AudioFormat("mp3"),
+    "opus": AudioFormat("opus"),
+    "aac": AudioFormat("aac"),
+    "flac": AudioFormat("flac"),
+    "wav": AudioFormat("wav"),
+    # OpenAI documents raw pcm as 24 kHz 16-bit mono; clients rely on that rate.
+    "pcm": AudioFormat("pcm", sample_rate=24000),
+}
+
+
+def openai_error(status: int, message: str, param: str | None, code: str) -> JSONResponse:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return JSONResponse(
+        {"error": {"message": message, "type": kind, "param": param, "code": code}},
+        status_code=status,
+    )
+
+
+router = APIRouter(route_class=family_route(openai_error, validation_status=400), tags=["OpenAI"])
+
+
+class VoiceRef(BaseModel):
+    id: str
+
+
+class SpeechBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    input: str
+    voice: str | VoiceRef
+    instructions: str | None = None
+    response_format: Literal["mp3", "opus", "aac", "flac", "wav", "pcm"] = "mp3"
+    speed: float = Field(1.0, ge=0.25, le=4.0)
+    stream_format: Literal["audio", "sse"] = "audio"
+
+
+def _event(payload: dict) -> bytes:
+    return f"data: {json.dumps(payload)}\n\n".encode()
+
+
+@router.post("/v1/audio/speech", summary="Create speech (OpenAI)")
+async def create_speech(
+    body: SpeechBody, service: SpeechService = Depends(speech_service)
+) -> StreamingResponse:
+    job = service.prepare(
+        text=body.input,
+        text_param="input",
+        model=body.model,
+        voice=body.voice.id if isinstance(body.voice, VoiceRef) else body.voice,
+        speed=body.speed,
+        instructions=body.instructions,
+    )
+    stream = await service.audio(job, OPENAI_FORMATS[body.response_format])
+    if body.stream_format == "audio":
+        return audio_response(stream)
+
+    async def events() -> AsyncIterator[bytes]:
+        try:
+            async for data in stream:
+                yield _event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
+        except ChorusError as exc:
+            yield _event({"type": "error", "error": {"message": exc.message, "code": exc.code}})
+            return
+        tokens = len(body.input.split())
+        yield _event(
+            {
+                "type": "speech.audio.done",
+                "usage": {"input_tokens": tokens, "output_tokens": 0, "total_tokens": tokens},
+            }
+        )
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+@router.get("/v1/models", summary="List models (OpenAI shape; ElevenLabs shape for its clients)")
+async def list_models(request: Request, service: SpeechService = Depends(speech_service)):
+    configs = service.registry.all()
+    # Both APIs own GET /v1/models with different shapes; ElevenLabs clients say who they are.
+    if "xi-api-key" in request.headers or request.headers.get("user-agent", "").startswith("elevenlabs"):
+        return [
+            {
+                "model_id": config.name,
+                "name": config.name,
+                "can_do_text_to_speech": True,
+                "languages": [{"language_id": config.parameters.language, "name": config.parameters.language}]
+                if config.parameters.language
+                else [],
+            }
+            for config in configs
+        ]
+    return {
+        "object": "list",
+        "data": [
+            {"id": config.name, "object": "model", "created": 0, "owned_by": f"chorus-{config.backend}"}
+            for config in configs
+        ],
+    }
+
+
+@router.get("/v1/audio/voices", summary="List voices per model")
+async def list_voices(service: SpeechService = Depends(speech_service)):
+    listing = await model_voices(service)
+    return {
+        "voices": [
+            {"id": voice, "name": voice, "model": model}
+            for model, voices in listing.items()
+            for voice in voices
+        ]
+    }

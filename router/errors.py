@@ -1,0 +1,37 @@
+"""Errors raised anywhere after a route has parsed its request.
+
+Each carries an HTTP status, a message a person can act on, and the request field at fault; each
+API family renders them in its own error shape.
+"""
+
+from __future__ import annotations
+
+
+class ChorusError(Exception):
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidRequest(ChorusError):
+    status = 400
+    code = "invalid_request"
+
+
+class ModelNotFound(ChorusError):
+    status = 404
+    code = "model_not_found"
+
+
+class BackendUnavailable(ChorusError):
+    status = 503
+    code = "backend_unavailable"
+
+
+class SynthesisFailed(ChorusError):
+    status = 500
+    code = "synthesis_failed"

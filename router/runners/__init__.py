@@ -1,0 +1,40 @@
+"""Runners carry a synthesis request to a backend and bring its PCM back.
+
+One interface, one implementation per deployment mode (`local.py` in this process, `http.py`
+to backend workers, `modal.py` to Modal functions), so the rest of the router never knows where
+a backend runs. Each implementation is imported only in the mode that uses it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from functions.config import ModelConfig
+from functions.protocol import SynthesisRequest
+
+
+@dataclass
+class PcmStream:
+    sample_rate: int
+    chunks: AsyncIterator[bytes]
+
+
+class Runner(ABC):
+    @abstractmethod
+    async def start(self, preload: list[ModelConfig]) -> None:
+        """Make the given models ready before traffic arrives."""
+
+    @abstractmethod
+    def is_ready(self) -> bool: ...
+
+    @abstractmethod
+    async def stream(self, config: ModelConfig, request: SynthesisRequest) -> PcmStream:
+        """Start synthesising one chunk of text; PCM arrives through the returned stream."""
+
+    @abstractmethod
+    async def voices(self, config: ModelConfig) -> list[str]: ...
+
+    async def close(self) -> None:
+        """Release connections and models."""
