@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from pathlib import Path
 
-from anyio import CapacityLimiter, to_thread
-
-from functions import create_backend
 from functions.config import ModelConfig
 from functions.protocol import (
-    Backend,
     BackendError,
     BackendUnavailableError,
     InvalidRequestError,
     SynthesisRequest,
 )
+from functions.serving import BackendPool, LoadedBackend
 from router.errors import BackendUnavailable, ChorusError, InvalidRequest, SynthesisFailed
 from router.runners import PcmStream, Runner
 
@@ -30,8 +27,7 @@ class InProcessRunner(Runner):
 
     def __init__(self, models_dir: Path):
         self.models_dir = models_dir
-        self._backends: dict[tuple[str, str], tuple[Backend, CapacityLimiter]] = {}
-        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._pool = BackendPool(models_dir)
         self._ready = False
 
     async def start(self, preload: list[ModelConfig]) -> None:
@@ -47,51 +43,36 @@ class InProcessRunner(Runner):
     def is_ready(self) -> bool:
         return self._ready
 
-    async def _backend(self, config: ModelConfig) -> tuple[Backend, CapacityLimiter]:
-        key = (config.name, config.backend)
-        if key in self._backends:
-            return self._backends[key]
-        async with self._locks.setdefault(key, asyncio.Lock()):
-            if key not in self._backends:
-                try:
-                    backend = create_backend(config, self.models_dir)
-                    await to_thread.run_sync(backend.load)
-                except BackendUnavailableError as exc:
-                    raise BackendUnavailable(str(exc)) from exc
-                except BackendError as exc:
-                    raise SynthesisFailed(str(exc)) from exc
-                # Past this many concurrent requests, more threads only fight over the cores.
-                limiter = CapacityLimiter(config.deploy.max_concurrent_inputs)
-                self._backends[key] = (backend, limiter)
-        return self._backends[key]
+    async def _backend(self, config: ModelConfig) -> LoadedBackend:
+        try:
+            return await self._pool.get(config)
+        except BackendUnavailableError as exc:
+            raise BackendUnavailable(str(exc)) from exc
+        except BackendError as exc:
+            raise SynthesisFailed(str(exc)) from exc
+        except Exception as exc:
+            # A corrupt weights file raises the library's own error: it must fail this model's
+            # requests clearly, not abort the preloading of every model after it.
+            raise SynthesisFailed(f"model '{config.name}' failed to load: {exc}") from exc
 
     async def voices(self, config: ModelConfig) -> list[str]:
-        backend, _ = await self._backend(config)
-        return backend.voices()
+        return (await self._backend(config)).backend.voices()
 
     async def stream(self, config: ModelConfig, request: SynthesisRequest) -> PcmStream:
-        backend, limiter = await self._backend(config)
-        return PcmStream(backend.sample_rate, self._chunks(backend, limiter, request))
+        loaded = await self._backend(config)
+        return PcmStream(loaded.backend.sample_rate, self._chunks(loaded, request))
 
     @staticmethod
-    async def _chunks(
-        backend: Backend, limiter: CapacityLimiter, request: SynthesisRequest
-    ) -> AsyncIterator[bytes]:
-        generator = backend.synthesize(request)
+    async def _chunks(loaded: LoadedBackend, request: SynthesisRequest) -> AsyncIterator[bytes]:
         try:
-            while True:
-                # One chunk per thread hop: between hops a disconnected client's request is
-                # cancelled, so no further audio is made for it.
-                chunk = await to_thread.run_sync(next, generator, None, limiter=limiter)
-                if chunk is None:
-                    return
-                if chunk:
+            # aclosing: a consumer that stops early closes the backend's generator now, not
+            # whenever the garbage collector gets to it.
+            async with aclosing(loaded.chunks(request)) as chunks:
+                async for chunk in chunks:
                     yield chunk
         except InvalidRequestError as exc:
             raise InvalidRequest(str(exc), param=exc.param) from exc
         except ChorusError:
             raise
         except Exception as exc:
-            raise SynthesisFailed(f"backend '{backend.name}' failed: {exc}") from exc
-        finally:
-            generator.close()
+            raise SynthesisFailed(f"backend '{loaded.backend.name}' failed: {exc}") from exc

@@ -1,0 +1,80 @@
+"""Serving loaded backends from an asyncio server: the router's local mode and the worker share it.
+
+Each model config is loaded once, off the event loop, and gets its own concurrency limit. Its
+PCM is pulled one chunk per thread hop, so a server whose client has gone away stops asking
+the backend for more audio at the next chunk boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from anyio import CapacityLimiter, to_thread
+
+from functions import create_backend
+from functions.config import ModelConfig
+from functions.protocol import Backend, SynthesisRequest
+
+
+@dataclass
+class LoadedBackend:
+    backend: Backend
+    limiter: CapacityLimiter
+
+    async def chunks(self, request: SynthesisRequest) -> AsyncIterator[bytes]:
+        """The backend's PCM chunks; the backend's own exceptions pass through unchanged."""
+        generator = self.backend.synthesize(request)
+        try:
+            while True:
+                # One chunk per thread hop: between hops a cancelled request (a client that
+                # disconnected) stops here, so no further audio is made for it.
+                chunk = await to_thread.run_sync(next, generator, None, limiter=self.limiter)
+                if chunk is None:
+                    return
+                if chunk:
+                    yield chunk
+        finally:
+            generator.close()
+
+
+class BackendPool:
+    """Backends by model config, each loaded on first use (or by `get` at start-up)."""
+
+    def __init__(self, models_dir: Path):
+        self.models_dir = models_dir
+        self._loaded: dict[str, LoadedBackend] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    @staticmethod
+    def _key(config: ModelConfig) -> str:
+        # The whole config, not only its name: a request may override the backend or name a
+        # model file, and a worker may be sent a config that differs from its own copy.
+        return config.model_dump_json()
+
+    def loaded(self) -> list[ModelConfig]:
+        return [entry.backend.config for entry in self._loaded.values()]
+
+    async def get(self, config: ModelConfig) -> LoadedBackend:
+        """The loaded backend for `config`. Raises what `create_backend` and `load` raise
+        (`BackendUnavailableError`, `BackendError`...), and tries again on the next call."""
+        key = self._key(config)
+        if key in self._loaded:
+            return self._loaded[key]
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            if key not in self._loaded:
+                # Off the event loop, importing the backend's libraries included: they can take
+                # seconds, during which health checks must still be answered.
+                backend = await to_thread.run_sync(_create_and_load, config, self.models_dir)
+                # Past this many concurrent requests, more threads only fight over the cores.
+                limiter = CapacityLimiter(config.deploy.max_concurrent_inputs)
+                self._loaded[key] = LoadedBackend(backend, limiter)
+        return self._loaded[key]
+
+
+def _create_and_load(config: ModelConfig, models_dir: Path) -> Backend:
+    backend = create_backend(config, models_dir)
+    backend.load()
+    return backend

