@@ -1,0 +1,104 @@
+"""`chorus models pull`: what it fetches for each kind of name, and that with no network it
+stops at once with a message saying so (nothing here reaches the hub)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from functions.config import ModelConfig
+from router.pull import PullError, pull
+from tests.conftest import REPO
+from tests.test_modal_app import NO_NETWORK
+
+
+def run_chorus(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    site = tmp_path / "site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(NO_NETWORK, encoding="utf-8")
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    environment.update(PYTHONPATH=f"{site}{os.pathsep}{REPO}", HF_HOME=str(tmp_path / "hf"), **(env or {}))
+    return subprocess.run(
+        [sys.executable, "-m", "router.cli", "models", "pull", *args, "--models", str(tmp_path / "models")],
+        check=False, cwd=REPO, env=environment, capture_output=True, text=True, timeout=120,
+    )
+
+
+@pytest.mark.parametrize("name", ["suno/bark-small", "en_US-lessac-medium.onnx"])
+def test_pull_fails_fast_and_clearly_when_offline(tmp_path, name):
+    started = time.monotonic()
+    result = run_chorus(tmp_path, name)
+    elapsed = time.monotonic() - started
+    assert result.returncode != 0
+    assert "Hugging Face hub cannot be reached" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    # The download functions alone retry for about 25 s before giving up.
+    assert elapsed < 15, f"took {elapsed:.1f} s"
+    # Nothing half-fetched is left where the backends would look.
+    assert not any((tmp_path / "models").glob("**/*.onnx"))
+
+
+def test_pull_with_hf_hub_offline_set_says_so(tmp_path):
+    result = run_chorus(tmp_path, "suno/bark-small", env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode != 0
+    assert "HF_HUB_OFFLINE" in result.stderr
+
+
+def test_a_config_name_pulls_what_its_config_names(monkeypatch, tmp_path):
+    """The config's parameters.model decides what is fetched and where it lands."""
+    import huggingface_hub
+
+    downloads: list[tuple[str, str]] = []
+
+    class Api:
+        def repo_info(self, repo_id, timeout=None):
+            downloads.append(("info", repo_id))
+
+    def hf_hub_download(repo_id, filename, local_dir):
+        downloads.append((repo_id, filename))
+        path = Path(local_dir) / filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"voice")
+        return str(path)
+
+    def snapshot_download(repo_id, local_dir):
+        downloads.append((repo_id, str(local_dir)))
+        return str(local_dir)
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    models = tmp_path / "models"
+    configs = {
+        "lessac": ModelConfig(name="lessac", backend="piper", parameters={"model": "voices/en_US-lessac-medium.onnx"}),
+        "bark": ModelConfig(name="bark", backend="bark", parameters={"model": "suno/bark-small"}),
+    }
+
+    assert pull("lessac", models, configs) == [models.resolve() / "voices" / "en_US-lessac-medium.onnx"]
+    assert (models / "voices" / "en_US-lessac-medium.onnx").read_bytes() == b"voice"
+    assert (models / "voices" / "en_US-lessac-medium.onnx.json").is_file()
+    assert not (models / "voices" / ".pull").exists()
+    assert ("rhasspy/piper-voices", "en/en_US/lessac/medium/en_US-lessac-medium.onnx") in downloads
+
+    # A hub id lands in the models-directory folder of that name, where functions/hub.py looks.
+    assert pull("bark", models, configs) == [models.resolve() / "suno" / "bark-small"]
+    assert ("suno/bark-small", str(models.resolve() / "suno" / "bark-small")) in downloads
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("tts_models/en/ljspeech/vits", "Coqui catalogue"),
+        ("../../etc/passwd", "expected a config name"),
+        ("just-a-word", "expected a config name"),
+    ],
+)
+def test_names_that_cannot_be_pulled_are_refused_before_any_download(tmp_path, name, message):
+    with pytest.raises(PullError, match=message):
+        pull(name, tmp_path / "models")
