@@ -1,4 +1,5 @@
-"""The `chorus` command: `serve` the router, or `say` a text into an audio file."""
+"""The `chorus` command: run the server, speak a line or a whole book into a file, and look
+after the model configs."""
 
 from __future__ import annotations
 
@@ -6,9 +7,12 @@ import argparse
 import asyncio
 import logging
 import sys
+import textwrap
+import time
 from pathlib import Path
 
-from functions.config import ConfigError
+from functions.config import ConfigError, UnsafePathError, resolve_in, validate_configs
+from router.chunking import chunk_text
 from router.errors import ChorusError
 from router.settings import Settings
 
@@ -16,6 +20,7 @@ FORMAT_BY_EXTENSION = {
     ".wav": "wav", ".mp3": "mp3", ".ogg": "opus", ".opus": "opus", ".flac": "flac",
     ".aac": "aac", ".pcm": "pcm", ".ulaw": "ulaw", ".alaw": "alaw",
 }
+
 
 
 def _prepare_models(settings: Settings) -> None:
@@ -41,65 +46,296 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _say(settings: Settings, args: argparse.Namespace, output: Path) -> float:
+async def _write_speech(
+    settings: Settings, args: argparse.Namespace, text: str, text_param: str, on_chunk=None
+) -> int:
+    """Synthesise `text` through the same service the HTTP routes use and write it to
+    `args.output` as it arrives; returns the number of bytes written."""
+    from router.app import build_runner
     from router.encoding import AudioFormat
     from router.registry import ModelRegistry
-    from router.runners.local import InProcessRunner
     from router.speech import SpeechService
 
+    output = Path(args.output)
     codec = args.format or FORMAT_BY_EXTENSION.get(output.suffix.lower(), "wav")
+    runner = build_runner(settings)
     service = SpeechService(
-        ModelRegistry.from_dir(settings.configs_dir, settings.models_dir),
-        InProcessRunner(settings.models_dir),
-        settings,
+        ModelRegistry.from_dir(settings.configs_dir, settings.models_dir), runner, settings
     )
-    job = service.prepare(
-        text=args.text, text_param="TEXT", model=args.model, voice=args.voice, speed=args.speed
-    )
-    stream = await service.audio(job, AudioFormat(codec))
-    size = 0
-    with output.open("wb") as file:
-        async for data in stream:
-            file.write(data)
-            size += len(data)
-    return size
+    try:
+        job = service.prepare(
+            text=text, text_param=text_param, model=args.model, voice=args.voice, speed=args.speed
+        )
+        stream = await service.audio(job, AudioFormat(codec), on_chunk)
+        size = 0
+        with output.open("wb") as file:
+            async for data in stream:
+                file.write(data)
+                size += len(data)
+        return size
+    finally:
+        await runner.close()
 
 
 def say(args: argparse.Namespace) -> int:
     settings = Settings.from_env(configs_dir=args.configs, models_dir=args.models)
     _prepare_models(settings)
-    output = Path(args.output)
-    size = asyncio.run(_say(settings, args, output))
-    print(f"wrote {size} bytes to {output}")
+    size = asyncio.run(_write_speech(settings, args, args.text, "TEXT"))
+    print(f"wrote {size} bytes to {args.output}")
     return 0
+
+
+class _Progress:
+    """A progress bar over text chunks that also shows how much audio is made and how fast."""
+
+    def __init__(self, total: int) -> None:
+        from tqdm import tqdm
+
+        self.started = time.monotonic()
+        self.seconds = 0.0
+        self.chunks = 0
+        self.bar = tqdm(
+            total=total, unit="chunk", desc="synthesising", file=sys.stderr, dynamic_ncols=True
+        )
+
+    def __call__(self, done: int, total: int, seconds: float) -> None:
+        self.seconds += seconds
+        self.chunks = done
+        if self.bar.total != total:
+            self.bar.total = total
+        self.bar.set_postfix_str(f"audio {self.seconds:.1f} s, {self.speed():.1f}x real time", refresh=False)
+        self.bar.update(done - self.bar.n)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def speed(self) -> float:
+        return self.seconds / max(self.elapsed(), 1e-6)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def synth(args: argparse.Namespace) -> int:
+    source = sys.stdin if args.file == "-" else None
+    try:
+        text = source.read() if source else Path(args.file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ChorusError(f"cannot read {args.file}: {exc}") from exc
+    settings = Settings.from_env(configs_dir=args.configs, models_dir=args.models)
+    # The server's input limit protects a shared service from one huge request; here the user
+    # asks for their own file, which the chunked pipeline handles at any length.
+    settings = settings.model_copy(
+        update={"max_input_chars": max(settings.max_input_chars, len(text))}
+    )
+    _prepare_models(settings)
+    # The service reports the real count as chunks complete; this gives the bar its length
+    # before the first one does.
+    progress = _Progress(len(chunk_text(text, settings.chunk_chars)))
+    try:
+        size = asyncio.run(_write_speech(settings, args, text, "--file", progress))
+    finally:
+        progress.close()
+    print(
+        f"wrote {args.output}: {progress.seconds:.1f} s of audio from {progress.chunks} chunks "
+        f"in {progress.elapsed():.1f} s ({progress.speed():.1f}x real time, {size} bytes)"
+    )
+    return 0
+
+
+def models_list(args: argparse.Namespace) -> int:
+    from router.registry import ModelRegistry
+
+    settings = Settings.from_env(configs_dir=args.configs, models_dir=args.models)
+    registry = ModelRegistry.from_dir(settings.configs_dir, settings.models_dir)
+    rows = [("MODEL", "BACKEND", "FILE", "IN MODELS DIR")]
+    for config in registry.all():
+        files = config.file_fields()
+        if not files:
+            rows.append((config.name, config.backend, "-", "-"))
+        for value in files.values():
+            present = resolve_in(settings.models_dir, value).exists()
+            rows.append((config.name, config.backend, value, "present" if present else "absent"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    print(f"\nconfigs: {settings.configs_dir}   models: {settings.models_dir}")
+    if any(row[3] == "absent" for row in rows[1:]):
+        print(
+            "absent: the file is not in the models directory; a backend that takes a hub or "
+            "catalogue id may still find it in its own cache. `chorus serve` and `chorus say` "
+            "install the bundled Piper voice (en_US-joe-medium) themselves."
+        )
+    return 0
+
+
+def models_pull(args: argparse.Namespace) -> int:
+    from functions.config import load_configs
+    from router.pull import pull
+
+    settings = Settings.from_env(configs_dir=args.configs, models_dir=args.models)
+    configs = load_configs(settings.configs_dir, settings.models_dir) if settings.configs_dir.is_dir() else []
+    for path in pull(args.name, settings.models_dir, {c.name: c for c in configs}):
+        print(f"pulled {args.name} into {path}")
+    return 0
+
+
+def configs_check(args: argparse.Namespace) -> int:
+    settings = Settings.from_env(configs_dir=args.configs, models_dir=args.models)
+    try:
+        results = validate_configs(settings.configs_dir, settings.models_dir)
+    except ConfigError as exc:
+        print(f"FAIL  {exc}")
+        return 1
+    if not results:
+        print(f"FAIL  no *.yaml or *.yml config in {settings.configs_dir}")
+        return 1
+    problems = 0
+    for path, result in results:
+        if isinstance(result, ConfigError):
+            problems += 1
+            print(f"FAIL  {result}")
+        else:
+            print(f"ok    {path.name}: model '{result.name}' ({result.backend})")
+    if problems:
+        print(f"\n{problems} of {len(results)} configs in {settings.configs_dir} have problems")
+        return 1
+    print(f"\n{_configs(len(results))} in {settings.configs_dir}: valid")
+    return 0
+
+
+def _configs(count: int) -> str:
+    return f"{count} config" + ("" if count == 1 else "s")
+
+
+_EPILOG = """\
+examples:
+  chorus serve                                  # http://127.0.0.1:8080, playground at /
+  chorus say "Hello there." -o hello.mp3
+  chorus synth --file book.txt -o book.mp3      # long text, with a progress bar
+  chorus models list                            # configs and whether their files are present
+  chorus configs check                          # validate every config, exit 1 on a problem
+
+Settings come from the environment (HOST, PORT, CHORUS_CONFIGS_DIR, CHORUS_MODELS_DIR, ...);
+each command's options (--configs, --models, --host, --port) override them.
+`chorus COMMAND --help` explains each command.
+"""
+
+
+def _speed(value: str) -> float:
+    try:
+        speed = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not 0.25 <= speed <= 4.0:
+        raise argparse.ArgumentTypeError(f"{value} is outside 0.25 to 4.0")
+    return speed
+
+
+def _wrap(text: str) -> str:
+    # The raw formatter keeps the examples' layout, so the prose is wrapped here.
+    return textwrap.fill(text, width=88)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="chorus", description="Chorus: many voices, one endpoint (text-to-speech server)."
+        prog="chorus",
+        description=_wrap("Chorus: many voices, one endpoint. A text-to-speech server speaking "
+                          "the LocalAI, OpenAI and ElevenLabs APIs, and a command line to use it "
+                          "without a server."),
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def common(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--configs", type=Path, help="model configs directory (default: configs, or $CHORUS_CONFIGS_DIR)")
-        sub.add_argument("--models", type=Path, help="models directory (default: models, or $CHORUS_MODELS_DIR)")
+    def dirs(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--configs", type=Path, metavar="DIR",
+                         help="model configs directory (default: configs, or $CHORUS_CONFIGS_DIR)")
+        sub.add_argument("--models", type=Path, metavar="DIR",
+                         help="models directory (default: models, or $CHORUS_MODELS_DIR)")
 
-    serve_cmd = commands.add_parser("serve", help="run the HTTP server (LocalAI, OpenAI and ElevenLabs APIs)")
+    def voice_options(sub: argparse.ArgumentParser, default_output: str) -> None:
+        sub.add_argument("-o", "--output", default=default_output, metavar="FILE",
+                         help=f"output file (default: {default_output}); its extension picks the format")
+        sub.add_argument("--model", help="model name, as `chorus models list` shows it (default: the first config)")
+        sub.add_argument("--voice", help="voice name (default: the model's own voice); "
+                         "the server's GET /v1/audio/voices lists them")
+        sub.add_argument("--format", choices=sorted(set(FORMAT_BY_EXTENSION.values())),
+                         help="audio format (default: from the output file's extension, else wav)")
+        sub.add_argument("--speed", type=_speed, default=1.0, help="speaking speed, 0.25 to 4.0 (default: 1.0)")
+        dirs(sub)
+
+    def command(name: str, summary: str, description: str, example: str):
+        return commands.add_parser(
+            name, help=summary, description=_wrap(description), epilog=f"example:\n  {example}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    serve_cmd = command(
+        "serve", "run the HTTP server (LocalAI, OpenAI and ElevenLabs APIs, playground page)",
+        "Run the Chorus server. Open http://HOST:PORT/ in a browser for the playground, or point "
+        "an OpenAI client at http://HOST:PORT/v1.",
+        "chorus serve --host 0.0.0.0 --port 8080",
+    )
     serve_cmd.add_argument("--host", help="address to listen on (default: 127.0.0.1, or $HOST)")
     serve_cmd.add_argument("--port", type=int, help="port to listen on (default: 8080, or $PORT)")
     serve_cmd.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    common(serve_cmd)
+    dirs(serve_cmd)
     serve_cmd.set_defaults(func=serve)
 
-    say_cmd = commands.add_parser("say", help="synthesise TEXT into an audio file, without a server")
-    say_cmd.add_argument("text", metavar="TEXT", help="what to say")
-    say_cmd.add_argument("-o", "--output", default="speech.wav", help="output file (default: speech.wav); its extension picks the format")
-    say_cmd.add_argument("--model", help="model name (default: the first config)")
-    say_cmd.add_argument("--voice", help="voice name")
-    say_cmd.add_argument("--format", choices=sorted(set(FORMAT_BY_EXTENSION.values())), help="audio format (default: from the extension)")
-    say_cmd.add_argument("--speed", type=float, default=1.0, help="speaking speed, 0.25 to 4.0 (default: 1.0)")
-    common(say_cmd)
+    say_cmd = command(
+        "say", "speak TEXT into an audio file, without a server",
+        "Synthesise a short text into an audio file, in this process (no server needed).",
+        'chorus say "Hello there." -o hello.mp3 --speed 1.2',
+    )
+    say_cmd.add_argument("text", metavar="TEXT", help="what to say (quote it)")
+    voice_options(say_cmd, "speech.wav")
     say_cmd.set_defaults(func=say)
+
+    synth_cmd = command(
+        "synth", "speak a long text file (a chapter, a book) into an audio file, with progress",
+        "Synthesise a text file of any length into one audio file. The text is cut into "
+        "sentence-sized chunks and spoken one after another; a progress bar shows the chunks "
+        "done, the seconds of audio made and the speed as a multiple of real time.",
+        "chorus synth --file book.txt -o book.mp3",
+    )
+    synth_cmd.add_argument("--file", "-f", required=True, metavar="TEXT_FILE",
+                           help="UTF-8 text file to read, or - for standard input")
+    voice_options(synth_cmd, "speech.mp3")
+    synth_cmd.set_defaults(func=synth)
+
+    models_cmd = commands.add_parser("models", help="inspect the models the configs describe")
+    models_sub = models_cmd.add_subparsers(dest="action", required=True, metavar="ACTION")
+    list_cmd = models_sub.add_parser(
+        "list", help="list every config and whether the files it names are in the models directory",
+        description="List every model config with its backend and the files it names "
+        "(parameters.model, tts.vall-e.audio_path), and whether each is present in the models "
+        "directory.",
+    )
+    dirs(list_cmd)
+    list_cmd.set_defaults(func=models_list)
+    pull_cmd = models_sub.add_parser(
+        "pull", help="download a model's weights from the Hugging Face hub into the models directory",
+        description="Download what NAME needs into the models directory, with a progress bar: "
+        "a config name (its parameters.model), a Piper voice file such as "
+        "en_US-lessac-medium.onnx (from rhasspy/piper-voices), or a hub id such as "
+        "suno/bark-small. For Modal, upload the directory afterwards: "
+        "modal volume put chorus-models models/ /",
+    )
+    pull_cmd.add_argument("name", metavar="NAME", help="config name, Piper voice file or hub id")
+    dirs(pull_cmd)
+    pull_cmd.set_defaults(func=models_pull)
+
+    configs_cmd = commands.add_parser("configs", help="validate the model configs")
+    configs_sub = configs_cmd.add_subparsers(dest="action", required=True, metavar="ACTION")
+    check_cmd = configs_sub.add_parser(
+        "check", help="validate every config; name the file and field at fault; exit 1 on any problem",
+        description="Validate every *.yaml config in the configs directory the way the server "
+        "does at start-up, report each file as ok or FAIL with the field at fault, and exit 1 if "
+        "any config is invalid (use it in CI before deploying).",
+    )
+    dirs(check_cmd)
+    check_cmd.set_defaults(func=configs_check)
     return parser
 
 
@@ -108,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ConfigError, ChorusError) as exc:
+    except (ConfigError, ChorusError, UnsafePathError) as exc:
         print(f"chorus: {exc}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,186 @@
+// The Chorus playground: lists what the server serves, sends the text to the OpenAI-compatible
+// speech route, plays the audio while it streams and offers it for download. No build step and
+// no third-party code, so it works on a machine with no internet access.
+"use strict";
+
+const MIME = { mp3: "audio/mpeg", opus: "audio/ogg", aac: "audio/aac", flac: "audio/flac", wav: "audio/wav" };
+const EXTENSION = { mp3: "mp3", opus: "ogg", aac: "aac", flac: "flac", wav: "wav" };
+// Any OpenAI voice name makes Chorus use the model's own default voice when the model maps none.
+const DEFAULT_VOICE = "alloy";
+
+const $ = (id) => document.getElementById(id);
+const form = $("speak-form"), textBox = $("text"), modelBox = $("model"), voiceBox = $("voice");
+const formatBox = $("format"), speedBox = $("speed"), player = $("player");
+const speakButton = $("speak"), download = $("download"), statusLine = $("status"), errorBox = $("error");
+
+let voicesByModel = {};
+let current = null; // { controller, urls } of the request being played
+
+function showError(message) {
+  errorBox.textContent = message;
+  errorBox.hidden = false;
+  statusLine.textContent = "";
+}
+
+function clearError() {
+  errorBox.hidden = true;
+  errorBox.textContent = "";
+}
+
+// The message out of any of the error shapes Chorus speaks (OpenAI, LocalAI, ElevenLabs).
+async function serverMessage(response) {
+  let body = null;
+  try { body = await response.json(); } catch (_) { /* not JSON: fall back on the status */ }
+  const error = body && (body.error || body.detail);
+  if (error && typeof error.message === "string") return error.message;
+  if (typeof error === "string") return error;
+  return `the server answered ${response.status} ${response.statusText}`.trim();
+}
+
+async function getJSON(path) {
+  const response = await fetch(path);
+  if (!response.ok) throw new Error(await serverMessage(response));
+  return response.json();
+}
+
+function option(value, label) {
+  const element = document.createElement("option");
+  element.value = value;
+  element.textContent = label;
+  return element;
+}
+
+function fillVoices() {
+  const voices = voicesByModel[modelBox.value] || [];
+  voiceBox.replaceChildren(option(DEFAULT_VOICE, "model's default voice"),
+    ...voices.map((voice) => option(voice, voice)));
+  if (voices.length) voiceBox.value = voices[0];
+}
+
+async function loadCatalogue() {
+  try {
+    const [models, voices] = await Promise.all([getJSON("/v1/models"), getJSON("/v1/audio/voices")]);
+    voicesByModel = {};
+    for (const voice of voices.voices) (voicesByModel[voice.model] ||= []).push(voice.id);
+    modelBox.replaceChildren(...models.data.map((model) => option(model.id, `${model.id} (${model.owned_by.replace(/^chorus-/, "")})`)));
+    if (!models.data.length) showError("This server has no model configured: add a config to its configs directory.");
+    fillVoices();
+  } catch (error) {
+    modelBox.replaceChildren(option("", "unavailable"));
+    showError(`Could not load the models from the server: ${error.message}`);
+  }
+}
+
+function kilobytes(size) {
+  return `${(size / 1024).toFixed(0)} kB`;
+}
+
+// Feeds encoded chunks to the audio element as they arrive, through Media Source Extensions.
+function streamingSink(mime) {
+  const source = new MediaSource();
+  const url = URL.createObjectURL(source);
+  player.src = url;
+  const opened = new Promise((resolve) => source.addEventListener("sourceopen", resolve, { once: true }));
+  let buffer = null;
+  const idle = () => new Promise((resolve) => {
+    if (!buffer.updating) resolve();
+    else buffer.addEventListener("updateend", resolve, { once: true });
+  });
+  return {
+    url,
+    async push(chunk) {
+      if (!buffer) { await opened; buffer = source.addSourceBuffer(mime); }
+      await idle();
+      buffer.appendBuffer(chunk);
+    },
+    async finish() {
+      if (!buffer) return;
+      await idle();
+      if (source.readyState === "open") source.endOfStream();
+    },
+  };
+}
+
+async function speak(event) {
+  event.preventDefault();
+  clearError();
+  if (current) { current.controller.abort(); current.urls.forEach((url) => URL.revokeObjectURL(url)); }
+  download.hidden = true;
+  const format = formatBox.value;
+  const controller = new AbortController();
+  current = { controller, urls: [] };
+  speakButton.disabled = true;
+  statusLine.textContent = "Speaking…";
+  try {
+    let response;
+    try {
+      response = await fetch("/v1/audio/speech", {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({
+          model: modelBox.value, input: textBox.value, voice: voiceBox.value || DEFAULT_VOICE,
+          response_format: format, speed: Number(speedBox.value),
+        }),
+        signal: controller.signal,
+      });
+    } catch (error) {
+      if (error.name !== "AbortError") showError(`Could not reach the Chorus server: ${error.message}`);
+      return;
+    }
+    if (!response.ok) {
+      showError(`The server could not speak this text: ${await serverMessage(response)}`);
+      return;
+    }
+    const mime = MIME[format];
+    const streaming = window.MediaSource && MediaSource.isTypeSupported(mime) && response.body;
+    const sink = streaming ? streamingSink(mime) : null;
+    if (sink) { current.urls.push(sink.url); player.play().catch(() => {}); }
+    const parts = [];
+    let size = 0;
+    try {
+      const reader = response.body.getReader();
+      for (;;) {
+        const { done, value } = await reader.read();
+        if (done) break;
+        parts.push(value);
+        size += value.length;
+        statusLine.textContent = `Speaking… ${kilobytes(size)} received`;
+        if (sink) await sink.push(value);
+      }
+    } catch (error) {
+      if (error.name !== "AbortError") showError(`The audio stopped before the end: ${error.message}`);
+      return;
+    }
+    const file = new Blob(parts, { type: mime });
+    const fileUrl = URL.createObjectURL(file);
+    current.urls.push(fileUrl);
+    if (sink) {
+      await sink.finish();
+    } else {
+      player.src = fileUrl;
+      player.play().catch(() => {});
+    }
+    download.href = fileUrl;
+    download.download = `chorus-${modelBox.value}.${EXTENSION[format]}`;
+    download.hidden = false;
+    statusLine.textContent = `Done: ${kilobytes(size)} of ${format}.`;
+  } finally {
+    speakButton.disabled = false;
+  }
+}
+
+function showCount() {
+  $("count").textContent = textBox.value.length;
+}
+
+function showSpeed() {
+  $("speed-value").textContent = `${Number(speedBox.value).toFixed(2)}×`;
+}
+
+modelBox.addEventListener("change", fillVoices);
+textBox.addEventListener("input", showCount);
+speedBox.addEventListener("input", showSpeed);
+form.addEventListener("submit", speak);
+showCount();
+showSpeed();
+loadCatalogue();

@@ -1,0 +1,150 @@
+"""The playground page in a real headless browser: Debian's Chromium driven by Playwright
+(no browser is downloaded), against a real `chorus serve`."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests._server import chorus_server
+
+CHROMIUM = Path("/usr/bin/chromium")
+INSTALL_HINT = "install it with: apt-get update && apt-get install -y chromium"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+#: Low, so that a too-long text is quick to type.
+MAX_INPUT_CHARS = 300
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("playground")
+    (root / "models").mkdir()
+    with chorus_server(root / "models", root / "server.log",
+                       env={"CHORUS_MAX_INPUT_CHARS": str(MAX_INPUT_CHARS)}) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def browser():
+    # A missing browser is a broken test machine, not a reason to pass: fail and say how to fix it.
+    executable = CHROMIUM if CHROMIUM.exists() else shutil.which("chromium")
+    if not executable:
+        pytest.fail(f"the playground test needs Debian's Chromium at {CHROMIUM}; {INSTALL_HINT}")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("the playground test needs Playwright: pip install -e '.[test]' (no browser download is needed)")
+    with sync_playwright() as playwright:
+        instance = playwright.chromium.launch(executable_path=str(executable), args=CHROMIUM_ARGS)
+        try:
+            yield instance
+        finally:
+            instance.close()
+
+
+@pytest.fixture
+def page(browser, server) -> Iterator:
+    context = browser.new_context()
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    requested: list[str] = []
+    page.on("request", lambda request: requested.append(request.url))
+    page.goto(f"{server.url}/")
+    # Models and voices are in once the model list holds a real option.
+    page.wait_for_function("() => document.querySelector('#model option')?.value === 'tts-1'")
+    yield page
+    context.close()
+    # The page must work offline: every request it made went to the Chorus server.
+    assert all(url.startswith((server.url + "/", "blob:", "data:")) for url in requested), requested
+
+
+def speak(page, text: str, fmt: str = "mp3") -> None:
+    page.fill("#text", text)
+    page.select_option("#format", fmt)
+    page.click("#speak")
+    # Done, or an error: whichever the page shows first.
+    page.wait_for_function(
+        "() => document.querySelector('#status').textContent.startsWith('Done')"
+        " || !document.querySelector('#error').hidden"
+    )
+
+
+def audio_state(page) -> dict:
+    """The audio element once it holds playable audio of a known, non-zero length."""
+    page.wait_for_function(
+        "() => { const a = document.querySelector('#player');"
+        " return a.readyState >= 1 && Number.isFinite(a.duration) && a.duration > 0; }"
+    )
+    return page.eval_on_selector(
+        "#player",
+        "a => ({readyState: a.readyState, duration: a.duration, error: a.error && a.error.message, src: a.src})",
+    )
+
+
+def test_page_lists_the_served_models_and_voices(page, server):
+    models = page.eval_on_selector_all("#model option", "options => options.map(o => o.value)")
+    served = [model["id"] for model in httpx.get(f"{server.url}/v1/models").json()["data"]]
+    assert models == served
+    voices = page.eval_on_selector_all("#voice option", "options => options.map(o => o.value)")
+    assert "en_US-joe-medium" in voices
+    assert page.title() == "Chorus playground"
+    # Both addresses serve the same page.
+    assert httpx.get(f"{server.url}/playground").text == httpx.get(f"{server.url}/").text
+
+
+def test_speak_streams_playable_mp3_and_offers_the_download(page):
+    speak(page, "Hello from the playground. This sentence is spoken by Chorus.")
+    assert page.is_hidden("#error"), page.text_content("#error")
+    state = audio_state(page)
+    assert state["error"] is None
+    assert 2.0 < state["duration"] < 10.0, state
+    link = page.eval_on_selector("#download", "a => ({href: a.href, name: a.download, hidden: a.hidden})")
+    # mp3 plays through Media Source Extensions while it streams, not from the finished file.
+    assert state["src"] != link["href"]
+    assert not link["hidden"] and link["href"].startswith("blob:") and link["name"] == "chorus-tts-1.mp3"
+    size = page.evaluate("async (href) => (await (await fetch(href)).blob()).size", link["href"])
+    assert size > 10_000
+
+
+def test_speed_and_a_format_played_from_a_whole_file(page):
+    text = "Speed changes how long the same words take to say."
+    page.eval_on_selector("#speed", "s => { s.value = '2'; s.dispatchEvent(new Event('input')); }")
+    speak(page, text, "wav")
+    assert page.is_hidden("#error"), page.text_content("#error")
+    fast = audio_state(page)["duration"]
+    page.eval_on_selector("#speed", "s => { s.value = '1'; s.dispatchEvent(new Event('input')); }")
+    speak(page, text, "wav")
+    state = audio_state(page)
+    normal = state["duration"]
+    # Chromium cannot stream WAV through Media Source Extensions: the page plays the whole file.
+    assert state["src"] == page.eval_on_selector("#download", "a => a.href")
+    assert fast < normal * 0.7, (fast, normal)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("", "'input' must not be empty"), ("x" * (MAX_INPUT_CHARS + 1), f"the limit is {MAX_INPUT_CHARS}")],
+    ids=["empty", "too-long"],
+)
+def test_server_errors_are_shown_in_words(page, text, expected):
+    speak(page, text)
+    message = page.text_content("#error")
+    assert page.is_visible("#error")
+    assert expected in message
+    assert message.startswith("The server could not speak this text:")
+    assert "{" not in message  # the message, not the raw JSON body
+    assert page.is_hidden("#download")
+
+
+def test_static_files_outside_the_page_are_not_served(server):
+    assert httpx.get(f"{server.url}/playground/static/playground.js").status_code == 200
+    response = httpx.get(f"{server.url}/playground/static/..%2Fcli.py")
+    assert response.status_code == 404
+    assert "message" in response.json()["error"]
