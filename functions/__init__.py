@@ -19,6 +19,11 @@ BACKENDS: dict[str, tuple[str, str, str]] = {
     "vall-e-x": ("functions.valle", "ValleBackend", "vall-e-x"),
 }
 
+#: Backends whose input is one prompt describing a sound, not prose: the router sends it whole
+#: (never sentence by sentence) and serves them on the sound-generation route. Kept here, not on
+#: the backend classes, so the router can read it without importing a backend's libraries.
+PROMPT_BACKENDS: frozenset[str] = frozenset({"transformers-musicgen"})
+
 
 def backend_class(name: str) -> type[Backend]:
     try:

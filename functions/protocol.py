@@ -35,6 +35,11 @@ class SynthesisRequest(BaseModel):
     speed: float = Field(1.0, gt=0)
     instructions: str | None = None
     seed: int | None = None
+    #: Sound generation (backends whose input is a prompt): the clip's length, the
+    #: classifier-free guidance scale and whether to sample; None keeps the model's default.
+    duration_seconds: float | None = Field(None, gt=0)
+    guidance_scale: float | None = Field(None, ge=0)
+    do_sample: bool | None = None
 
 
 class BackendError(Exception):

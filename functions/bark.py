@@ -1,0 +1,106 @@
+"""Bark through transformers' `BarkModel` (suno's own package cannot load its checkpoints on a
+current torch): 24 kHz speech in the voice of a preset such as `v2/en_speaker_6`."""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import BarkModel, BarkProcessor
+
+from functions.config import ModelConfig, resolve_in
+from functions.hub import load_error, pretrained_source
+from functions.protocol import Backend, BackendError, InvalidRequestError, SynthesisRequest
+
+# LocalAI configs may name a voice preset as the model (`model: v2/en_speaker_4`); those are
+# suno's preset names, and the weights are then Bark's own.
+_PRESET_NAME = re.compile(r"^(v2/)?[a-z]{2}_speaker_\d$|^announcer$")
+DEFAULT_CHECKPOINT = "suno/bark"
+
+
+def pcm16(samples: np.ndarray) -> bytes:
+    return (np.clip(samples, -1.0, 1.0) * 32767).astype("<i2").tobytes()
+
+
+class BarkBackend(Backend):
+    name = "bark"
+
+    def __init__(self, config: ModelConfig, models_dir: Path):
+        super().__init__(config, models_dir)
+        self._model: BarkModel | None = None
+        self._processor: BarkProcessor | None = None
+        #: The preset a config names as its model, LocalAI's way.
+        self._model_preset: str | None = None
+        self._device = "cuda" if torch.cuda.is_available() else "cpu"
+        # Generation draws from torch's global generator: one at a time keeps a seed meaningful.
+        self._lock = threading.Lock()
+
+    def _checkpoint(self) -> str | None:
+        model = self.config.parameters.model
+        if model and _PRESET_NAME.match(model) and not resolve_in(self.models_dir, model).is_dir():
+            self._model_preset = model
+            return DEFAULT_CHECKPOINT
+        return model
+
+    def load(self) -> None:
+        source, local_only = pretrained_source(self.config, self.models_dir, self._checkpoint())
+        try:
+            self._processor = BarkProcessor.from_pretrained(source, local_files_only=local_only)
+            model = BarkModel.from_pretrained(source, local_files_only=local_only)
+        except OSError as exc:
+            raise load_error(self.config, source, exc) from exc
+        self._model = model.to(self._device).eval()
+        if self._model_preset and self._model_preset not in self.voices():
+            raise BackendError(
+                f"model '{self.config.name}': voice preset '{self._model_preset}' is not in "
+                f"{source}; available: {', '.join(self.voices()) or 'none'}"
+            )
+
+    @property
+    def model(self) -> BarkModel:
+        if self._model is None:
+            raise BackendError("the Bark model is not loaded")
+        return self._model
+
+    @property
+    def sample_rate(self) -> int:
+        # The rate of the codec that turns Bark's tokens into a waveform (24 kHz for suno's).
+        return self.model.codec_model.config.sampling_rate
+
+    def voices(self) -> list[str]:
+        if self._processor is None:
+            raise BackendError("the Bark model is not loaded")
+        return sorted(self._processor.available_voice_presets)
+
+    def _preset(self, voice: str | None) -> str | None:
+        voice = voice or self._model_preset
+        if voice is None:
+            return None  # Bark then picks a voice of its own for each chunk.
+        # Checked here because the processor takes any other string as a path to a .npz file.
+        if voice not in self.voices():
+            raise InvalidRequestError(
+                f"voice '{voice}' is not a voice preset of model '{self.config.name}'; "
+                f"available: {', '.join(self.voices()) or 'none'}",
+                param="voice",
+            )
+        return voice
+
+    def synthesize(self, request: SynthesisRequest) -> Iterator[bytes]:
+        if request.speed != 1.0:
+            raise InvalidRequestError(
+                f"model '{self.config.name}' (Bark) cannot change the speed", param="speed"
+            )
+        inputs = self._processor(request.text, voice_preset=self._preset(request.voice))
+        # The preset is nested in the inputs, where moving them to the GPU would not reach it.
+        history = inputs.pop("history_prompt", None)
+        if history is not None:
+            history = history.to(self._device)
+        with self._lock, torch.inference_mode():
+            if request.seed is not None:
+                torch.manual_seed(request.seed)
+            audio = self.model.generate(**inputs.to(self._device), history_prompt=history)
+        yield pcm16(audio[0].float().cpu().numpy())

@@ -1,0 +1,110 @@
+"""MusicGen (functions/musicgen.py) in an environment built from images/transformers-musicgen: a
+tiny random model saved to disk, loaded back offline by the worker, driven over the worker
+protocol. Also: every heavy backend, asked for in an environment without its library, answers
+a clear 503 through the router."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from starlette.testclient import TestClient
+
+from functions.config import ModelConfig
+from router.app import create_app
+from router.registry import ModelRegistry
+from router.settings import Settings
+from tiny_models.harness import backend_python, build_tiny_model, synthesize, worker
+
+RATE = 32000
+MUSIC = {"name": "tiny-music", "backend": "transformers-musicgen", "parameters": {"model": "tiny-musicgen"}}
+# A hub id that is in no models directory and no cache: with HF_HUB_OFFLINE=1 it must fail at
+# once, with a message that says what to do.
+HUB = {"name": "hub-music", "backend": "transformers-musicgen", "parameters": {"model": "facebook/musicgen-small"}}
+
+
+@pytest.fixture(scope="module")
+def music_worker(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("musicgen")
+    models, configs = root / "models", root / "configs"
+    configs.mkdir()
+    python, _ = backend_python("transformers-musicgen")
+    build_tiny_model(python, "musicgen", models / "tiny-musicgen")
+    for config in (MUSIC, HUB):
+        (configs / f"{config['name']}.yaml").write_text(
+            f"name: {config['name']}\nbackend: {config['backend']}\n"
+            f"parameters:\n  model: {config['parameters']['model']}\n"
+        )
+    with worker(python, "transformers-musicgen", configs, models, root / "worker.log") as url:
+        yield url
+
+
+def pcm(response) -> np.ndarray:
+    assert response.status_code == 200, response.text
+    assert response.headers["x-sample-rate"] == str(RATE)
+    return np.frombuffer(response.content, dtype="<i2")
+
+
+def test_speech_route_input_is_the_whole_prompt_and_makes_about_ten_seconds(music_worker: str) -> None:
+    audio = pcm(synthesize(music_worker, MUSIC, text="Calm piano. Soft rain on a window.", seed=1))
+    # LocalAI's 512 tokens, less the codebook delay: 509 frames of 20 ms.
+    assert len(audio) / RATE == pytest.approx(10.18, abs=0.05)
+    assert audio.std() > 0
+
+
+def test_duration_sets_the_length(music_worker: str) -> None:
+    for seconds in (0.4, 0.8):
+        audio = pcm(synthesize(music_worker, MUSIC, text="A dog barks", duration_seconds=seconds))
+        assert len(audio) / RATE == pytest.approx(seconds, abs=0.021)
+
+
+def test_prompt_guidance_and_sampling_reach_the_model(music_worker: str) -> None:
+    def clip(**fields: object) -> bytes:
+        fields = {"text": "Calm piano", "duration_seconds": 0.3, "seed": 7, **fields}
+        return pcm(synthesize(music_worker, MUSIC, **fields)).tobytes()
+
+    assert clip() == clip(), "the same prompt and seed must give the same audio"
+    assert clip() != clip(text="Loud drums and bass")
+    assert clip(guidance_scale=1.0) != clip(guidance_scale=5.0)
+    # Greedy decoding ignores the seed; sampling does not.
+    assert clip(do_sample=False, seed=1) == clip(do_sample=False, seed=2)
+    assert clip(do_sample=True, seed=1) != clip(do_sample=True, seed=2)
+
+
+def test_speed_is_refused_rather_than_ignored(music_worker: str) -> None:
+    response = synthesize(music_worker, MUSIC, text="Calm piano", duration_seconds=0.2, speed=1.5)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "speed"
+
+
+def test_a_hub_id_absent_offline_fails_at_load_with_a_clear_error(music_worker: str) -> None:
+    import httpx
+
+    failed = httpx.get(f"{music_worker}/healthz").json()["failed"]
+    assert "facebook/musicgen-small" in failed["hub-music"]
+    assert "HF_HUB_OFFLINE=1" in failed["hub-music"] and "models directory" in failed["hub-music"]
+    response = synthesize(music_worker, HUB, text="Calm piano", duration_seconds=0.2)
+    assert response.status_code == 500
+    assert "HF_HUB_OFFLINE=1" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("backend", "image"),
+    [("transformers-musicgen", "transformers-musicgen"), ("bark", "bark"), ("parler-tts", "parler-tts")],
+)
+def test_missing_library_is_a_clear_503_naming_backend_and_image(
+    backend: str, image: str, tmp_path: Path
+) -> None:
+    # The router's own environment holds neither torch nor transformers.
+    config = ModelConfig(name="heavy", backend=backend, parameters={"model": "some-model"})
+    app = create_app(
+        Settings(configs_dir=tmp_path, models_dir=tmp_path), ModelRegistry([config], tmp_path)
+    )
+    with TestClient(app) as client:
+        response = client.post("/tts", json={"model": "heavy", "input": "Hello there."})
+    assert response.status_code == 503
+    message = response.json()["error"]["message"]
+    assert f"backend '{backend}' is not installed" in message
+    assert f"images/{image}" in message
+    assert "Traceback" not in response.text

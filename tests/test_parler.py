@@ -1,0 +1,68 @@
+"""Parler-TTS (functions/parler.py) in an environment built from images/parler-tts (parler-tts
+pins transformers 4.46.1): a tiny random model saved to disk, loaded back offline by the worker,
+driven over the worker protocol."""
+
+from __future__ import annotations
+
+import httpx
+import numpy as np
+import pytest
+
+from tiny_models.harness import backend_python, build_tiny_model, synthesize, worker
+
+RATE = 24000
+PARLER = {"name": "tiny-parler", "backend": "parler-tts", "parameters": {"model": "tiny-parler"}}
+TEXT = "Hello there, friend."
+CALM = "A calm male voice, slow and low-pitched."
+EXCITED = "An excited woman speaking very fast."
+#: LocalAI's parler-tts backend's description for requests that give none.
+LOCALAI_DESCRIPTION = (
+    "A female speaker with a slightly low-pitched voice delivers her words quite expressively, "
+    "in a very confined sounding environment with clear audio quality. She speaks very fast."
+)
+
+
+@pytest.fixture(scope="module")
+def parler_worker(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("parler")
+    models, configs = root / "models", root / "configs"
+    configs.mkdir()
+    python, _ = backend_python("parler-tts")
+    build_tiny_model(python, "parler", models / "tiny-parler")
+    (configs / "tiny-parler.yaml").write_text(
+        "name: tiny-parler\nbackend: parler-tts\nparameters:\n  model: tiny-parler\n"
+    )
+    with worker(python, "parler-tts", configs, models, root / "worker.log") as url:
+        yield url
+
+
+def pcm(response: httpx.Response) -> bytes:
+    assert response.status_code == 200, response.text
+    assert response.headers["x-sample-rate"] == str(RATE)
+    return response.content
+
+
+def test_synthesis_returns_24_khz_pcm_of_a_plausible_length(parler_worker: str) -> None:
+    audio = np.frombuffer(pcm(synthesize(parler_worker, PARLER, text=TEXT, seed=1)), dtype="<i2")
+    # The tiny model stops at its 60-step limit at most: under 0.8 s at 75 frames a second.
+    assert 0.3 <= len(audio) / RATE <= 0.8
+    assert audio.std() > 0
+
+
+def test_the_description_reaches_the_model(parler_worker: str) -> None:
+    def clip(**fields: object) -> bytes:
+        return pcm(synthesize(parler_worker, PARLER, **{"text": TEXT, "seed": 5, **fields}))
+
+    calm = clip(voice=CALM)
+    assert calm == clip(voice=CALM)
+    assert calm != clip(voice=EXCITED)
+    # OpenAI's `instructions` describe the voice too, over `voice`.
+    assert clip(voice=CALM, instructions=EXCITED) == clip(voice=EXCITED)
+    # With no description at all, LocalAI's default one is used.
+    assert clip() == clip(voice=LOCALAI_DESCRIPTION)
+
+
+def test_speed_is_refused_rather_than_ignored(parler_worker: str) -> None:
+    response = synthesize(parler_worker, PARLER, text=TEXT, speed=0.5)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "speed"
