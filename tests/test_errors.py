@@ -1,0 +1,450 @@
+"""Every error a client can meet, with its status and its family's shape, against real servers:
+the session's, one whose configs include a corrupt model, and one whose runner fails mid-stream."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from conftest import (
+    CONFIGS,
+    SHORT_TEXT,
+    assert_speech,
+    chorus_command,
+    decode,
+    free_port,
+    parse_sse,
+    run_server,
+)
+
+OPENAI_SPEECH = "/v1/audio/speech"
+ELEVEN_SPEECH = "/v1/text-to-speech/en_US-joe-medium"
+
+
+def openai_error(response: httpx.Response, status: int, param: str | None = None, code: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert list(body) == ["error"]
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == ("invalid_request_error" if status < 500 else "server_error")
+    assert error["message"]
+    assert error["param"] == param
+    if code:
+        assert error["code"] == code
+    return error
+
+
+def localai_error(response: httpx.Response, status: int, kind: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert list(body) == ["error"]
+    error = body["error"]
+    assert set(error) == {"code", "message", "type"}
+    assert error["code"] == status and error["message"]
+    if kind:
+        assert error["type"] == kind
+    return error
+
+
+def eleven_error(response: httpx.Response, status: int, kind: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert list(body) == ["detail"]
+    detail = body["detail"]
+    assert set(detail) == {"status", "message"}
+    assert detail["message"]
+    if kind:
+        assert detail["status"] == kind
+    return detail
+
+
+def openai_speech(client, **body):
+    return client.post(OPENAI_SPEECH, json={"model": "tts-1", "voice": "alloy", "input": SHORT_TEXT, **body})
+
+
+# --- OpenAI ----------------------------------------------------------------------------------
+
+
+def test_openai_unknown_model(client):
+    error = openai_error(openai_speech(client, model="no-such-model"), 404, "model", "model_not_found")
+    assert "no-such-model" in error["message"] and "tts-1" in error["message"]
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"input": ""}, "input"),
+        ({"input": "   \n "}, "input"),
+        ({"input": "x" * 4097}, "input"),
+        ({"speed": 0.2}, "speed"),
+        ({"speed": 4.5}, "speed"),
+        ({"response_format": "ogg"}, "response_format"),
+        ({"response_format": "ulaw"}, "response_format"),
+        ({"stream_format": "chunks"}, "stream_format"),
+        ({"voice": "no-such-voice"}, "voice"),
+        ({"input": None}, "input"),
+    ],
+)
+def test_openai_bad_requests(client, body, param):
+    error = openai_error(openai_speech(client, **body), 400, param)
+    assert param in error["message"]
+
+
+def test_openai_voice_object_without_id(client):
+    response = openai_speech(client, voice={"name": "alloy"})
+    assert response.status_code == 400
+    # The union's member name rides along ("voice.str"); the field is still the first part.
+    assert response.json()["error"]["param"].split(".")[0] == "voice"
+
+
+def test_openai_input_limit_is_inclusive(client):
+    # 4096 characters is allowed; mostly spaces keeps the synthesis short.
+    text = "Hi there." + " " * 4087
+    assert len(text) == 4096
+    response = openai_speech(client, input=text, response_format="wav")
+    assert response.status_code == 200, response.text
+    assert decode(response.content).duration > 0.3
+
+
+def test_openai_missing_fields(client):
+    openai_error(client.post(OPENAI_SPEECH, json={"model": "tts-1", "voice": "alloy"}), 400, "input")
+    openai_error(client.post(OPENAI_SPEECH, json={"model": "tts-1", "input": "hi"}), 400, "voice")
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b'"text"', b""])
+def test_openai_malformed_body(client, content):
+    response = client.post(OPENAI_SPEECH, content=content, headers={"content-type": "application/json"})
+    openai_error(response, 400)
+
+
+def test_openai_unknown_path_and_method(client):
+    openai_error(client.get("/v1/no-such-route"), 404, code="not_found")
+    openai_error(client.post("/v1/audio/transcriptions-nope", json={}), 404)
+    openai_error(client.get(OPENAI_SPEECH), 405)
+
+
+def test_text_that_gives_no_audio_is_an_error_in_every_format(client):
+    # Piper makes no sound for punctuation alone; a header with no audio must not pass as a 200.
+    for fmt in ("wav", "flac", "mp3", "pcm"):
+        error = openai_error(openai_speech(client, input="...", response_format=fmt), 500, None, "synthesis_failed")
+        assert "no audio" in error["message"], fmt
+
+
+# --- LocalAI ---------------------------------------------------------------------------------
+
+
+def test_localai_unknown_model(client):
+    error = localai_error(client.post("/tts", json={"model": "no-such-model", "input": "hi"}), 404, "model_not_found")
+    assert "no-such-model" in error["message"]
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"input": ""}, "input"),
+        ({"input": "x" * 4097}, "input"),
+        ({"model": "tts-1"}, "input"),
+        ({"input": "hi", "backend": "no-such-backend"}, "backend"),
+        ({"input": "hi", "voice": "no-such-voice"}, "voice"),
+    ],
+)
+def test_localai_bad_requests(client, body, field):
+    error = localai_error(client.post("/tts", json=body), 400)
+    assert field in error["message"]
+
+
+def test_localai_backend_not_installed(client):
+    # Every backend but Piper lives in its own image; naming one here says where to run it.
+    error = localai_error(client.post("/tts", json={"model": "tts-1", "backend": "coqui", "input": "hi"}), 503, "backend_unavailable")
+    assert "images/coqui" in error["message"]
+
+
+def test_localai_malformed_json_and_unknown_path(client):
+    localai_error(client.post("/tts", content=b"{oops", headers={"content-type": "application/json"}), 400)
+    localai_error(client.post("/tts/extra", json={"input": "hi"}), 404, "not_found")
+    localai_error(client.get("/tts"), 405)
+
+
+# --- ElevenLabs ------------------------------------------------------------------------------
+
+
+def test_elevenlabs_unknown_model(client):
+    response = client.post(ELEVEN_SPEECH, json={"text": "hi", "model_id": "no-such-model"})
+    assert "no-such-model" in eleven_error(response, 404, "model_not_found")["message"]
+
+
+@pytest.mark.parametrize("speed", [0.6, 1.3])
+def test_elevenlabs_speed_range(client, speed):
+    response = client.post(ELEVEN_SPEECH, json={"text": "hi", "voice_settings": {"speed": speed}})
+    assert "voice_settings.speed" in eleven_error(response, 422)["message"]
+
+
+@pytest.mark.parametrize("code", ["mp3_44100_999", "flac_44100", "pcm", "opus_24000_64", "ulaw_16000", "mp3"])
+def test_elevenlabs_bad_output_format(client, code):
+    response = client.post(ELEVEN_SPEECH, params={"output_format": code}, json={"text": "hi"})
+    assert "output_format" in eleven_error(response, 400, "invalid_request")["message"]
+
+
+@pytest.mark.parametrize(
+    "body, field, status",
+    [
+        ({"text": ""}, "text", 400),
+        ({"text": "x" * 4097}, "text", 400),
+        ({}, "text", 422),
+        ({"text": "hi", "seed": -1}, "seed", 422),
+        ({"text": "hi", "voice_settings": {"stability": 2}}, "voice_settings.stability", 422),
+    ],
+)
+def test_elevenlabs_bad_requests(client, body, field, status):
+    assert field in eleven_error(client.post(ELEVEN_SPEECH, json=body), status)["message"]
+
+
+def test_elevenlabs_unknown_voice(client):
+    response = client.post("/v1/text-to-speech/no-such-voice", json={"text": "hi"})
+    assert "no-such-voice" in eleven_error(response, 400)["message"]
+
+
+def test_elevenlabs_malformed_json_and_unknown_path(client):
+    eleven_error(client.post(ELEVEN_SPEECH, content=b"{oops", headers={"content-type": "application/json"}), 422)
+    eleven_error(client.get("/v1/voices/no-such-voice/settings"), 404, "not_found")
+    eleven_error(client.post("/v1/text-to-speech", json={"text": "hi"}), 404)
+
+
+# --- Paths that would leave the models directory ---------------------------------------------
+
+
+@pytest.fixture
+def escape_routes(server, voice_files, tmp_path):
+    """Working voices reachable only by leaving the models directory: through `..` (a sibling of
+    the models dir), an absolute path, and a symlink inside the models dir. Were any followed, the
+    request would succeed with real audio; refusing them is the only way to get an error."""
+    onnx, json_file = voice_files
+    sibling = server.models_dir.parent / "outside-voice.onnx"
+    links = [
+        (sibling, onnx),
+        (sibling.with_name(sibling.name + ".json"), json_file),
+        (server.models_dir / "escape.onnx", onnx),
+        (server.models_dir / "escape.onnx.json", json_file),
+    ]
+    for link, target in links:
+        link.unlink(missing_ok=True)
+        link.symlink_to(target)
+    yield {
+        "dotdot": "../outside-voice.onnx",
+        "absolute": str(onnx),
+        "symlink": "escape.onnx",
+    }
+    for link, _ in links:
+        link.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("route", ["dotdot", "absolute", "symlink"])
+def test_model_paths_outside_the_models_dir_are_refused(client, escape_routes, route):
+    name = escape_routes[route]
+    response = client.post("/tts", json={"model": name, "backend": "piper", "input": "hi"})
+    error = localai_error(response, 400, "invalid_request")
+    assert "models directory" in error["message"]
+
+
+@pytest.mark.parametrize(
+    "name", ["../../etc/passwd", "/etc/passwd", "..%2f..%2fetc%2fpasswd", "sub/../../etc/passwd", "..\\..\\etc\\passwd"]
+)
+def test_hostile_model_names_never_reach_a_file(client, name):
+    response = client.post("/tts", json={"model": name, "backend": "piper", "input": "hi"})
+    # Refused as unsafe, or (the percent-encoded one, a literal name inside) simply not found.
+    assert response.status_code in (400, 404), response.text
+    assert "root:" not in response.text
+
+
+def test_voice_id_in_the_path_cannot_traverse(client):
+    response = client.post("/v1/text-to-speech/..%2F..%2Fetc%2Fpasswd", json={"text": "hi"})
+    assert response.status_code in (400, 404)
+    assert list(response.json()) == ["detail"]
+
+
+# --- Configs refused at start-up -------------------------------------------------------------
+
+
+def refused_at_start(tmp_path, files: dict[str, str]) -> str:
+    """Run `chorus serve` on a configs dir holding `files`; it must exit at once, not serve."""
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    for name, text in files.items():
+        (configs / name).write_text(text)
+    models = tmp_path / "models"
+    models.mkdir()
+    result = subprocess.run(
+        chorus_command("serve", "--configs", str(configs), "--models", str(models)),
+        env={**os.environ, "HOST": "127.0.0.1", "PORT": str(free_port())},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    return result.stderr
+
+
+@pytest.mark.parametrize(
+    "field, yaml",
+    [
+        ("parameters.model", "parameters:\n  model: ../x.onnx\n"),
+        ("parameters.model", "parameters:\n  model: /etc/passwd\n"),
+        ("tts.vall-e.audio_path", "tts:\n  vall-e:\n    audio_path: ../../secret.wav\n"),
+    ],
+)
+def test_config_paths_outside_the_models_dir_refused_at_start(tmp_path, field, yaml):
+    stderr = refused_at_start(tmp_path, {"evil.yaml": f"name: evil-model\nbackend: piper\n{yaml}"})
+    assert "evil.yaml" in stderr
+    assert f"field '{field}'" in stderr
+    assert "outside the models directory" in stderr
+
+
+def test_invalid_config_refused_at_start(tmp_path):
+    stderr = refused_at_start(tmp_path, {"bad.yaml": "name: bad\nbackend: espeak\n"})
+    assert "bad.yaml" in stderr and "field 'backend'" in stderr
+
+
+def test_duplicate_config_names_refused_at_start(tmp_path):
+    stderr = refused_at_start(
+        tmp_path, {"a.yaml": "name: same\nbackend: piper\n", "b.yaml": "name: same\nbackend: piper\n"}
+    )
+    assert "a.yaml" in stderr and "b.yaml" in stderr and "'same'" in stderr
+
+
+# --- A backend that fails to load ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def broken_server(tmp_path_factory, voice_files):
+    """tts-1 plus a model whose .onnx is corrupt. Its config sorts first, so it is also the
+    default model and is preloaded before tts-1."""
+    root = tmp_path_factory.mktemp("broken")
+    configs, models = root / "configs", root / "models"
+    configs.mkdir()
+    models.mkdir()
+    shutil.copyfile(CONFIGS / "tts-1.yaml", configs / "tts-1.yaml")
+    (configs / "a-broken.yaml").write_text("name: broken\nbackend: piper\nparameters:\n  model: corrupt.onnx\n")
+    (models / "corrupt.onnx").write_bytes(b"\x08\x07this is not an onnx graph" * 100)
+    shutil.copyfile(voice_files[1], models / "corrupt.onnx.json")
+    with run_server(configs, models, root / "server.log", timeout=60) as running:
+        yield running
+
+
+def test_corrupt_model_gives_a_clear_500_and_the_server_keeps_serving(broken_server):
+    with httpx.Client(base_url=broken_server.url, timeout=60) as client:
+        error = openai_error(openai_speech(client, model="broken"), 500, None, "synthesis_failed")
+        assert "broken" in error["message"]
+        assert "broken" in localai_error(client.post("/tts", json={"input": "hi"}), 500, "synthesis_failed")["message"]
+        response = client.post(ELEVEN_SPEECH, json={"text": "hi", "model_id": "broken"})
+        assert "broken" in eleven_error(response, 500, "synthesis_failed")["message"]
+
+        response = openai_speech(client, response_format="wav")
+        assert response.status_code == 200, response.text
+        assert_speech(decode(response.content))
+        # Listings still answer, with what the working model offers.
+        assert "en_US-joe-medium" in [v["id"] for v in client.get("/v1/audio/voices").json()["voices"]]
+        assert client.get("/v1/voices").status_code == 200
+        assert client.get("/readyz").status_code == 200
+
+
+# --- A backend that fails mid-stream ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def failing_app_url(server):
+    """The real app in this process, served by uvicorn on loopback, whose runner raises after the
+    first PCM chunk of every request: the failure comes after the 200 has been sent."""
+    import uvicorn
+
+    from router.app import create_app
+    from router.errors import SynthesisFailed
+    from router.runners import PcmStream, Runner
+    from router.runners.local import InProcessRunner
+    from router.settings import Settings
+
+    class FailAfterFirstChunk(Runner):
+        def __init__(self, inner: Runner):
+            self.inner = inner
+
+        async def start(self, preload):
+            await self.inner.start(preload)
+
+        def is_ready(self) -> bool:
+            return self.inner.is_ready()
+
+        async def voices(self, config):
+            return await self.inner.voices(config)
+
+        async def close(self):
+            await self.inner.close()
+
+        async def stream(self, config, request) -> PcmStream:
+            pcm = await self.inner.stream(config, request)
+
+            async def chunks() -> AsyncIterator[bytes]:
+                try:
+                    async for chunk in pcm.chunks:
+                        yield chunk
+                        raise SynthesisFailed("backend 'piper' failed: the worker died")
+                finally:
+                    await pcm.chunks.aclose()
+
+            return PcmStream(pcm.sample_rate, chunks())
+
+    settings = Settings(configs_dir=CONFIGS, models_dir=server.models_dir)
+    app = create_app(settings, runner=FailAfterFirstChunk(InProcessRunner(server.models_dir)))
+    port = free_port()
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline and thread.is_alive(), "the in-process server did not start"
+            time.sleep(0.1)
+        yield url
+    finally:
+        uv.should_exit = True
+        thread.join(timeout=15)
+
+
+@pytest.mark.parametrize("fmt", ["pcm", "wav"])
+def test_mid_stream_failure_leaves_raw_audio_visibly_incomplete(failing_app_url, fmt):
+    body = {"model": "tts-1", "voice": "alloy", "input": SHORT_TEXT, "response_format": fmt}
+    received = 0
+    with pytest.raises(httpx.RemoteProtocolError):
+        with httpx.stream("POST", f"{failing_app_url}{OPENAI_SPEECH}", json=body, timeout=60) as response:
+            assert response.status_code == 200
+            for chunk in response.iter_bytes():
+                received += len(chunk)
+    assert received > 0, "the failure should come after audio has started to flow"
+    # The server survives the failure.
+    assert httpx.get(f"{failing_app_url}/healthz", timeout=5).status_code == 200
+
+
+def test_mid_stream_failure_ends_sse_with_an_error_event(failing_app_url):
+    body = {"model": "tts-1", "voice": "alloy", "input": SHORT_TEXT, "response_format": "mp3", "stream_format": "sse"}
+    response = httpx.post(f"{failing_app_url}{OPENAI_SPEECH}", json=body, timeout=60)
+    assert response.status_code == 200
+    events = parse_sse(response.content)
+    types = [event["type"] for event in events]
+    assert types[-1] == "error" and "speech.audio.done" not in types
+    assert "the worker died" in events[-1]["error"]["message"]
+    assert events[-1]["error"]["code"] == "synthesis_failed"
