@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8080
 export HOST PORT
 
-.PHONY: run test bench install install-test clean
+.PHONY: run test bench install install-test clean compose-up deploy
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,15 @@ test: install-test
 
 bench: install-test
 	$(BIN)/python bench/speech.py
+
+# Needs a Docker engine with the compose plugin; COMPOSE_PROFILES=gpu adds the GPU backends.
+compose-up:
+	docker compose -f infra/compose.yaml up --build
+
+# Needs a Modal token (`modal token new`); see "Deploy on Modal" in the README.
+deploy: install
+	$(BIN)/pip install --quiet -e '.[modal]'
+	$(BIN)/modal deploy infra/modal_app.py
 
 clean:
 	rm -rf $(VENV)

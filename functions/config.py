@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 BackendName = Literal[
     "piper", "coqui", "bark", "parler-tts", "transformers-musicgen", "vall-e-x"
@@ -51,6 +58,9 @@ class DeploySettings(BaseModel):
     min_containers: int = Field(0, ge=0)
     scaledown_window: int = Field(300, ge=2, le=3600)
     max_concurrent_inputs: int = Field(4, ge=1)
+    #: How many chunks of one long text are synthesised at once (by as many backend calls);
+    #: audio is still delivered in order.
+    fan_out: int = Field(1, ge=1, le=16)
     timeout: int = Field(600, ge=1, le=86400)
 
 
@@ -65,6 +75,26 @@ class ModelConfig(BaseModel):
     #: Chorus's own: public voice names (OpenAI's `alloy`, an ElevenLabs voice id...) mapped to
     #: this model's voices or speakers.
     voices: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lift_top_level_vall_e(cls, data: object) -> object:
+        # LocalAI's documented VALL-E X cloning example puts `vall-e:` at the top level rather
+        # than under `tts:`; accept both so that example works unchanged.
+        if isinstance(data, dict) and isinstance(data.get("vall-e"), dict):
+            data = dict(data)
+            tts = dict(data.get("tts") or {})
+            tts.setdefault("vall-e", data.pop("vall-e"))
+            data["tts"] = tts
+        return data
+
+    def file_fields(self) -> dict[str, str]:
+        """The fields that may name a file in the models directory, by their YAML path."""
+        fields = {
+            "parameters.model": self.parameters.model,
+            "tts.vall-e.audio_path": self.tts.vall_e.audio_path,
+        }
+        return {field: value for field, value in fields.items() if value}
 
     @field_validator("voices")
     @classmethod
@@ -118,19 +148,49 @@ def load_config_file(path: Path) -> ModelConfig:
         raise ConfigError(f"{path.name}: {problems}") from exc
 
 
-def load_configs(directory: Path) -> list[ModelConfig]:
-    """Every `*.yaml`/`*.yml` in `directory`, in file-name order (the first is the default)."""
-    files = sorted(
-        p for p in directory.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file()
-    )
-    configs: list[ModelConfig] = []
+def check_paths(config: ModelConfig, models_dir: Path, source: str | None = None) -> None:
+    """Refuse a config whose file paths would leave the models directory."""
+    for field, value in config.file_fields().items():
+        try:
+            resolve_in(models_dir, value)
+        except UnsafePathError as exc:
+            raise ConfigError(f"{source or config.name}: field '{field}': {exc}") from exc
+
+
+def config_files(directory: Path) -> list[Path]:
+    if not directory.is_dir():
+        raise ConfigError(f"configs directory {directory} does not exist")
+    return sorted(p for p in directory.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+
+
+def validate_configs(
+    directory: Path, models_dir: Path
+) -> list[tuple[Path, ModelConfig | ConfigError]]:
+    """Every config file in `directory`, in file-name order, with its config or its problem."""
+    results: list[tuple[Path, ModelConfig | ConfigError]] = []
     seen: dict[str, str] = {}
-    for path in files:
-        config = load_config_file(path)
-        if config.name in seen:
-            raise ConfigError(
-                f"{path.name}: field 'name': '{config.name}' is already defined in {seen[config.name]}"
-            )
+    for path in config_files(directory):
+        try:
+            config = load_config_file(path)
+            check_paths(config, models_dir, path.name)
+            if config.name in seen:
+                raise ConfigError(
+                    f"{path.name}: field 'name': '{config.name}' is already defined in {seen[config.name]}"
+                )
+        except ConfigError as exc:
+            results.append((path, exc))
+            continue
         seen[config.name] = path.name
-        configs.append(config)
+        results.append((path, config))
+    return results
+
+
+def load_configs(directory: Path, models_dir: Path) -> list[ModelConfig]:
+    """The configs of `directory` in file-name order (the first is the default); the first
+    problem found stops the load."""
+    configs: list[ModelConfig] = []
+    for _, result in validate_configs(directory, models_dir):
+        if isinstance(result, ConfigError):
+            raise result
+        configs.append(result)
     return configs

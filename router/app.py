@@ -11,8 +11,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from router.api import elevenlabs, localai, openai, system
+from router.api import elevenlabs, localai, metrics, openai, playground, sound, system
 from router.api.common import validation_problem
+from router.auth import ApiKeys
+from router.cache import SynthesisCache
+from router.limits import BodyLimit
+from router.metrics import Metrics, MetricsMiddleware
 from router.registry import ModelRegistry
 from router.runners import Runner
 from router.settings import Settings
@@ -23,15 +27,17 @@ log = logging.getLogger("chorus")
 _ELEVENLABS_PREFIXES = ("/v1/text-to-speech", "/v1/voices", "/v2/voices", "/v1/sound-generation")
 
 
-def _fallback_error(request: Request, status: int, message: str) -> JSONResponse:
-    """Errors no route saw (unknown path, wrong method), in the shape of the family the path
-    belongs to."""
+def _fallback_error(
+    request: Request, status: int, message: str, code: str = "not_found"
+) -> JSONResponse:
+    """Errors no route saw (unknown path, wrong method, missing API key, body too large), in
+    the shape of the family the path belongs to."""
     path = request.url.path
     if path.startswith(_ELEVENLABS_PREFIXES):
-        return elevenlabs.elevenlabs_error(status, message, None, "not_found")
+        return elevenlabs.elevenlabs_error(status, message, None, code)
     if path.startswith("/tts"):
-        return localai.localai_error(status, message, None, "not_found")
-    return openai.openai_error(status, message, None, "not_found")
+        return localai.localai_error(status, message, None, code)
+    return openai.openai_error(status, message, None, code)
 
 
 def build_runner(settings: Settings) -> Runner:
@@ -57,7 +63,12 @@ def create_app(
     settings = settings or Settings.from_env()
     registry = registry or ModelRegistry.from_dir(settings.configs_dir, settings.models_dir)
     runner = runner or build_runner(settings)
-    speech = SpeechService(registry, runner, settings)
+    cache = None
+    if settings.cache_dir is not None and settings.cache_max_mb > 0:
+        cache = SynthesisCache(
+            settings.cache_dir, int(settings.cache_max_mb * 1024 * 1024), settings.models_dir
+        )
+    speech = SpeechService(registry, runner, settings, cache=cache, metrics=Metrics())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -70,8 +81,14 @@ def create_app(
 
     app = FastAPI(title="Chorus", summary="Many voices, one endpoint", lifespan=lifespan)
     app.state.speech = speech
-    for module in (system, localai, openai, elevenlabs):
+    modules = (system, localai, openai, elevenlabs, sound, playground, metrics)
+    for module in modules:
         app.include_router(module.router)
+    # Outermost last: metrics see every answer, the key is checked before the body is read.
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, render=_fallback_error)
+    app.add_middleware(ApiKeys, keys=settings.api_keys, render=_fallback_error)
+    routes = [route for module in modules for route in module.router.routes]
+    app.add_middleware(MetricsMiddleware, metrics=speech.metrics, routes=routes)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:

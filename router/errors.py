@@ -10,6 +10,8 @@ from __future__ import annotations
 class ChorusError(Exception):
     status = 500
     code = "internal_error"
+    #: Extra response headers (Retry-After on overload).
+    headers: dict[str, str] = {}
 
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
@@ -35,3 +37,21 @@ class BackendUnavailable(ChorusError):
 class SynthesisFailed(ChorusError):
     status = 500
     code = "synthesis_failed"
+
+
+class Overloaded(ChorusError):
+    """The model is busy and its queue is full (429), or a queued request waited too long (503);
+    `retry_after` says when trying again makes sense."""
+
+    status = 429
+    code = "overloaded"
+
+    def __init__(self, message: str, retry_after: int, status: int = 429):
+        super().__init__(message)
+        self.status = status
+        self.headers = {"Retry-After": str(retry_after)}
+
+
+class BackendTimeout(ChorusError):
+    status = 504
+    code = "backend_timeout"

@@ -9,9 +9,9 @@ from pydantic import ValidationError
 
 from functions.config import (
     BackendName,
-    ConfigError,
     ModelConfig,
     UnsafePathError,
+    check_paths,
     load_configs,
     resolve_in,
 )
@@ -24,18 +24,6 @@ OPENAI_VOICES = frozenset(
 )
 
 
-def check_paths(config: ModelConfig, models_dir: Path) -> None:
-    """Refuse a config whose file paths would leave the models directory."""
-    paths = {"parameters.model": config.parameters.model, "tts.vall-e.audio_path": config.tts.vall_e.audio_path}
-    for field, value in paths.items():
-        if value is None:
-            continue
-        try:
-            resolve_in(models_dir, value)
-        except UnsafePathError as exc:
-            raise ConfigError(f"{config.name}: field '{field}': {exc}") from exc
-
-
 class ModelRegistry:
     def __init__(self, configs: list[ModelConfig], models_dir: Path):
         for config in configs:
@@ -45,9 +33,7 @@ class ModelRegistry:
 
     @classmethod
     def from_dir(cls, configs_dir: Path, models_dir: Path) -> ModelRegistry:
-        if not configs_dir.is_dir():
-            raise ConfigError(f"configs directory {configs_dir} does not exist")
-        return cls(load_configs(configs_dir), models_dir)
+        return cls(load_configs(configs_dir, models_dir), models_dir)
 
     def all(self) -> list[ModelConfig]:
         return list(self._configs.values())

@@ -3,17 +3,24 @@ chunking, dispatch to the runner, and streaming encoding."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from dataclasses import dataclass, field
 
 from anyio import to_thread
 
+from functions import PROMPT_BACKENDS
 from functions.config import ModelConfig
 from functions.protocol import SynthesisRequest
 from router.chunking import chunk_text
 from router.encoding import AudioFormat, StreamEncoder
-from router.errors import ChorusError, InvalidRequest, SynthesisFailed
+from router.cache import Recording, SynthesisCache
+from router.errors import BackendTimeout, ChorusError, InvalidRequest, Overloaded, SynthesisFailed
+from router.limits import Admission, Place, timed
+from router.metrics import Metrics, note_model
 from router.registry import ModelRegistry
 from router.runners import PcmStream, Runner
 from router.settings import Settings
@@ -36,6 +43,8 @@ class AudioStream:
     sample_rate: int
     first: bytes
     rest: AsyncIterator[bytes]
+    #: Response headers the service adds (X-Chorus-Cache).
+    headers: dict[str, str] = field(default_factory=dict)
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         try:
@@ -43,14 +52,34 @@ class AudioStream:
             async for chunk in self.rest:
                 yield chunk
         finally:
-            await self.rest.aclose()  # type: ignore[attr-defined]
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop synthesis and free the model's place; safe to call more than once, and needed
+        when a response is dropped before it is iterated."""
+        await self.rest.aclose()  # type: ignore[attr-defined]
+
+
+#: Called as each text chunk's audio is complete: (chunks done, chunks in all, its seconds of
+#: audio). Long-text tools show progress with it.
+ChunkDone = Callable[[int, int, float], None]
 
 
 class SpeechService:
-    def __init__(self, registry: ModelRegistry, runner: Runner, settings: Settings):
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        runner: Runner,
+        settings: Settings,
+        cache: SynthesisCache | None = None,
+        metrics: Metrics | None = None,
+    ):
         self.registry = registry
         self.runner = runner
         self.settings = settings
+        self.cache = cache
+        self.metrics = metrics or Metrics()
+        self.admission = Admission(settings.max_queue, settings.queue_timeout)
 
     def prepare(
         self,
@@ -64,16 +93,19 @@ class SpeechService:
         instructions: str | None = None,
         seed: int | None = None,
         backend: str | None = None,
+        route: str | None = None,
     ) -> SpeechJob:
+        """`route` (openai, localai, elevenlabs, sound-generation) picks the input limit."""
         if not text.strip():
             raise InvalidRequest(f"'{text_param}' must not be empty", param=text_param)
-        if len(text) > self.settings.max_input_chars:
+        limit = self.settings.input_limit(route)
+        if len(text) > limit:
             raise InvalidRequest(
-                f"'{text_param}' is {len(text)} characters long; the limit is "
-                f"{self.settings.max_input_chars}",
+                f"'{text_param}' is {len(text)} characters long; the limit is {limit}",
                 param=text_param,
             )
         config = self.registry.get(model, backend)
+        note_model(config.name)
         request = SynthesisRequest(
             model=config.name,
             text=text,
@@ -85,40 +117,133 @@ class SpeechService:
         )
         return SpeechJob(config, request)
 
-    async def pcm(self, job: SpeechJob) -> PcmStream:
-        """PCM for the whole text, synthesised chunk after chunk."""
-        chunks = chunk_text(job.request.text, self.settings.chunk_chars)
-        first = await self.runner.stream(job.config, job.request.model_copy(update={"text": chunks[0]}))
+    async def pcm(self, job: SpeechJob, on_chunk: ChunkDone | None = None) -> PcmStream:
+        """PCM for the whole text, in order. Up to `deploy.fan_out` chunks are synthesised at
+        once (later ones while the current one streams); the request holds one of its model's
+        places from here until the stream is closed."""
+        if job.config.backend in PROMPT_BACKENDS:
+            texts = [job.request.text]  # a prompt cut in two would describe two other sounds
+        else:
+            texts = chunk_text(job.request.text, self.settings.chunk_chars)
+        config = job.config
+        gate = self.admission.gate(config.name, config.backend, config.deploy.max_concurrent_inputs)
+        try:
+            place = await gate.enter()
+        except Overloaded:
+            self.metrics.rejected.labels(config.name).inc()
+            raise
+        try:
+            first = await self._open(config, job.request.model_copy(update={"text": texts[0]}))
+        except ChorusError as exc:
+            place.leave()
+            self.metrics.backend_errors.labels(config.name, exc.code).inc()
+            raise
+        except BaseException:
+            place.leave()
+            raise
+        chunks = self._all_chunks(job, texts, first, place, on_chunk)
+        # Started here, so that its clean-up (the place, the backend streams) runs on close
+        # even if nobody ever reads on; the first chunk's errors surface here too.
+        head = await anext(chunks, None)
+        return PcmStream(first.sample_rate, _Primed(head, chunks))
 
-        async def all_chunks() -> AsyncIterator[bytes]:
-            async for pcm in first.chunks:
-                yield pcm
-            for text in chunks[1:]:
-                stream = await self.runner.stream(
-                    job.config, job.request.model_copy(update={"text": text})
-                )
+    async def _open(self, config: ModelConfig, request: SynthesisRequest) -> PcmStream:
+        """One chunk's PCM stream, failing if the backend stalls longer than deploy.timeout."""
+        seconds = config.deploy.timeout
+        try:
+            stream = await asyncio.wait_for(self.runner.stream(config, request), seconds)
+        except TimeoutError:
+            raise BackendTimeout(f"model '{config.name}' did not start within {seconds} s") from None
+        return PcmStream(stream.sample_rate, timed(stream.chunks, seconds, config.name))
+
+    async def _all_chunks(
+        self,
+        job: SpeechJob,
+        texts: list[str],
+        first: PcmStream,
+        place: Place,
+        on_chunk: ChunkDone | None,
+    ) -> AsyncIterator[bytes]:
+        config = job.config
+        fan_out = config.deploy.fan_out
+        ahead: dict[int, _Prefetch] = {}
+        started = time.perf_counter()
+        samples = 0
+        try:
+            for index, text in enumerate(texts):
+                for later in range(index + 1, min(index + fan_out, len(texts))):
+                    if later not in ahead:
+                        request = job.request.model_copy(update={"text": texts[later]})
+                        ahead[later] = _Prefetch(self._open(config, request))
+                if index == 0:
+                    stream = first
+                elif index in ahead:
+                    stream = await ahead.pop(index).stream()
+                else:
+                    stream = await self._open(config, job.request.model_copy(update={"text": text}))
                 if stream.sample_rate != first.sample_rate:
                     raise SynthesisFailed("the backend changed its sample rate mid-stream")
-                async for pcm in stream.chunks:
-                    yield pcm
+                size = 0
+                async with aclosing(stream.chunks) as chunks:  # type: ignore[type-var]
+                    async for pcm in chunks:
+                        size += len(pcm)
+                        yield pcm
+                samples += size // 2
+                seconds = size / 2 / first.sample_rate
+                self.metrics.audio_seconds.labels(config.name).inc(seconds)
+                if on_chunk is not None:
+                    on_chunk(index + 1, len(texts), seconds)
+            if samples:
+                rtf = (time.perf_counter() - started) / (samples / first.sample_rate)
+                self.metrics.real_time_factor.labels(config.name).observe(rtf)
+        except ChorusError as exc:
+            self.metrics.backend_errors.labels(config.name, exc.code).inc()
+            raise
+        finally:
+            place.leave()
+            for prefetch in ahead.values():
+                prefetch.cancel()
 
-        return PcmStream(first.sample_rate, all_chunks())
+    def refresh_gauges(self) -> None:
+        for gate in self.admission.gates.values():
+            self.metrics.in_flight.labels(gate.name).set(gate.active)
+            self.metrics.queue_depth.labels(gate.name).set(gate.waiting)
+        if self.cache is not None:
+            self.metrics.cache_bytes.set(self.cache.size)
 
-    async def audio(self, job: SpeechJob, fmt: AudioFormat) -> AudioStream:
-        pcm = await self.pcm(job)
+    async def audio(
+        self, job: SpeechJob, fmt: AudioFormat, on_chunk: ChunkDone | None = None
+    ) -> AudioStream:
+        key = self.cache.key(job.config, job.request, fmt) if self.cache is not None else None
+        if key is not None:
+            hit = await self.cache.get(key)  # type: ignore[union-attr]
+            self.metrics.cache.labels("hit" if hit else "miss").inc()
+            if hit is not None:
+                pieces = SynthesisCache.pieces(hit.data)
+                return AudioStream(
+                    hit.media_type, hit.sample_rate, pieces[0], _replay(pieces[1:]),
+                    headers={"X-Chorus-Cache": "hit"},
+                )
+        pcm = await self.pcm(job, on_chunk)
         try:
             encoder = StreamEncoder(fmt, pcm.sample_rate)
         except ValueError as exc:
+            await pcm.chunks.aclose()  # type: ignore[attr-defined]
             raise InvalidRequest(str(exc), param="response_format") from exc
 
         async def encoded() -> AsyncIterator[bytes]:
             source = pcm.chunks
+            produced = False
             try:
                 async for chunk in source:
+                    produced = True
                     # Off the event loop: encoding a long sentence to MP3 takes tens of ms.
                     data = await to_thread.run_sync(encoder.encode, chunk)
                     if data:
                         yield data
+                if not produced:
+                    # A WAV or FLAC header alone must not pass for audio.
+                    raise SynthesisFailed(f"model '{job.config.name}' produced no audio")
                 tail = encoder.finish()
                 if tail:
                     yield tail
@@ -130,7 +255,74 @@ class SpeechService:
             first = await anext(stream)
         except StopAsyncIteration:
             raise SynthesisFailed(f"model '{job.config.name}' produced no audio") from None
-        return AudioStream(fmt.media_type, encoder.output_rate, first, stream)
+        if key is None:
+            return AudioStream(fmt.media_type, encoder.output_rate, first, stream)
+        recording = Recording(self.cache, key, fmt.media_type, encoder.output_rate, first, stream)  # type: ignore[arg-type]
+        return AudioStream(
+            fmt.media_type, encoder.output_rate, first, recording, headers={"X-Chorus-Cache": "miss"}
+        )
+
+
+class _Primed:
+    """An async iterator that yields `head` (if any) before the rest of a started generator."""
+
+    def __init__(self, head: bytes | None, rest: AsyncIterator[bytes]):
+        self._head = head
+        self._rest = rest
+
+    def __aiter__(self) -> _Primed:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._head is not None:
+            head, self._head = self._head, None
+            return head
+        return await anext(self._rest)
+
+    async def aclose(self) -> None:
+        self._head = None
+        await self._rest.aclose()  # type: ignore[attr-defined]
+
+
+class _Prefetch:
+    """One later chunk, synthesised in its own task while earlier ones stream; its PCM waits in
+    a queue (one chunk of text: a few hundred kB at most) until the consumer gets to it."""
+
+    def __init__(self, opening: Awaitable[PcmStream]):
+        #: first the sample rate, then PCM pieces, then None; or an exception at any point
+        self._queue: asyncio.Queue[int | bytes | BaseException | None] = asyncio.Queue()
+        self._task = asyncio.ensure_future(self._run(opening))
+
+    async def _run(self, opening: Awaitable[PcmStream]) -> None:
+        try:
+            stream = await opening
+            self._queue.put_nowait(stream.sample_rate)
+            async with aclosing(stream.chunks) as chunks:  # type: ignore[type-var]
+                async for pcm in chunks:
+                    self._queue.put_nowait(pcm)
+            self._queue.put_nowait(None)
+        except Exception as exc:
+            self._queue.put_nowait(exc)
+
+    async def stream(self) -> PcmStream:
+        rate = await self._queue.get()
+        if isinstance(rate, BaseException):
+            raise rate
+        return PcmStream(rate, self._drain())  # type: ignore[arg-type]
+
+    async def _drain(self) -> AsyncIterator[bytes]:
+        while (item := await self._queue.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # type: ignore[misc]
+
+    def cancel(self) -> None:
+        self._task.cancel()
+
+
+async def _replay(pieces: list[bytes]) -> AsyncIterator[bytes]:
+    for piece in pieces:
+        yield piece
 
 
 async def model_voices(service: SpeechService) -> dict[str, list[str]]:

@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from functions import BACKENDS
-from functions.config import ConfigError
+from functions.config import ConfigError, load_configs
 from tests.conftest import REPO, decode
 
 APP_FILE = REPO / "infra" / "modal_app.py"
@@ -168,10 +168,17 @@ def test_every_backend_gets_a_class_with_the_settings_its_configs_ask_for(
     }
 
 
-def test_only_the_backends_the_configs_use_are_deployed(monkeypatch, no_network, no_token):
-    app = load_app(monkeypatch, REPO / "configs")
+def test_only_the_backends_the_configs_use_are_deployed(monkeypatch, tmp_path, no_network, no_token):
+    configs = write_configs(tmp_path / "configs", [{"name": "tts-1", "backend": "piper"}])
+    app = load_app(monkeypatch, configs)
     assert set(app.DEPLOY) == {"piper"}
     assert hasattr(app, "PiperBackend") and not hasattr(app, "CoquiBackend")
+
+
+def test_the_shipped_configs_deploy_every_backend_they_name(monkeypatch, no_network, no_token):
+    app = load_app(monkeypatch, REPO / "configs")
+    named = {config.backend for config in load_configs(REPO / "configs", REPO / "models")}
+    assert set(app.DEPLOY) == named
 
 
 @pytest.mark.parametrize("gpu", ["X100", "A10G:0", "H100:9", "T4 x2"])

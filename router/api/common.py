@@ -10,6 +10,8 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException
+from starlette.types import Receive, Scope, Send
 
 from router.errors import ChorusError
 from router.speech import AudioStream, SpeechService
@@ -20,10 +22,22 @@ log = logging.getLogger("chorus")
 ErrorRenderer = Callable[[int, str, str | None, str], JSONResponse]
 
 
+def _is_tag(part: object) -> bool:
+    """Parts of a pydantic error location that name where or which union member, not a field."""
+    if not isinstance(part, str):
+        return False
+    return (
+        part in ("body", "query", "path", "header", "str", "int", "float", "bool")
+        or part[:1].isupper()
+        or "[" in part
+        or part.startswith("function-")
+    )
+
+
 def validation_problem(exc: RequestValidationError) -> tuple[str, str | None]:
     """The first problem of a validation error as a sentence and the field it names."""
     error = exc.errors()[0]
-    where = [str(part) for part in error.get("loc", ()) if part not in ("body", "query", "path")]
+    where = [str(part) for part in error.get("loc", ()) if not _is_tag(part)]
     param = ".".join(where) or None
     if error.get("type") == "json_invalid":
         return "the request body is not valid JSON", None
@@ -47,8 +61,13 @@ def family_route(render: ErrorRenderer, validation_status: int) -> type[APIRoute
                 except RequestValidationError as exc:
                     message, param = validation_problem(exc)
                     return render(validation_status, message, param, "invalid_request")
+                except HTTPException as exc:
+                    # FastAPI's own refusals, e.g. a body that is not text at all.
+                    return render(exc.status_code, str(exc.detail), None, "invalid_request")
                 except ChorusError as exc:
-                    return render(exc.status, exc.message, exc.param, exc.code)
+                    response = render(exc.status, exc.message, exc.param, exc.code)
+                    response.headers.update(exc.headers)
+                    return response
                 except Exception:
                     log.exception("unexpected error on %s", request.url.path)
                     return render(500, "internal server error", None, "internal_error")
@@ -62,5 +81,20 @@ def speech_service(request: Request) -> SpeechService:
     return request.app.state.speech
 
 
+class AudioResponse(StreamingResponse):
+    """Closes its stream however the response ends, even when it is never iterated, so the
+    model's place and the backend's stream are always released."""
+
+    def __init__(self, stream: AudioStream):
+        super().__init__(stream, media_type=stream.media_type, headers=stream.headers)
+        self.stream = stream
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.stream.aclose()
+
+
 def audio_response(stream: AudioStream) -> StreamingResponse:
-    return StreamingResponse(stream, media_type=stream.media_type)
+    return AudioResponse(stream)

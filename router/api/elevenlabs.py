@@ -100,6 +100,7 @@ async def text_to_speech(
         language=body.language_code,
         speed=speed or 1.0,
         seed=body.seed,
+        route="elevenlabs",
     )
     return audio_response(await service.audio(job, fmt))
 

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from router.api.common import audio_response, family_route, speech_service
+from router.api.common import audio_response, family_route, log, speech_service
 from router.encoding import AudioFormat
 from router.errors import ChorusError
 from router.speech import SpeechService, model_voices
@@ -69,6 +69,7 @@ async def create_speech(
         voice=body.voice.id if isinstance(body.voice, VoiceRef) else body.voice,
         speed=body.speed,
         instructions=body.instructions,
+        route="openai",
     )
     stream = await service.audio(job, OPENAI_FORMATS[body.response_format])
     if body.stream_format == "audio":
@@ -80,6 +81,11 @@ async def create_speech(
                 yield _event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
         except ChorusError as exc:
             yield _event({"type": "error", "error": {"message": exc.message, "code": exc.code}})
+            return
+        except Exception:
+            # The status line is long gone: the event is the only way left to tell the client.
+            log.exception("speech stream failed")
+            yield _event({"type": "error", "error": {"message": "synthesis failed", "code": "synthesis_failed"}})
             return
         tokens = len(body.input.split())
         yield _event(
