@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8080
 export HOST PORT
 
-.PHONY: run test bench install install-test clean compose-up deploy
+.PHONY: run test bench lint install install-test clean compose-up deploy
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,9 @@ test: install-test
 
 bench: install-test
 	$(BIN)/python bench/speech.py
+
+lint: install-test
+	$(BIN)/ruff check .
 
 # Needs a Docker engine with the compose plugin; COMPOSE_PROFILES=gpu adds the GPU backends.
 compose-up:

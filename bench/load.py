@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 # Varied sentences, so that no two requests are alike (and a cache, if on, never answers).
-WORDS = "river lantern copper meadow thunder violet harbor pepper falcon orchard marble winter".split()
+WORDS = ["river", "lantern", "copper", "meadow", "thunder", "violet", "harbor", "pepper", "falcon", "orchard", "marble", "winter"]
 
 
 def sentence(n: int) -> str:

@@ -131,6 +131,11 @@ def resolve_in(base: Path, relative: str) -> Path:
     return resolved
 
 
+def redact(message: str, models_dir: Path) -> str:
+    """A library's error message with this machine's models path hidden: clients see it."""
+    return message.replace(str(models_dir.resolve()), "<models>")
+
+
 def load_config_file(path: Path) -> ModelConfig:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))

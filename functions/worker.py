@@ -36,7 +36,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from functions.config import BackendName, ConfigError, ModelConfig, load_configs
+from functions.config import BackendName, ConfigError, ModelConfig, load_configs, redact
 from functions.protocol import (
     SAMPLE_FORMAT,
     BackendError,
@@ -138,8 +138,9 @@ class Worker:
         except BackendError as exc:
             raise WorkerError(500, "synthesis_failed", str(exc)) from exc
         except Exception as exc:
+            reason = redact(str(exc), self.models_dir)
             raise WorkerError(
-                500, "synthesis_failed", f"model '{config.name}' failed to load: {exc}"
+                500, "synthesis_failed", f"model '{config.name}' failed to load: {reason}"
             ) from exc
 
     async def healthz(self, request: Request) -> JSONResponse:

@@ -16,6 +16,7 @@ of each (the largest GPU, the longest windows, the smallest concurrency).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
@@ -193,12 +194,10 @@ def _install_bundled_piper_voice(models_dir: Path) -> None:
     """The default config's voice ships in the Piper image: copy it into the Volume once."""
     from functions.piper import install_bundled_voice
 
-    try:
+    # A read-only Volume that already holds it is fine; one without it fails at load with the
+    # file's name.
+    with contextlib.suppress(OSError):
         install_bundled_voice(models_dir)
-    except OSError:
-        # A read-only Volume that already holds it is fine; one without it fails at load with
-        # the file's name.
-        pass
 
 
 def _backend_class(backend: str, settings: DeploySettings) -> Any:

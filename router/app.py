@@ -24,6 +24,7 @@ from router.speech import SpeechService
 
 log = logging.getLogger("chorus")
 
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 _ELEVENLABS_PREFIXES = ("/v1/text-to-speech", "/v1/voices", "/v2/voices", "/v1/sound-generation")
 
 
@@ -92,7 +93,8 @@ def create_app(
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return _fallback_error(request, exc.status_code, str(exc.detail))
+        code = _HTTP_CODES.get(exc.status_code, "invalid_request" if exc.status_code < 500 else "internal_error")
+        return _fallback_error(request, exc.status_code, str(exc.detail), code)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -29,6 +29,11 @@ class ModelNotFound(ChorusError):
     code = "model_not_found"
 
 
+class VoiceNotFound(ChorusError):
+    status = 404
+    code = "voice_not_found"
+
+
 class BackendUnavailable(ChorusError):
     status = 503
     code = "backend_unavailable"

@@ -123,9 +123,11 @@ _closing: set[asyncio.Future[Any]] = set()
 async def timed(source: AsyncIterator[bytes], seconds: float, model: str) -> AsyncIterator[bytes]:
     """`source`'s items, failing with BackendTimeout when the next one takes over `seconds`.
 
-    Each wait is shielded: an in-process backend's call runs in a thread that cannot be
-    interrupted, so on a time-out or a client's disconnect the call is left to finish on its
-    own and the stream is closed right after, which asks the backend for nothing more.
+    Each wait is shielded, so a time-out is raised at once even where the backend's call runs
+    in a thread that cannot be interrupted. On a time-out or a client's disconnect the pending
+    read is then cancelled: a worker's HTTP stream closes at once (the worker stops), an
+    in-process call finishes its chunk first; either way the stream is closed right after,
+    which asks the backend for nothing more.
     """
     pending: asyncio.Future[Any] | None = None
     try:
@@ -143,6 +145,7 @@ async def timed(source: AsyncIterator[bytes], seconds: float, model: str) -> Asy
             yield item
     finally:
         if pending is not None and not pending.done():
+            pending.cancel()
             pending.add_done_callback(lambda done: _close_after(done, source))
         else:
             await source.aclose()  # type: ignore[attr-defined]

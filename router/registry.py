@@ -20,7 +20,7 @@ from router.errors import InvalidRequest, ModelNotFound
 # Every OpenAI client must send one of these; a model that does not map a name to one of its own
 # voices speaks it with its default voice rather than refusing the request.
 OPENAI_VOICES = frozenset(
-    "alloy ash ballad coral echo fable onyx nova sage shimmer verse marin cedar".split()
+    ["alloy", "ash", "ballad", "coral", "echo", "fable", "onyx", "nova", "sage", "shimmer", "verse", "marin", "cedar"]
 )
 
 

@@ -15,9 +15,9 @@ from anyio import to_thread
 from functions import PROMPT_BACKENDS
 from functions.config import ModelConfig
 from functions.protocol import SynthesisRequest
+from router.cache import Recording, SynthesisCache
 from router.chunking import chunk_text
 from router.encoding import AudioFormat, StreamEncoder
-from router.cache import Recording, SynthesisCache
 from router.errors import BackendTimeout, ChorusError, InvalidRequest, Overloaded, SynthesisFailed
 from router.limits import Admission, Place, timed
 from router.metrics import Metrics, note_model

@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-import uvicorn
 import yaml
 from anyio import to_thread
 
@@ -26,7 +24,7 @@ from router.registry import ModelRegistry
 from router.runners import PcmStream, Runner
 from router.runners.local import InProcessRunner
 from router.settings import Settings
-from tests._server import free_port
+from tests.processes import free_port, serving
 
 #: Words that make ScriptedRunner misbehave on the chunk that contains them.
 RAISE, HANG, DIE = "Kaboom", "Standstill", "Dropout"
@@ -119,27 +117,13 @@ def live_app(
     config = Settings(configs_dir=configs, models_dir=models, port=port, **settings)
     registry = ModelRegistry.from_dir(configs, models)
     app = create_app(config, registry, runner or InProcessRunner(models))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline or not thread.is_alive():
-                raise RuntimeError("the test server did not become ready")
-            time.sleep(0.05)
-        yield url
-    finally:
-        server.should_exit = True
-        if isinstance(runner, ScriptedRunner):
-            runner.release.set()
-        thread.join(timeout=30)
+    with serving(app, port=port) as url:
+        try:
+            yield url
+        finally:
+            # A HANG request holds a worker thread: let it go so that the server can stop.
+            if isinstance(runner, ScriptedRunner):
+                runner.release.set()
 
 
 def family_of(path: str) -> str:

@@ -9,13 +9,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,9 +17,7 @@ import av
 import httpx
 import numpy as np
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "configs"
+from processes import CONFIGS, Server, chorus_server
 
 #: About 2.4 s of speech with the bundled voice.
 SHORT_TEXT = "Hello world. This is a test of Chorus."
@@ -52,21 +44,31 @@ class Decoded:
     samples: np.ndarray  # mono, float in [-1, 1]
 
 
-def decode(data: bytes, raw: str | None = None, rate: int | None = None) -> Decoded:
-    """Decode `data` with PyAV. `raw` names the format of headerless audio (pcm, ulaw, alaw; also
-    aac for ADTS), with its `rate`."""
+def decode(data: bytes | Path, raw: str | None = None, rate: int | None = None) -> Decoded:
+    """Decode `data` (bytes, or a file) with PyAV; fails if it does not decode. `raw` names the
+    format of headerless audio (pcm, ulaw, alaw; also aac for ADTS), with its `rate`."""
     options = {"sample_rate": str(rate), "ch_layout": "mono"} if rate else {}
     fmt = _DEMUXERS.get(raw) if raw else None
-    with av.open(io.BytesIO(data), format=fmt, options=options) as container:
+    source = io.BytesIO(data) if isinstance(data, bytes) else str(data)
+    with av.open(source, format=fmt, options=options) as container:
         stream = container.streams.audio[0]
         codec = stream.codec_context.name
-        frames = [frame.to_ndarray() for frame in container.decode(stream)]
+        frames, count = [], 0
+        for frame in container.decode(stream):
+            frames.append(frame.to_ndarray())
+            count += frame.samples
         decoded_rate = stream.codec_context.sample_rate or stream.rate
         container_name = container.format.name
     pcm = np.concatenate([f.reshape(-1) if f.shape[0] == 1 else f[0] for f in frames]) if frames else np.zeros(0)
     if pcm.dtype.kind == "i":
         pcm = pcm.astype(np.float64) / 32768.0
-    return Decoded(container_name, codec, decoded_rate, len(pcm) / decoded_rate, pcm.astype(np.float64))
+    seconds = count / decoded_rate
+    return Decoded(container_name, codec, decoded_rate, seconds, pcm.astype(np.float64))
+
+
+def audio_seconds(data: bytes | Path) -> float:
+    """Seconds of audio in a whole encoded file (0 if it holds none); fails if it does not decode."""
+    return decode(data).duration
 
 
 def pcm_seconds(data: bytes, rate: int = 24000) -> float:
@@ -91,76 +93,13 @@ def parse_sse(body: bytes) -> list[dict]:
     return events
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@dataclass
-class Server:
-    url: str
-    configs_dir: Path
-    models_dir: Path
-    process: subprocess.Popen
-    log: Path
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-def chorus_command(*args: str) -> list[str]:
-    """The installed `chorus` script beside this interpreter, else the module it runs."""
-    script = Path(sys.executable).with_name("chorus")
-    if script.exists():
-        return [str(script), *args]
-    return [sys.executable, "-m", "router.cli", *args]
-
-
-@contextmanager
-def run_server(configs_dir: Path, models_dir: Path, log: Path, timeout: float = 120) -> Iterator[Server]:
-    """`chorus serve` on a free loopback port, ready (GET /readyz == 200) when this yields."""
-    port = free_port()
-    env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port)}
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            chorus_command("serve", "--configs", str(configs_dir), "--models", str(models_dir), "--log-level", "warning"),
-            cwd=REPO,
-            env=env,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-        )
-    server = Server(f"http://127.0.0.1:{port}", configs_dir, models_dir, process, log)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"chorus serve exited with {process.returncode}:\n{server.output()}")
-            try:
-                if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"chorus serve was not ready after {timeout} s:\n{server.output()}")
-            time.sleep(0.2)
-        yield server
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """One real server for the session: the repo's configs, an empty models directory."""
     root = tmp_path_factory.mktemp("chorus")
     models = root / "models"
     models.mkdir()
-    with run_server(CONFIGS, models, root / "server.log") as running:
+    with chorus_server(models, root / "server.log", CONFIGS) as running:
         yield running
 
 

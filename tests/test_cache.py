@@ -10,8 +10,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import decode
+
 from tests._live import DIE, ScriptedRunner, live_app, piper_setup
 
 SPEECH = "/v1/audio/speech"

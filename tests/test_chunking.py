@@ -8,7 +8,7 @@ import pytest
 
 from router.chunking import chunk_text, split_sentences
 
-WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly judge its form".split()
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "wizards", "quietly", "judge", "its", "form"]
 
 
 def prose(sentences: int, seed: int = 0) -> str:

@@ -10,14 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from tests._server import CONFIGS, REPO, audio_seconds, chorus
+from tests.conftest import audio_seconds
+from tests.processes import CONFIGS, REPO, chorus_command
 
 SENTENCE = "The quick brown fox jumps over the lazy dog, and then it runs away into the woods. "
 
 
 def run(*args: str, env: dict | None = None, cwd: Path = REPO, timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run(
-        chorus(*args), cwd=cwd, env={**os.environ, **(env or {})},
+        chorus_command(*args), cwd=cwd, env={**os.environ, **(env or {})},
         capture_output=True, text=True, timeout=timeout,
     )
 

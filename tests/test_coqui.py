@@ -6,7 +6,6 @@ Hugging Face cache so that LocalAI's documented `xtts_v2` config loads it by nam
 from __future__ import annotations
 
 import ctypes.util
-import os
 import subprocess
 import textwrap
 import time
@@ -19,8 +18,9 @@ import httpx
 import numpy as np
 import pytest
 
-from tests._server import REPO, audio_seconds, chorus_server, free_port
+from tests.conftest import audio_seconds
 from tests.envs import image_env
+from tests.processes import REPO, backend_worker, chorus_server
 
 BUILDER = REPO / "tests" / "tiny_models" / "coqui_models.py"
 FFMPEG_PACKAGES = ("libavcodec59 libavformat59 libavutil57 libswresample4 libswscale6 "
@@ -99,47 +99,18 @@ def setup(python, tmp_path_factory) -> dict[str, Path]:
 
 @contextmanager
 def running_worker(python: Path, setup: dict[str, Path]) -> Iterator[str]:
-    port = free_port()
+    # What the Coqui image sets: a pre-filled cache, read offline.
     env = {
-        **os.environ,
-        "CHORUS_BACKEND": "coqui",
-        "CHORUS_CONFIGS_DIR": str(setup["configs"]),
-        "CHORUS_MODELS_DIR": str(setup["models"]),
-        "HOST": "127.0.0.1",
-        "PORT": str(port),
-        # What the Coqui image sets: a pre-filled cache, read offline.
         "HF_HOME": str(setup["hf_home"]),
         "TTS_HOME": str(setup["root"] / "tts_home"),
         "HF_HUB_OFFLINE": "1",
         "COQUI_TOS_AGREED": "1",
     }
-    log = setup["root"] / "worker.log"
-    with log.open("wb") as sink:
-        process = subprocess.Popen([str(python), "-m", "functions.worker"], cwd=REPO, env=env,
-                                   stdout=sink, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        started = time.monotonic()
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"worker exited:\n{log.read_text(errors='replace')}")
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() - started > 300:
-                raise RuntimeError(f"worker not ready:\n{log.read_text(errors='replace')}")
-            time.sleep(0.5)
+    started = time.monotonic()
+    with backend_worker(python, "coqui", setup["configs"], setup["models"], setup["root"] / "worker.log",
+                        env=env) as url:
         print(f"Coqui worker loaded three models in {time.monotonic() - started:.1f} s")
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @pytest.fixture(scope="module")

@@ -6,23 +6,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import threading
-import time
 from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-
-from conftest import (
-    CONFIGS,
-    SHORT_TEXT,
-    assert_speech,
-    chorus_command,
-    decode,
-    free_port,
-    parse_sse,
-    run_server,
-)
+from conftest import CONFIGS, SHORT_TEXT, assert_speech, decode, parse_sse
+from processes import chorus_command, chorus_server, free_port, serving
 
 OPENAI_SPEECH = "/v1/audio/speech"
 ELEVEN_SPEECH = "/v1/text-to-speech/en_US-joe-medium"
@@ -210,9 +199,24 @@ def test_elevenlabs_bad_requests(client, body, field, status):
     assert field in eleven_error(client.post(ELEVEN_SPEECH, json=body), status)["message"]
 
 
-def test_elevenlabs_unknown_voice(client):
+def test_elevenlabs_unknown_voice_is_voice_not_found(client):
     response = client.post("/v1/text-to-speech/no-such-voice", json={"text": "hi"})
-    assert "no-such-voice" in eleven_error(response, 400)["message"]
+    detail = eleven_error(response, 404, "voice_not_found")
+    # ElevenLabs' own wording, then the voices this server does have.
+    assert "A voice with the voice_id no-such-voice was not found" in detail["message"]
+    assert "en_US-joe-medium" in detail["message"]
+
+
+def test_wrong_method_is_method_not_allowed_in_each_family(client):
+    eleven_error(client.get("/v1/text-to-speech/en_US-joe-medium"), 405, "method_not_allowed")
+    assert client.get("/v1/audio/speech").json()["error"]["code"] == "method_not_allowed"
+    assert client.get("/tts").json()["error"]["type"] == "method_not_allowed"
+
+
+def test_empty_body_says_the_body_is_missing(client):
+    response = client.post("/v1/audio/speech")
+    assert response.status_code == 400
+    assert "body is missing" in response.json()["error"]["message"]
 
 
 def test_elevenlabs_malformed_json_and_unknown_path(client):
@@ -337,7 +341,7 @@ def broken_server(tmp_path_factory, voice_files):
     (configs / "a-broken.yaml").write_text("name: broken\nbackend: piper\nparameters:\n  model: corrupt.onnx\n")
     (models / "corrupt.onnx").write_bytes(b"\x08\x07this is not an onnx graph" * 100)
     shutil.copyfile(voice_files[1], models / "corrupt.onnx.json")
-    with run_server(configs, models, root / "server.log", timeout=60) as running:
+    with chorus_server(models, root / "server.log", configs, timeout=60) as running:
         yield running
 
 
@@ -365,8 +369,6 @@ def test_corrupt_model_gives_a_clear_500_and_the_server_keeps_serving(broken_ser
 def failing_app_url(server):
     """The real app in this process, served by uvicorn on loopback, whose runner raises after the
     first PCM chunk of every request: the failure comes after the 200 has been sent."""
-    import uvicorn
-
     from router.app import create_app
     from router.errors import SynthesisFailed
     from router.runners import PcmStream, Runner
@@ -404,25 +406,8 @@ def failing_app_url(server):
 
     settings = Settings(configs_dir=CONFIGS, models_dir=server.models_dir)
     app = create_app(settings, runner=FailAfterFirstChunk(InProcessRunner(server.models_dir)))
-    port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline and thread.is_alive(), "the in-process server did not start"
-            time.sleep(0.1)
+    with serving(app, log_level="critical") as url:
         yield url
-    finally:
-        uv.should_exit = True
-        thread.join(timeout=15)
 
 
 @pytest.mark.parametrize("fmt", ["pcm", "wav"])

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import decode
+
 from tests._live import DIE, HANG, RAISE, ScriptedRunner, assert_family_error, live_app, piper_setup
 
 GOOD = "Meanwhile, another listener asks for a perfectly ordinary sentence."

@@ -10,26 +10,23 @@ real one does too rarely to test: answering slowly, stalling, sending a half sam
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import av
 import httpx
-import numpy as np
 import pytest
-import uvicorn
+from conftest import SHORT_SECONDS, SHORT_TEXT, assert_speech, decode
 from envs import image_env
+from processes import REPO, free_port, serving, wait_until_ready
+from processes import stop as stop_process
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -42,31 +39,10 @@ from functions.worker import SynthesizeBody
 from router.errors import BackendUnavailable, InvalidRequest, SynthesisFailed
 from router.runners.http import HttpRunner
 
-REPO = Path(__file__).resolve().parents[1]
-SHORT_TEXT = "Hello world. This is a test of Chorus."
-SHORT_SECONDS = (1.8, 4.0)
 #: Long enough (about four minutes of speech) that the worker is still busy when it is killed.
 LONG_TEXT = " ".join(
     f"Paragraph {n} goes on about the weather, the sea and the long road home." for n in range(50)
 )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def decode(data: bytes) -> tuple[str, int, float, float]:
-    """(codec, sample rate, seconds, RMS level) of an encoded file, by PyAV."""
-    with av.open(io.BytesIO(data)) as container:
-        stream = container.streams.audio[0]
-        frames = [frame.to_ndarray().astype(np.float64).reshape(-1) for frame in container.decode(stream)]
-        codec, rate = stream.codec_context.name, stream.codec_context.sample_rate
-    samples = np.concatenate(frames)
-    if np.abs(samples).max() > 1.5:  # integer samples
-        samples = samples / 32768.0
-    return codec, rate, len(samples) / rate, float(np.sqrt(np.mean(samples**2)))
 
 
 def process_env(image: str, **overrides: str) -> dict[str, str]:
@@ -95,19 +71,8 @@ class Process:
             )
 
     def wait_for(self, url: str, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            assert self.popen is not None
-            if self.popen.poll() is not None:
-                raise RuntimeError(f"{self.command} exited with {self.popen.returncode}:\n{self.output()}")
-            try:
-                if httpx.get(url, timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{url} was not 200 after {timeout} s:\n{self.output()}")
-            time.sleep(0.1)
+        assert self.popen is not None
+        wait_until_ready(self.popen, url, log=self.log, timeout=timeout, name=" ".join(self.command))
 
     def kill(self) -> None:
         assert self.popen is not None
@@ -115,13 +80,8 @@ class Process:
         self.popen.wait()
 
     def stop(self) -> None:
-        if self.popen is not None and self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
+        if self.popen is not None:
+            stop_process(self.popen)
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -230,9 +190,9 @@ def test_the_three_api_families_through_the_worker(stack: Stack) -> None:
     ):
         assert response.status_code == 200, response.text
         assert response.headers["content-type"].startswith(content_type)
-        codec, decoded_rate, seconds, level = decode(response.content)
-        assert codec in codecs and decoded_rate == rate
-        assert SHORT_SECONDS[0] <= seconds <= SHORT_SECONDS[1] and level > 0.01
+        audio = decode(response.content)
+        assert audio.codec in codecs and audio.sample_rate == rate
+        assert_speech(audio)
     voices = httpx.get(f"{url}/v1/audio/voices", timeout=30).json()["voices"]
     assert {"id": "en_US-joe-medium", "name": "en_US-joe-medium", "model": "tts-1"} in voices
     assert stack.worker.output().count("POST /synthesize") >= 3
@@ -295,7 +255,7 @@ def test_killed_worker_fails_the_response_then_the_router_recovers(stack: Stack)
     stack.router.wait_for(f"{stack.router_url}/readyz", timeout=15)
     again = httpx.post(f"{stack.router_url}/tts", json={"model": "tts-1", "input": SHORT_TEXT}, timeout=60)
     assert again.status_code == 200
-    assert SHORT_SECONDS[0] <= decode(again.content)[2] <= SHORT_SECONDS[1]
+    assert SHORT_SECONDS[0] <= decode(again.content).duration <= SHORT_SECONDS[1]
 
 
 # --- HttpRunner against a scripted worker -------------------------------------------------
@@ -387,19 +347,8 @@ def error(status: int, message: str, param: str | None) -> JSONResponse:
 @pytest.fixture(scope="module")
 def scripted() -> Iterator[tuple[ScriptedWorker, str]]:
     worker = ScriptedWorker()
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(worker.app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    try:
-        yield worker, f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with serving(worker.app, ready_path="/healthz", timeout=30) as url:
+        yield worker, url
 
 
 @contextmanager

@@ -24,7 +24,8 @@ import yaml
 
 from functions import BACKENDS
 from functions.config import ConfigError, load_configs
-from tests.conftest import REPO, decode
+from tests.conftest import decode
+from tests.processes import REPO
 
 APP_FILE = REPO / "infra" / "modal_app.py"
 

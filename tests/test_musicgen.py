@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from starlette.testclient import TestClient
+from tiny_models.harness import backend_python, build_tiny_model, synthesize, worker
 
 from functions.config import ModelConfig
 from router.app import create_app
 from router.registry import ModelRegistry
 from router.settings import Settings
-from tiny_models.harness import backend_python, build_tiny_model, synthesize, worker
 
 RATE = 32000
 MUSIC = {"name": "tiny-music", "backend": "transformers-musicgen", "parameters": {"model": "tiny-musicgen"}}

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import decode
+
 from tests._live import assert_family_error, live_app, piper_setup
 
 TEXT = "The server is busy today. Some of you will have to come back later, and that is fine."

@@ -7,7 +7,6 @@ from __future__ import annotations
 import httpx
 import numpy as np
 import pytest
-
 from tiny_models.harness import backend_python, build_tiny_model, synthesize, worker
 
 RATE = 24000

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests._server import chorus_server
+from tests.processes import chorus_server
 
 CHROMIUM = Path("/usr/bin/chromium")
 INSTALL_HINT = "install it with: apt-get update && apt-get install -y chromium"

@@ -13,7 +13,7 @@ import pytest
 
 from functions.config import ModelConfig
 from router.pull import PullError, pull
-from tests.conftest import REPO
+from tests.processes import REPO
 from tests.test_modal_app import NO_NETWORK
 
 

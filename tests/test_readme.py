@@ -15,7 +15,8 @@ import sys
 
 import pytest
 
-from tests._server import REPO, audio_seconds, chorus_server
+from tests.conftest import audio_seconds
+from tests.processes import REPO, chorus_server
 
 README = REPO / "README.md"
 AUDIO_SUFFIXES = {".mp3", ".wav", ".ogg", ".flac", ".aac"}

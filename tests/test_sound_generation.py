@@ -4,14 +4,12 @@ from images/transformers-musicgen, serving a tiny model on loopback."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import httpx
 import numpy as np
 import pytest
+from conftest import audio_seconds
 from elevenlabs import ElevenLabs
-
-from _server import audio_seconds, chorus_server
+from processes import chorus_server
 from tiny_models.harness import backend_python, build_tiny_model, offline_env, worker
 
 RATE = 32000

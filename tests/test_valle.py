@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 import yaml
 
-from tests._server import REPO, audio_seconds, chorus_server, free_port
+from tests.conftest import audio_seconds
 from tests.envs import image_env
+from tests.processes import REPO, backend_worker, chorus_server
 
 TINY_MODELS = REPO / "tests" / "tiny_models"
 FFMPEG_PACKAGES = ("libavcodec59 libavformat59 libavutil57 libswresample4 libswscale6 "
@@ -106,14 +107,7 @@ def setup(python, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def worker(python, setup) -> Iterator[str]:
-    port = free_port()
     env = {
-        **os.environ,
-        "CHORUS_BACKEND": "vall-e-x",
-        "CHORUS_CONFIGS_DIR": str(setup["configs"]),
-        "CHORUS_MODELS_DIR": str(setup["models"]),
-        "HOST": "127.0.0.1",
-        "PORT": str(port),
         "TORCH_HOME": str(setup["torch"]),
         "HF_HOME": str(setup["hf"]),
         "HF_HUB_OFFLINE": "1",
@@ -121,33 +115,11 @@ def worker(python, setup) -> Iterator[str]:
         # The tiny-architecture hook first, then the repository for the worker itself.
         "PYTHONPATH": f"{setup['site']}{os.pathsep}{REPO}",
     }
-    log = setup["root"] / "worker.log"
-    with log.open("wb") as sink:
-        process = subprocess.Popen([str(python), "-m", "functions.worker"], cwd=setup["root"],
-                                   env=env, stdout=sink, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        started = time.monotonic()
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"worker exited:\n{log.read_text(errors='replace')}")
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() - started > 300:
-                raise RuntimeError(f"worker not ready:\n{log.read_text(errors='replace')}")
-            time.sleep(0.5)
+    started = time.monotonic()
+    with backend_worker(python, "vall-e-x", setup["configs"], setup["models"], setup["root"] / "worker.log",
+                        env=env, cwd=setup["root"]) as url:
         print(f"VALL-E X worker loaded in {time.monotonic() - started:.1f} s")
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def _config(setup, name: str) -> dict:

@@ -3,7 +3,6 @@ errors, its readiness, and that a client going away stops the synthesis."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import uvicorn
+from processes import serving
 from starlette.testclient import TestClient
 
 import functions
@@ -171,12 +170,6 @@ def test_unknown_backend_is_refused_at_start() -> None:
         create_app("espeak", Path("configs"), Path("models"))
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_client_disconnect_stops_synthesis(
     configs: Path, models: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -193,23 +186,7 @@ def test_client_disconnect_stops_synthesis(
             closed.set()
 
     monkeypatch.setattr(PiperBackend, "synthesize", counting)
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app("piper", configs, models), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+    with serving(create_app("piper", configs, models), ready_path="/healthz") as url:
         sentences = 40
         text = " ".join(f"This is sentence number {n} of a long text." for n in range(sentences))
         with httpx.stream("POST", f"{url}/synthesize", json=body(text), timeout=30) as response:
@@ -221,6 +198,3 @@ def test_client_disconnect_stops_synthesis(
         time.sleep(1.0)
         assert len(made) == stopped_at
         assert stopped_at < sentences / 2, f"{stopped_at} of {sentences} sentences were made"
-    finally:
-        server.should_exit = True
-        thread.join(10)

@@ -41,6 +41,8 @@ def validation_problem(exc: RequestValidationError) -> tuple[str, str | None]:
     param = ".".join(where) or None
     if error.get("type") == "json_invalid":
         return "the request body is not valid JSON", None
+    if error.get("type") == "missing" and param is None:
+        return "the request body is missing: send a JSON object", None
     if error.get("type") == "model_attributes_type":
         return "the request body must be a JSON object", None
     message = error.get("msg", "invalid value")

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from router.api.common import audio_response, family_route, speech_service
 from router.encoding import AudioFormat
-from router.errors import InvalidRequest
+from router.errors import InvalidRequest, VoiceNotFound
 from router.speech import SpeechService, model_voices
 
 DEFAULT_OUTPUT_FORMAT = "mp3_44100_128"
@@ -102,7 +102,16 @@ async def text_to_speech(
         seed=body.seed,
         route="elevenlabs",
     )
-    return audio_response(await service.audio(job, fmt))
+    try:
+        stream = await service.audio(job, fmt)
+    except InvalidRequest as exc:
+        if exc.param != "voice":
+            raise
+        # ElevenLabs answers an unknown voice_id with 404 voice_not_found; its clients expect it.
+        raise VoiceNotFound(
+            f"A voice with the voice_id {voice_id} was not found. {exc.message}", param="voice_id"
+        ) from exc
+    return audio_response(stream)
 
 
 async def _voices(service: SpeechService) -> list[dict]:

@@ -36,5 +36,5 @@ class Runner(ABC):
     @abstractmethod
     async def voices(self, config: ModelConfig) -> list[str]: ...
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - most runners hold nothing to release
         """Release connections and models."""

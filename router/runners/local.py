@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from pathlib import Path
 
-from functions.config import ModelConfig
+from functions.config import ModelConfig, redact
 from functions.protocol import (
     BackendError,
     BackendUnavailableError,
@@ -53,7 +53,9 @@ class InProcessRunner(Runner):
         except Exception as exc:
             # A corrupt weights file raises the library's own error: it must fail this model's
             # requests clearly, not abort the preloading of every model after it.
-            raise SynthesisFailed(f"model '{config.name}' failed to load: {exc}") from exc
+            raise SynthesisFailed(
+                f"model '{config.name}' failed to load: {redact(str(exc), self.models_dir)}"
+            ) from exc
 
     async def voices(self, config: ModelConfig) -> list[str]:
         return (await self._backend(config)).backend.voices()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 
 import torch
+from t5_vocab import t5_vocab
 from transformers import (
     EncodecConfig,
     EncodecFeatureExtractor,
@@ -20,8 +21,6 @@ from transformers import (
     T5Config,
     T5Tokenizer,
 )
-
-from t5_vocab import t5_vocab
 
 CODEBOOK_SIZE = 64
 

@@ -10,10 +10,9 @@ import sys
 
 import torch
 from parler_tts import ParlerTTSConfig, ParlerTTSDecoderConfig, ParlerTTSForConditionalGeneration
+from t5_vocab import t5_vocab
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import EncodecConfig, GenerationConfig, T5Config, T5TokenizerFast
-
-from t5_vocab import t5_vocab
 
 CODEBOOK_SIZE = 64
 
