@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
@@ -26,6 +27,8 @@ from router.runners import PcmStream, Runner
 from router.settings import Settings
 
 log = logging.getLogger("chorus")
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 @dataclass
@@ -96,6 +99,8 @@ class SpeechService:
         route: str | None = None,
     ) -> SpeechJob:
         """`route` (openai, localai, elevenlabs, sound-generation) picks the input limit."""
+        # Control characters carry no speech and break phonemisers (a NUL ends espeak's input).
+        text = _CONTROL.sub(" ", text)
         if not text.strip():
             raise InvalidRequest(f"'{text_param}' must not be empty", param=text_param)
         limit = self.settings.input_limit(route)

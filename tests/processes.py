@@ -31,16 +31,23 @@ def free_port() -> int:
 def wait_until_ready(process: subprocess.Popen, url: str, *, log: Path, timeout: float, name: str) -> None:
     """Poll `url` until it answers 200; fail with the process's log if it exits or time runs out."""
     deadline = time.monotonic() + timeout
+    last = "no answer yet"
     while True:
         if process.poll() is not None:
             raise RuntimeError(f"{name} exited with {process.returncode}:\n{log.read_text(errors='replace')}")
         try:
-            if httpx.get(url, timeout=2).status_code == 200:
+            # trust_env=False: a proxy in the environment must not stand between us and loopback.
+            response = httpx.get(url, timeout=2, trust_env=False)
+            if response.status_code == 200:
                 return
-        except httpx.TransportError:
-            pass
+            last = f"{response.status_code} {response.text[:200]}"
+        except httpx.TransportError as exc:
+            last = repr(exc)
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{name} was not ready ({url}) after {timeout} s:\n{log.read_text(errors='replace')}")
+            raise RuntimeError(
+                f"{name} was not ready ({url}) after {timeout} s, last answer: {last}:\n"
+                f"{log.read_text(errors='replace')}"
+            )
         time.sleep(0.2)
 
 
