@@ -3,9 +3,6 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-HOST ?= 127.0.0.1
-PORT ?= 8080
-export HOST PORT
 
 .PHONY: run test bench lint install install-test clean compose-up deploy
 
@@ -25,6 +22,7 @@ install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test
 
+# Listens on 127.0.0.1:8080; HOST and PORT in the environment override it.
 run: install
 	$(BIN)/chorus serve
 

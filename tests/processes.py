@@ -104,7 +104,8 @@ def chorus_server(models_dir: Path, log: Path, configs_dir: Path = CONFIGS, env:
     server = Server(free_port(), configs_dir, models_dir, log)
     with running(
         chorus_command("serve", "--configs", str(configs_dir), "--models", str(models_dir), "--log-level", "warning"),
-        env={**os.environ, "HOST": "127.0.0.1", "PORT": str(server.port), **(env or {})},
+        # The port last: `make test` exports PORT, and an inherited one must not win.
+        env={**os.environ, **(env or {}), "HOST": "127.0.0.1", "PORT": str(server.port)},
         cwd=REPO, log=log, ready_url=f"{server.url}/readyz", timeout=timeout, name="chorus serve",
     ):
         yield server
@@ -118,8 +119,8 @@ def backend_worker(python: Path, backend: str, configs: Path, models: Path, log:
     its URL. `env` is added to this process's environment."""
     port = free_port()
     environment = {
-        **os.environ, "CHORUS_BACKEND": backend, "CHORUS_CONFIGS_DIR": str(configs),
-        "CHORUS_MODELS_DIR": str(models), "HOST": "127.0.0.1", "PORT": str(port), **(env or {}),
+        **os.environ, **(env or {}), "CHORUS_BACKEND": backend, "CHORUS_CONFIGS_DIR": str(configs),
+        "CHORUS_MODELS_DIR": str(models), "HOST": "127.0.0.1", "PORT": str(port),
     }
     url = f"http://127.0.0.1:{port}"
     with running([str(python), "-m", "functions.worker", *args], env=environment, cwd=cwd, log=log,

@@ -55,7 +55,9 @@ def test_quick_start_gives_the_two_make_commands_that_the_makefile_has():
     makefile = (REPO / "Makefile").read_text()
     # `make run` is `chorus serve` on port 8080, which the other blocks address.
     assert re.search(r"^run:.*\n\t\$\(BIN\)/chorus serve\s*$", makefile, re.M)
-    assert re.search(r"^PORT \?= 8080$", makefile, re.M)
+    from router.settings import Settings
+
+    assert Settings().port == 8080 and Settings().host == "127.0.0.1"
     assert re.search(r"^test:.*\n\t\$\(BIN\)/pytest", makefile, re.M)
 
 
