@@ -25,6 +25,12 @@ BACKENDS: dict[str, tuple[str, str, str]] = {
 PROMPT_BACKENDS: frozenset[str] = frozenset({"transformers-musicgen"})
 
 
+def modal_class_name(backend: str) -> str:
+    """The Modal class serving `backend` is named after its backend class (PiperBackend, ...):
+    infra/modal_app.py defines it and the router's Modal runner looks it up by this name."""
+    return BACKENDS[backend][1]
+
+
 def backend_class(name: str) -> type[Backend]:
     try:
         module_name, class_name, image = BACKENDS[name]

@@ -8,22 +8,23 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 from transformers import BarkModel, BarkProcessor
 
 from functions.config import ModelConfig, resolve_in
 from functions.hub import load_error, pretrained_source
-from functions.protocol import Backend, BackendError, InvalidRequestError, SynthesisRequest
+from functions.protocol import (
+    Backend,
+    BackendError,
+    InvalidRequestError,
+    SynthesisRequest,
+    pcm16,
+)
 
 # LocalAI configs may name a voice preset as the model (`model: v2/en_speaker_4`); those are
 # suno's preset names, and the weights are then Bark's own.
 _PRESET_NAME = re.compile(r"^(v2/)?[a-z]{2}_speaker_\d$|^announcer$")
 DEFAULT_CHECKPOINT = "suno/bark"
-
-
-def pcm16(samples: np.ndarray) -> bytes:
-    return (np.clip(samples, -1.0, 1.0) * 32767).astype("<i2").tobytes()
 
 
 class BarkBackend(Backend):

@@ -14,7 +14,6 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 
 # Before the first huggingface_hub import: a cache miss must fail at once, never start a
@@ -30,6 +29,7 @@ from functions.protocol import (
     BackendError,
     InvalidRequestError,
     SynthesisRequest,
+    pcm16,
 )
 
 
@@ -236,7 +236,7 @@ class CoquiBackend(Backend):
                 wav = self._synthesize_xtts(request, language, voice)
             else:
                 wav = self._synthesize_generic(request, language, voice)
-        yield _to_pcm(wav)
+        yield pcm16(wav.detach().cpu().numpy() if isinstance(wav, torch.Tensor) else wav)
 
     def _synthesize_xtts(self, request: SynthesisRequest, language: str | None, voice: str | None):
         if voice is None:
@@ -306,9 +306,3 @@ class CoquiBackend(Backend):
         finally:
             if base_scale is not None:
                 model.length_scale = base_scale
-
-
-def _to_pcm(wav) -> bytes:
-    samples = wav.detach().cpu().numpy() if isinstance(wav, torch.Tensor) else np.asarray(wav)
-    samples = np.clip(samples.astype(np.float32).reshape(-1), -1.0, 1.0)
-    return (samples * 32767.0).astype("<i2").tobytes()

@@ -7,20 +7,21 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 from transformers import AutoProcessor, MusicgenForConditionalGeneration
 
 from functions.config import ModelConfig
 from functions.hub import load_error, pretrained_source
-from functions.protocol import Backend, BackendError, InvalidRequestError, SynthesisRequest
+from functions.protocol import (
+    Backend,
+    BackendError,
+    InvalidRequestError,
+    SynthesisRequest,
+    pcm16,
+)
 
 #: LocalAI's length on the speech routes, which carry no duration: 512 tokens, about 10 s.
 SPEECH_ROUTE_TOKENS = 512
-
-
-def pcm16(samples: np.ndarray) -> bytes:
-    return (np.clip(samples, -1.0, 1.0) * 32767).astype("<i2").tobytes()
 
 
 class MusicgenBackend(Backend):

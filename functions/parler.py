@@ -8,24 +8,25 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 from parler_tts import ParlerTTSForConditionalGeneration
 from transformers import AutoTokenizer
 
 from functions.config import ModelConfig
 from functions.hub import load_error, pretrained_source
-from functions.protocol import Backend, BackendError, InvalidRequestError, SynthesisRequest
+from functions.protocol import (
+    Backend,
+    BackendError,
+    InvalidRequestError,
+    SynthesisRequest,
+    pcm16,
+)
 
 #: LocalAI's description when a request gives none.
 DEFAULT_DESCRIPTION = (
     "A female speaker with a slightly low-pitched voice delivers her words quite expressively, "
     "in a very confined sounding environment with clear audio quality. She speaks very fast."
 )
-
-
-def pcm16(samples: np.ndarray) -> bytes:
-    return (np.clip(samples, -1.0, 1.0) * 32767).astype("<i2").tobytes()
 
 
 class ParlerBackend(Backend):

@@ -19,6 +19,15 @@ from functions.config import ModelConfig
 SAMPLE_FORMAT = "s16le"
 
 
+def pcm16(samples: object) -> bytes:
+    """Float samples in [-1, 1] (an array of any shape, read as one mono signal) as PCM."""
+    # Imported here: the router reads this module and never makes audio.
+    import numpy as np
+
+    samples = np.clip(np.asarray(samples, dtype=np.float32).reshape(-1), -1.0, 1.0)
+    return (samples * 32767).astype("<i2").tobytes()
+
+
 class SynthesisRequest(BaseModel):
     """One synthesis job after the API family's wire schema has been translated.
 

@@ -38,6 +38,7 @@ from functions.protocol import (
     BackendError,
     InvalidRequestError,
     SynthesisRequest,
+    pcm16,
 )
 
 SAMPLE_RATE = 24000
@@ -224,5 +225,4 @@ class ValleBackend(Backend):
             if request.seed is not None:
                 torch.manual_seed(request.seed)
             samples = generation.generate_audio(request.text, prompt=prompt, language=language)
-        samples = np.clip(np.asarray(samples, dtype=np.float32).reshape(-1), -1.0, 1.0)
-        yield (samples * 32767.0).astype("<i2").tobytes()
+        yield pcm16(samples)

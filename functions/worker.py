@@ -36,19 +36,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from functions.config import BackendName, ConfigError, ModelConfig, load_configs, redact
-from functions.protocol import (
-    SAMPLE_FORMAT,
-    BackendError,
-    BackendUnavailableError,
-    InvalidRequestError,
-    SynthesisRequest,
-)
-from functions.serving import BackendPool, LoadedBackend
+from functions.config import BackendName, ConfigError, ModelConfig, load_configs
+from functions.protocol import SAMPLE_FORMAT, SynthesisRequest
+from functions.serving import BackendPool, LoadedBackend, ServingError
 
 log = logging.getLogger("chorus.worker")
 
 DEFAULT_PORT = 9000
+
+#: The status each kind of backend failure is answered with.
+STATUS = {"invalid_request": 400, "backend_unavailable": 503, "synthesis_failed": 500}
 
 
 class SynthesizeBody(BaseModel):
@@ -74,6 +71,10 @@ class WorkerError(Exception):
             {"error": {"message": self.message, "code": self.code, "param": self.param}},
             status_code=self.status,
         )
+
+    @classmethod
+    def of(cls, failure: ServingError) -> WorkerError:
+        return cls(STATUS[failure.kind], failure.kind, failure.message, failure.param)
 
 
 def _prepare_models(backend: str, models_dir: Path) -> None:
@@ -133,15 +134,8 @@ class Worker:
             )
         try:
             return await self.pool.get(config)
-        except BackendUnavailableError as exc:
-            raise WorkerError(503, "backend_unavailable", str(exc)) from exc
-        except BackendError as exc:
-            raise WorkerError(500, "synthesis_failed", str(exc)) from exc
-        except Exception as exc:
-            reason = redact(str(exc), self.models_dir)
-            raise WorkerError(
-                500, "synthesis_failed", f"model '{config.name}' failed to load: {reason}"
-            ) from exc
+        except ServingError as exc:
+            raise WorkerError.of(exc) from exc
 
     async def healthz(self, request: Request) -> JSONResponse:
         body = {
@@ -164,13 +158,15 @@ class Worker:
         try:
             body = await _parse(request, SynthesizeBody)
             loaded = await self.loaded(body.config)
-            chunks = _checked(loaded, body.request)
+            chunks = loaded.chunks(body.request)
             # Make the first chunk before answering, so that the request's own errors (an
             # unknown voice...) are sent as an error status rather than after a 200.
             try:
                 first = await anext(chunks)
             except StopAsyncIteration:
                 first = b""
+            except ServingError as exc:
+                raise WorkerError.of(exc) from exc
         except WorkerError as exc:
             return exc.response()
         return StreamingResponse(
@@ -182,19 +178,6 @@ class Worker:
                 "X-Channels": "1",
             },
         )
-
-
-async def _checked(loaded: LoadedBackend, request: SynthesisRequest) -> AsyncIterator[bytes]:
-    try:
-        async with aclosing(loaded.chunks(request)) as chunks:
-            async for chunk in chunks:
-                yield chunk
-    except InvalidRequestError as exc:
-        raise WorkerError(400, "invalid_request", str(exc), exc.param) from exc
-    except Exception as exc:
-        raise WorkerError(
-            500, "synthesis_failed", f"backend '{loaded.backend.name}' failed: {exc}"
-        ) from exc
 
 
 async def _stream(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

@@ -30,7 +30,7 @@ if modal.is_local():
     # `modal deploy infra/modal_app.py` needs only modal installed, not Chorus itself.
     sys.path.insert(0, str(REPO))
 
-from functions import BACKENDS
+from functions import BACKENDS, modal_class_name
 from functions.config import ConfigError, DeploySettings, ModelConfig, validate_configs
 
 APP_NAME = os.environ.get("CHORUS_MODAL_APP") or "chorus"
@@ -103,12 +103,6 @@ def backend_deploy(configs: list[ModelConfig]) -> DeploySettings:
         # The smallest: a limit safe for the heaviest model is safe for all of them.
         max_concurrent_inputs=min(c.deploy.max_concurrent_inputs for c in configs),
     )
-
-
-def class_name(backend: str) -> str:
-    """The Modal class serving `backend` is named after its backend class (PiperBackend, ...):
-    the router's Modal runner reads the same table, functions.BACKENDS."""
-    return BACKENDS[backend][1]
 
 
 CONFIGS = load_deploy_configs(configs_dir())
@@ -201,7 +195,7 @@ def _install_bundled_piper_voice(models_dir: Path) -> None:
 
 
 def _backend_class(backend: str, settings: DeploySettings) -> Any:
-    name = class_name(backend)
+    name = modal_class_name(backend)
     body = {
         "__module__": __name__,
         "__qualname__": name,
@@ -227,7 +221,7 @@ def _backend_class(backend: str, settings: DeploySettings) -> Any:
 # Modal needs each class at module level under its own name: PiperBackend, CoquiBackend, ...
 # (the ones the configs use).
 for _backend, _settings in DEPLOY.items():
-    globals()[class_name(_backend)] = _backend_class(_backend, _settings)
+    globals()[modal_class_name(_backend)] = _backend_class(_backend, _settings)
 
 
 router_image = _image(

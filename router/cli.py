@@ -22,6 +22,10 @@ FORMAT_BY_EXTENSION = {
 }
 
 
+def _settings(args: argparse.Namespace, **overrides: object) -> Settings:
+    """The environment's settings, with the command's --configs and --models over them."""
+    return Settings.from_env(configs_dir=args.configs, models_dir=args.models, **overrides)
+
 
 def _prepare_models(settings: Settings) -> None:
     """Put the bundled default voice in the models directory, where the default config looks."""
@@ -37,9 +41,7 @@ def serve(args: argparse.Namespace) -> int:
 
     from router.app import create_app
 
-    settings = Settings.from_env(
-        host=args.host, port=args.port, configs_dir=args.configs, models_dir=args.models
-    )
+    settings = _settings(args, host=args.host, port=args.port)
     _prepare_models(settings)
     app = create_app(settings)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level)
@@ -78,7 +80,7 @@ async def _write_speech(
 
 
 def say(args: argparse.Namespace) -> int:
-    settings = Settings.from_env(configs_dir=args.configs, models_dir=args.models)
+    settings = _settings(args)
     _prepare_models(settings)
     size = asyncio.run(_write_speech(settings, args, args.text, "TEXT"))
     print(f"wrote {size} bytes to {args.output}")
@@ -122,7 +124,7 @@ def synth(args: argparse.Namespace) -> int:
         text = source.read() if source else Path(args.file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ChorusError(f"cannot read {args.file}: {exc}") from exc
-    settings = Settings.from_env(configs_dir=args.configs, models_dir=args.models)
+    settings = _settings(args)
     # The server's input limit protects a shared service from one huge request; here the user
     # asks for their own file, which the chunked pipeline handles at any length.
     settings = settings.model_copy(
@@ -146,7 +148,7 @@ def synth(args: argparse.Namespace) -> int:
 def models_list(args: argparse.Namespace) -> int:
     from router.registry import ModelRegistry
 
-    settings = Settings.from_env(configs_dir=args.configs, models_dir=args.models)
+    settings = _settings(args)
     registry = ModelRegistry.from_dir(settings.configs_dir, settings.models_dir)
     rows = [("MODEL", "BACKEND", "FILE", "IN MODELS DIR")]
     for config in registry.all():
@@ -173,7 +175,7 @@ def models_pull(args: argparse.Namespace) -> int:
     from functions.config import load_configs
     from router.pull import pull
 
-    settings = Settings.from_env(configs_dir=args.configs, models_dir=args.models)
+    settings = _settings(args)
     configs = load_configs(settings.configs_dir, settings.models_dir) if settings.configs_dir.is_dir() else []
     for path in pull(args.name, settings.models_dir, {c.name: c for c in configs}):
         print(f"pulled {args.name} into {path}")
@@ -181,7 +183,7 @@ def models_pull(args: argparse.Namespace) -> int:
 
 
 def configs_check(args: argparse.Namespace) -> int:
-    settings = Settings.from_env(configs_dir=args.configs, models_dir=args.models)
+    settings = _settings(args)
     try:
         results = validate_configs(settings.configs_dir, settings.models_dir)
     except ConfigError as exc:
@@ -306,36 +308,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     models_cmd = commands.add_parser("models", help="inspect the models the configs describe")
     models_sub = models_cmd.add_subparsers(dest="action", required=True, metavar="ACTION")
-    list_cmd = models_sub.add_parser(
-        "list", help="list every config and whether the files it names are in the models directory",
-        description="List every model config with its backend and the files it names "
+
+    def action(sub, name: str, func, summary: str, description: str) -> argparse.ArgumentParser:
+        cmd = sub.add_parser(name, help=summary, description=description)
+        dirs(cmd)
+        cmd.set_defaults(func=func)
+        return cmd
+
+    action(
+        models_sub, "list", models_list,
+        "list every config and whether the files it names are in the models directory",
+        "List every model config with its backend and the files it names "
         "(parameters.model, tts.vall-e.audio_path), and whether each is present in the models "
         "directory.",
     )
-    dirs(list_cmd)
-    list_cmd.set_defaults(func=models_list)
-    pull_cmd = models_sub.add_parser(
-        "pull", help="download a model's weights from the Hugging Face hub into the models directory",
-        description="Download what NAME needs into the models directory, with a progress bar: "
+    pull_cmd = action(
+        models_sub, "pull", models_pull,
+        "download a model's weights from the Hugging Face hub into the models directory",
+        "Download what NAME needs into the models directory, with a progress bar: "
         "a config name (its parameters.model), a Piper voice file such as "
         "en_US-lessac-medium.onnx (from rhasspy/piper-voices), or a hub id such as "
         "suno/bark-small. For Modal, upload the directory afterwards: "
         "modal volume put chorus-models models/ /",
     )
     pull_cmd.add_argument("name", metavar="NAME", help="config name, Piper voice file or hub id")
-    dirs(pull_cmd)
-    pull_cmd.set_defaults(func=models_pull)
 
     configs_cmd = commands.add_parser("configs", help="validate the model configs")
     configs_sub = configs_cmd.add_subparsers(dest="action", required=True, metavar="ACTION")
-    check_cmd = configs_sub.add_parser(
-        "check", help="validate every config; name the file and field at fault; exit 1 on any problem",
-        description="Validate every *.yaml config in the configs directory the way the server "
+    action(
+        configs_sub, "check", configs_check,
+        "validate every config; name the file and field at fault; exit 1 on any problem",
+        "Validate every *.yaml config in the configs directory the way the server "
         "does at start-up, report each file as ok or FAIL with the field at fault, and exit 1 if "
         "any config is invalid (use it in CI before deploying).",
     )
-    dirs(check_cmd)
-    check_cmd.set_defaults(func=configs_check)
     return parser
 
 

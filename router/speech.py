@@ -249,7 +249,7 @@ class SpeechService:
                 if not produced:
                     # A WAV or FLAC header alone must not pass for audio.
                     raise SynthesisFailed(f"model '{job.config.name}' produced no audio")
-                tail = encoder.finish()
+                tail = await to_thread.run_sync(encoder.finish)
                 if tail:
                     yield tail
             finally:
@@ -332,14 +332,19 @@ async def _replay(pieces: list[bytes]) -> AsyncIterator[bytes]:
 
 async def model_voices(service: SpeechService) -> dict[str, list[str]]:
     """Every model's voices: the backend's own, then the public names its config maps.
-    A model whose backend cannot be reached still lists its mapped names."""
-    listing: dict[str, list[str]] = {}
-    for config in service.registry.all():
-        names: list[str] = []
+    A model whose backend cannot be reached still lists its mapped names. The backends are
+    asked all at once, so one slow worker does not add its delay to every other model's."""
+    configs = service.registry.all()
+
+    async def backend_voices(config: ModelConfig) -> list[str]:
         try:
-            names.extend(await service.runner.voices(config))
+            return await service.runner.voices(config)
         except ChorusError as exc:
             log.warning("cannot list the voices of model '%s': %s", config.name, exc.message)
-        names.extend(config.voices)
-        listing[config.name] = list(dict.fromkeys(names))
-    return listing
+            return []
+
+    listed = await asyncio.gather(*(backend_voices(config) for config in configs))
+    return {
+        config.name: list(dict.fromkeys([*names, *config.voices]))
+        for config, names in zip(configs, listed, strict=True)
+    }

@@ -10,6 +10,7 @@ presenting a truncated file as complete.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import Any, get_args
 
@@ -50,6 +51,10 @@ class HttpRunner(Runner):
         #: backend -> why its worker cannot serve now; a backend absent from it is healthy.
         self._problems: dict[str, str] = {name: "not probed yet" for name in self.backend_urls}
         self._needed: set[str] = set()
+        #: (backend, config JSON) -> its worker's voice list, asked once rather than on every
+        #: voice listing: it changes only with what the worker loaded, so a probe or call that
+        #: finds the worker down drops its backend's lists.
+        self._voices: dict[tuple[str, str], list[str]] = {}
         self._started = False
         self._monitor: asyncio.Task | None = None
 
@@ -114,6 +119,7 @@ class HttpRunner(Runner):
                 log.info("backend '%s' is ready", backend)
         else:
             self._problems[backend] = problem
+            self._voices = {key: names for key, names in self._voices.items() if key[0] != backend}
             if before is None:
                 log.warning("backend '%s' is unavailable: %s", backend, problem)
 
@@ -191,10 +197,15 @@ class HttpRunner(Runner):
         return PcmStream(sample_rate, WorkerPcm(config.backend, response, self.read_timeout))
 
     async def voices(self, config: ModelConfig) -> list[str]:
-        response = await self._post(config.backend, "/voices", {"config": _config_json(config)})
+        payload = {"config": _config_json(config)}
+        key = (config.backend, json.dumps(payload, sort_keys=True))
+        if key in self._voices:
+            return list(self._voices[key])
+        response = await self._post(config.backend, "/voices", payload)
         try:
             await response.aread()
-            return list(response.json()["voices"])
+            self._voices[key] = list(response.json()["voices"])
+            return list(self._voices[key])
         except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
             raise SynthesisFailed(
                 f"backend '{config.backend}' sent an unreadable voice list ({exc})"

@@ -7,18 +7,22 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from pathlib import Path
 
-from functions.config import ModelConfig, redact
-from functions.protocol import (
-    BackendError,
-    BackendUnavailableError,
-    InvalidRequestError,
-    SynthesisRequest,
-)
-from functions.serving import BackendPool, LoadedBackend
+from functions.config import ModelConfig
+from functions.protocol import SynthesisRequest
+from functions.serving import BackendPool, LoadedBackend, ServingError
 from router.errors import BackendUnavailable, ChorusError, InvalidRequest, SynthesisFailed
 from router.runners import PcmStream, Runner
 
 log = logging.getLogger("chorus")
+
+#: The router's error for each kind of backend failure: the one whose code it is.
+_ERRORS: dict[str, type[ChorusError]] = {
+    error.code: error for error in (InvalidRequest, BackendUnavailable, SynthesisFailed)
+}
+
+
+def _error(failure: ServingError) -> ChorusError:
+    return _ERRORS[failure.kind](failure.message, param=failure.param)
 
 
 class InProcessRunner(Runner):
@@ -46,16 +50,8 @@ class InProcessRunner(Runner):
     async def _backend(self, config: ModelConfig) -> LoadedBackend:
         try:
             return await self._pool.get(config)
-        except BackendUnavailableError as exc:
-            raise BackendUnavailable(str(exc)) from exc
-        except BackendError as exc:
-            raise SynthesisFailed(str(exc)) from exc
-        except Exception as exc:
-            # A corrupt weights file raises the library's own error: it must fail this model's
-            # requests clearly, not abort the preloading of every model after it.
-            raise SynthesisFailed(
-                f"model '{config.name}' failed to load: {redact(str(exc), self.models_dir)}"
-            ) from exc
+        except ServingError as exc:
+            raise _error(exc) from exc
 
     async def voices(self, config: ModelConfig) -> list[str]:
         return (await self._backend(config)).backend.voices()
@@ -72,9 +68,5 @@ class InProcessRunner(Runner):
             async with aclosing(loaded.chunks(request)) as chunks:
                 async for chunk in chunks:
                     yield chunk
-        except InvalidRequestError as exc:
-            raise InvalidRequest(str(exc), param=exc.param) from exc
-        except ChorusError:
-            raise
-        except Exception as exc:
-            raise SynthesisFailed(f"backend '{loaded.backend.name}' failed: {exc}") from exc
+        except ServingError as exc:
+            raise _error(exc) from exc

@@ -15,7 +15,7 @@ from typing import Any
 
 from anyio import to_thread
 
-from functions import BACKENDS
+from functions import modal_class_name
 from functions.config import ModelConfig
 from functions.protocol import (
     BackendError,
@@ -35,12 +35,6 @@ from router.settings import Settings
 #: (app name, class name) -> the class: `modal.Cls.from_name` in production; tests pass one that
 #: routes calls through the classes' `.local()`.
 Lookup = Callable[[str, str], Any]
-
-
-def modal_class_name(backend: str) -> str:
-    """The Modal class serving `backend`: its backend class's name (PiperBackend, ...), which
-    the router and the app both read from functions.BACKENDS."""
-    return BACKENDS[backend][1]
 
 
 def _from_name(app_name: str, class_name: str) -> Any:
@@ -119,10 +113,8 @@ class ModalRunner(Runner):
     def _translate(self, backend: str, exc: Exception) -> ChorusError:
         """The router's error for what a Modal call raised: the backend's own errors come back
         as themselves; Modal's are about reaching the class."""
-        if isinstance(exc, ChorusError):
-            return exc
         if isinstance(exc, InvalidRequestError):
-            return InvalidRequest(str(exc), param=getattr(exc, "param", None))
+            return InvalidRequest(str(exc), param=exc.param)
         if isinstance(exc, BackendUnavailableError):
             return BackendUnavailable(f"backend '{backend}' is unavailable: {exc}")
         if isinstance(exc, BackendError):
