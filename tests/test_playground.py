@@ -66,14 +66,25 @@ def page(browser, server) -> Iterator:
 
 
 def speak(page, text: str, fmt: str = "mp3") -> None:
+    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
+
     page.fill("#text", text)
     page.select_option("#format", fmt)
     page.click("#speak")
     # Done, or an error: whichever the page shows first.
-    page.wait_for_function(
-        "() => document.querySelector('#status').textContent.startsWith('Done')"
-        " || !document.querySelector('#error').hidden"
-    )
+    try:
+        page.wait_for_function(
+            "() => document.querySelector('#status').textContent.startsWith('Done')"
+            " || !document.querySelector('#error').hidden"
+        )
+    except PlaywrightTimeoutError:
+        state = page.eval_on_selector(
+            "#player", "a => ({readyState: a.readyState, network: a.networkState, src: a.src})"
+        )
+        raise AssertionError(
+            f"the page never finished: status {page.text_content('#status')!r}, "
+            f"error {page.text_content('#error')!r}, player {state}"
+        ) from None
 
 
 def audio_state(page) -> dict:

@@ -76,27 +76,44 @@ function kilobytes(size) {
 }
 
 // Feeds encoded chunks to the audio element as they arrive, through Media Source Extensions.
+// If the media source does not open in time (a busy or restricted browser), or rejects a
+// chunk, the sink gives up and `finish()` answers false: the caller then plays the whole file.
 function streamingSink(mime) {
   const source = new MediaSource();
   const url = URL.createObjectURL(source);
   player.src = url;
-  const opened = new Promise((resolve) => source.addEventListener("sourceopen", resolve, { once: true }));
+  const opened = new Promise((resolve) => {
+    source.addEventListener("sourceopen", resolve, { once: true });
+    setTimeout(resolve, 5000);
+  });
   let buffer = null;
+  let failed = false;
   const idle = () => new Promise((resolve) => {
-    if (!buffer.updating) resolve();
-    else buffer.addEventListener("updateend", resolve, { once: true });
+    if (!buffer.updating) return resolve();
+    buffer.addEventListener("updateend", resolve, { once: true });
+    buffer.addEventListener("error", resolve, { once: true });
   });
   return {
     url,
     async push(chunk) {
-      if (!buffer) { await opened; buffer = source.addSourceBuffer(mime); }
-      await idle();
-      buffer.appendBuffer(chunk);
+      if (failed) return;
+      try {
+        if (!buffer) {
+          await opened;
+          if (source.readyState !== "open") { failed = true; return; }
+          buffer = source.addSourceBuffer(mime);
+        }
+        await idle();
+        buffer.appendBuffer(chunk);
+      } catch (_) {
+        failed = true;
+      }
     },
     async finish() {
-      if (!buffer) return;
+      if (failed || !buffer) return false;
       await idle();
       if (source.readyState === "open") source.endOfStream();
+      return true;
     },
   };
 }
@@ -154,9 +171,7 @@ async function speak(event) {
     const file = new Blob(parts, { type: mime });
     const fileUrl = URL.createObjectURL(file);
     current.urls.push(fileUrl);
-    if (sink) {
-      await sink.finish();
-    } else {
+    if (!sink || !(await sink.finish())) {
       player.src = fileUrl;
       player.play().catch(() => {});
     }
