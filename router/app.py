@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from router.api import elevenlabs, localai, metrics, openai, playground, sound, system
-from router.api.common import validation_problem
+from router.api.common import is_elevenlabs_client, validation_problem
 from router.auth import ApiKeys
 from router.cache import SynthesisCache
 from router.limits import BodyLimit
@@ -34,7 +34,7 @@ def _fallback_error(
     """Errors no route saw (unknown path, wrong method, missing API key, body too large), in
     the shape of the family the path belongs to."""
     path = request.url.path
-    if path.startswith(_ELEVENLABS_PREFIXES):
+    if path.startswith(_ELEVENLABS_PREFIXES) or (path == "/v1/models" and is_elevenlabs_client(request.headers)):
         return elevenlabs.elevenlabs_error(status, message, None, code)
     if path.startswith("/tts"):
         return localai.localai_error(status, message, None, code)

@@ -126,7 +126,12 @@ def live_app(
                 runner.release.set()
 
 
-def family_of(path: str) -> str:
+def family_of(request: httpx.Request) -> str:
+    path = request.url.path
+    if path == "/v1/models" and (
+        "xi-api-key" in request.headers or request.headers.get("user-agent", "").startswith("elevenlabs")
+    ):
+        return "elevenlabs"  # the one path both APIs own: ElevenLabs clients get their shape
     if path.startswith(("/v1/text-to-speech", "/v1/voices", "/v2/voices", "/v1/sound-generation")):
         return "elevenlabs"
     if path.startswith("/tts"):
@@ -135,13 +140,13 @@ def family_of(path: str) -> str:
 
 
 def assert_family_error(response: httpx.Response, status: int | None = None) -> dict:
-    """`response` is an error (of `status` if given) in the shape its path's API family uses."""
+    """`response` is an error (of `status` if given) in the shape its API family uses."""
     if status is not None:
         assert response.status_code == status, response.text
     assert response.status_code >= 400, response.text
     assert response.headers["content-type"].startswith("application/json"), response.text
     body = response.json()
-    family = family_of(response.request.url.path)
+    family = family_of(response.request)
     if family == "elevenlabs":
         assert list(body) == ["detail"], body
         assert set(body["detail"]) == {"status", "message"} and body["detail"]["message"], body

@@ -62,6 +62,14 @@ def test_no_key_is_401_in_the_family_shape(client, route):
     assert response.headers["www-authenticate"] == "Bearer"
 
 
+def test_an_elevenlabs_client_listing_models_without_a_key_gets_its_own_shape(client):
+    # GET /v1/models belongs to both APIs; the SDK's user agent decides, as for a 200.
+    response = client.get("/v1/models", headers={"user-agent": "elevenlabs-python/2.0"})
+    assert response.status_code == 401
+    assert set(response.json()) == {"detail"}
+    assert response.json()["detail"]["status"] == "invalid_api_key"
+
+
 @pytest.mark.parametrize("route", ROUTES, ids=ROUTE_IDS)
 @pytest.mark.parametrize(
     "headers",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 from fastapi import Request
@@ -20,6 +20,12 @@ log = logging.getLogger("chorus")
 
 #: (status, message, param, code) -> the family's error response
 ErrorRenderer = Callable[[int, str, str | None, str], JSONResponse]
+
+
+def is_elevenlabs_client(headers: Mapping[str, str]) -> bool:
+    """Whether a request to a path both OpenAI and ElevenLabs own (GET /v1/models) comes from an
+    ElevenLabs client: its key header or its SDK's user agent says so."""
+    return "xi-api-key" in headers or headers.get("user-agent", "").startswith("elevenlabs")
 
 
 def _is_tag(part: object) -> bool:

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from router.api.common import audio_response, family_route, log, speech_service
+from router.api.common import audio_response, family_route, is_elevenlabs_client, log, speech_service
 from router.encoding import AudioFormat
 from router.errors import ChorusError
 from router.speech import SpeechService, model_voices
@@ -102,7 +102,7 @@ async def create_speech(
 async def list_models(request: Request, service: SpeechService = Depends(speech_service)):
     configs = service.registry.all()
     # Both APIs own GET /v1/models with different shapes; ElevenLabs clients say who they are.
-    if "xi-api-key" in request.headers or request.headers.get("user-agent", "").startswith("elevenlabs"):
+    if is_elevenlabs_client(request.headers):
         return [
             {
                 "model_id": config.name,
