@@ -35,6 +35,21 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 class SpeechJob:
     config: ModelConfig
     request: SynthesisRequest
+    #: The wire field that carried the text (`input`, `text`), for errors about it.
+    text_param: str = "input"
+
+    def no_audio(self) -> ChorusError:
+        """The error for a backend that made no sound of the whole text. Without one letter or
+        digit (punctuation alone) the text was the problem: 400. Otherwise the voice failed on
+        ordinary text: 500. Symbols alone can't be refused up front, since espeak names many
+        (an emoji, a snowman)."""
+        if not any(char.isalnum() for char in self.request.text):
+            return InvalidRequest(
+                f"'{self.text_param}' has nothing model '{self.config.name}' can speak: "
+                "it holds no letters or digits",
+                param=self.text_param,
+            )
+        return SynthesisFailed(f"model '{self.config.name}' produced no audio")
 
 
 @dataclass
@@ -120,7 +135,7 @@ class SpeechService:
             instructions=instructions,
             seed=seed,
         )
-        return SpeechJob(config, request)
+        return SpeechJob(config, request, text_param)
 
     async def pcm(self, job: SpeechJob, on_chunk: ChunkDone | None = None) -> PcmStream:
         """PCM for the whole text, in order. Up to `deploy.fan_out` chunks are synthesised at
@@ -248,7 +263,7 @@ class SpeechService:
                         yield data
                 if not produced:
                     # A WAV or FLAC header alone must not pass for audio.
-                    raise SynthesisFailed(f"model '{job.config.name}' produced no audio")
+                    raise job.no_audio()
                 tail = await to_thread.run_sync(encoder.finish)
                 if tail:
                     yield tail
@@ -259,7 +274,7 @@ class SpeechService:
         try:
             first = await anext(stream)
         except StopAsyncIteration:
-            raise SynthesisFailed(f"model '{job.config.name}' produced no audio") from None
+            raise job.no_audio() from None
         if key is None:
             return AudioStream(fmt.media_type, encoder.output_rate, first, stream)
         recording = Recording(self.cache, key, fmt.media_type, encoder.output_rate, first, stream)  # type: ignore[arg-type]

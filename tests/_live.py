@@ -27,7 +27,7 @@ from router.settings import Settings
 from tests.processes import free_port, serving
 
 #: Words that make ScriptedRunner misbehave on the chunk that contains them.
-RAISE, HANG, DIE = "Kaboom", "Standstill", "Dropout"
+RAISE, HANG, DIE, SILENT = "Kaboom", "Standstill", "Dropout", "Hush"
 
 
 def write_config(configs_dir: Path, name: str = "tts-1", **deploy: object) -> Path:
@@ -54,7 +54,7 @@ class ScriptedRunner(Runner):
     """The real InProcessRunner (real Piper), plus: a count of chunk syntheses begun and of the
     PCM pieces the backend made; the most chunk streams open at once; the PCM of each chunk; and
     faults on cue (RAISE: fails before any audio; HANG: blocks a worker thread before any audio
-    until `release` is set; DIE: fails after this chunk's audio)."""
+    until `release` is set; DIE: fails after this chunk's audio; SILENT: makes no sound at all)."""
 
     def __init__(self, models_dir: Path, chunk_delay: dict[str, float] | None = None):
         self.inner = InProcessRunner(models_dir)
@@ -98,7 +98,8 @@ class ScriptedRunner(Runner):
             async for pcm in chunks:
                 self.pieces += 1
                 made += pcm
-                yield pcm
+                if SILENT not in text:
+                    yield pcm
             self.pcm_by_text[text] = made
             if DIE in text:
                 raise SynthesisFailed("backend 'piper' failed: the worker died mid-stream")

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from conftest import decode
 
-from tests._live import DIE, HANG, RAISE, ScriptedRunner, assert_family_error, live_app, piper_setup
+from tests._live import DIE, HANG, RAISE, SILENT, ScriptedRunner, assert_family_error, live_app, piper_setup
 
 GOOD = "Meanwhile, another listener asks for a perfectly ordinary sentence."
 SPEECH = "/v1/audio/speech"
@@ -60,6 +60,15 @@ def test_a_backend_that_raises_gives_a_clean_500(served):
     error = assert_family_error(response, 500)
     assert error["code"] == "synthesis_failed" and "scripted crash" in error["message"]
     good_request_works(url)
+
+
+@pytest.mark.parametrize("fmt", ["wav", "flac", "mp3", "pcm"])
+def test_a_backend_that_makes_no_sound_of_ordinary_text_is_a_500(served, fmt):
+    # A header with no audio after it must not pass as a 200; the text was fine, so not a 400.
+    url, _ = served
+    with httpx.Client(base_url=url, timeout=60) as client:
+        error = assert_family_error(speech(client, f"{SILENT}, said the voice.", fmt), 500)
+    assert error["code"] == "synthesis_failed" and "no audio" in error["message"]
 
 
 def test_each_family_reports_the_failure_in_its_shape(served):

@@ -2,9 +2,9 @@
 valid and invalid inputs for every operation, a bounded number of examples each. No input may
 cause a 5xx, and every error comes in its API family's shape.
 
-One 500 is by design and allowed: text the voice cannot speak at all (punctuation, symbols
-espeak has no sound for) gives `synthesis_failed` / "produced no audio" rather than an empty
-file passed off as speech (tests/test_errors.py checks that case).
+One 500 is by design and allowed: text with letters or digits that the voice still makes no sound
+of gives `synthesis_failed` / "produced no audio" rather than an empty file passed off as speech
+(tests/test_failures.py checks that case; punctuation alone is a 400, tests/test_errors.py).
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@ whole to a sound-generation model (MusicGen), `prompt_influence` is its guidance
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -12,7 +14,7 @@ from functions.config import ModelConfig
 from router.api.common import audio_response, family_route, speech_service
 from router.api.elevenlabs import DEFAULT_OUTPUT_FORMAT, elevenlabs_error, parse_output_format
 from router.errors import InvalidRequest, ModelNotFound
-from router.speech import SpeechJob, SpeechService
+from router.speech import SpeechService
 
 #: LocalAI's length when the request names none (its 256 MusicGen tokens).
 DEFAULT_DURATION_SECONDS = 5.0
@@ -77,4 +79,4 @@ async def sound_generation(
             "do_sample": body.do_sample,
         }
     )
-    return audio_response(await service.audio(SpeechJob(job.config, request), fmt))
+    return audio_response(await service.audio(replace(job, request=request), fmt))
