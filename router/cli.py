@@ -27,22 +27,12 @@ def _settings(args: argparse.Namespace, **overrides: object) -> Settings:
     return Settings.from_env(configs_dir=args.configs, models_dir=args.models, **overrides)
 
 
-def _prepare_models(settings: Settings) -> None:
-    """Put the bundled default voice in the models directory, where the default config looks."""
-    try:
-        from functions.piper import install_bundled_voice
-    except ImportError:
-        return
-    install_bundled_voice(settings.models_dir)
-
-
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from router.app import create_app
 
     settings = _settings(args, host=args.host, port=args.port)
-    _prepare_models(settings)
     app = create_app(settings)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level)
     return 0
@@ -81,7 +71,6 @@ async def _write_speech(
 
 def say(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    _prepare_models(settings)
     size = asyncio.run(_write_speech(settings, args, args.text, "TEXT"))
     print(f"wrote {size} bytes to {args.output}")
     return 0
@@ -130,7 +119,6 @@ def synth(args: argparse.Namespace) -> int:
     settings = settings.model_copy(
         update={"max_input_chars": max(settings.max_input_chars, len(text))}
     )
-    _prepare_models(settings)
     # The service reports the real count as chunks complete; this gives the bar its length
     # before the first one does.
     progress = _Progress(len(chunk_text(text, settings.chunk_chars)))

@@ -56,6 +56,26 @@ def test_bundled_voice_is_installed_once(models_dir):
     assert not list(models_dir.glob("*.part"))
 
 
+def test_the_bundled_voice_comes_with_its_first_load(tmp_path):
+    # Local mode, a worker and Modal all start from a models directory without it.
+    backend = create_backend(config(), tmp_path)
+    backend.load()
+    assert (tmp_path / f"{VOICE}.onnx").is_file() and (tmp_path / f"{VOICE}.onnx.json").is_file()
+    assert seconds(say(backend)) > 1.0
+    # Another file of the same name elsewhere is not the bundled voice: missing is missing.
+    (tmp_path / "voices").mkdir()
+    with pytest.raises(BackendError, match=f"{VOICE}.onnx is missing"):
+        create_backend(config(f"voices/{VOICE}.onnx"), tmp_path).load()
+
+
+def test_a_models_directory_the_voice_cannot_be_copied_into_names_the_missing_file(tmp_path, caplog):
+    blocked = tmp_path / "models"
+    blocked.write_text("a file where the models volume should be")
+    with pytest.raises(BackendError, match=f"{VOICE}.onnx is missing"):
+        create_backend(config(), blocked).load()
+    assert "cannot copy the bundled Piper voice" in caplog.text
+
+
 def test_loads_through_the_registry_entry_point(backend):
     assert isinstance(backend, piper.PiperBackend)
     assert backend.sample_rate == 22050
