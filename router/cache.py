@@ -5,13 +5,16 @@ file and its size and modification time, parameters, voice settings), the reques
 (text, voice, language, speed, seed, instructions, sound settings) and the output format. Only a
 response that streamed to its end without error is stored: it is written to a temporary file as it
 goes out and renamed into place at the end (atomic: a reader never sees half a file), and dropped
-when the stream fails or the client leaves. The size is capped; the least recently used entries
-go first. Note that backends which sample (Bark, MusicGen) return the cached take of a request
+when the stream fails or every client has left. An identical request that arrives while a response
+is being made follows that one (X-Chorus-Cache: shared) rather than paying for a second synthesis.
+The size is capped; the least recently used entries go first. Note that backends which sample (Bark, MusicGen) return the cached take of a request
 that names no seed.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -19,7 +22,7 @@ import os
 import struct
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +54,10 @@ class SynthesisCache:
         self.models_dir = models_dir
         self._partial = directory / "partial"
         self._partial.mkdir(parents=True, exist_ok=True)
+        #: responses being made now, by key: an identical request follows one of these
+        self._takes: dict[str, Take] = {}
+        #: requests that will make a take, until their first bytes (or their error) are known
+        self._starting: dict[str, asyncio.Future[None]] = {}
         # Leftovers of a crash: never complete, never served. Recent ones may belong to
         # another router sharing the directory.
         for stale in self._partial.iterdir():
@@ -106,6 +113,41 @@ class SynthesisCache:
         self._entries[key] = (size, time.time())
         return cached
 
+    def take(
+        self, key: str, media_type: str, sample_rate: int, first: bytes, source: AsyncIterator[bytes]
+    ) -> Take:
+        """Start recording a response whose first bytes are `first` and the rest `source`."""
+        take = self._takes[key] = Take(self, key, media_type, sample_rate, first, source)
+        return take
+
+    async def following(self, key: str) -> Take | None:
+        """The response for `key` being made now, if an identical request may follow it. One
+        still starting is waited for, and an error it meets is raised here too: an identical
+        request would meet it as well. One that was abandoned while starting leaves the way
+        open to the next request."""
+        while (starting := self._starting.get(key)) is not None:
+            await asyncio.shield(starting)
+        take = self._takes.get(key)
+        return take if take is not None and take.joinable() else None
+
+    @contextlib.contextmanager
+    def starting(self, key: str) -> Iterator[None]:
+        """Around the making of `key`'s first bytes, which `take()` then records: identical
+        requests arriving meanwhile wait in `following()` instead of starting a synthesis."""
+        started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._starting[key] = started
+        try:
+            yield
+        except Exception as exc:
+            started.set_exception(exc)
+            started.exception()  # retrieved: nobody may have been waiting
+            raise
+        finally:
+            if self._starting.get(key) is started:
+                del self._starting[key]
+            if not started.done():
+                started.set_result(None)
+
     def _publish(self, key: str, partial: Path) -> None:
         target = self._path(key)
         os.replace(partial, target)
@@ -134,10 +176,18 @@ class SynthesisCache:
         return [data[i : i + _READ_PIECE] for i in range(0, len(data), _READ_PIECE)] or [b""]
 
 
-class Recording:
-    """Passes a response's pieces on while writing them to the cache; the entry is published
-    only when the stream reaches its end, and dropped on error or close. Class-based (not a
-    generator) so that closing it closes its source even if it was never iterated."""
+class Take:
+    """A response on its way out, written to a partial file as it goes, and shared: an identical
+    request that arrives meanwhile follows it (reading what is written, then waiting for more)
+    instead of being synthesised again. The entry is published when the source ends, and
+    dropped on error or when every reader has left.
+
+    Whichever reader reaches the end of what is written asks the source for the next piece, as
+    a task of its own: a reader that leaves mid-wait does not break the source for the others,
+    and only when the last one leaves is the source closed (which stops the backend). Readers
+    read the file by offset through the one descriptor, which stays valid after the file is
+    renamed into the cache or evicted.
+    """
 
     def __init__(
         self,
@@ -148,41 +198,135 @@ class Recording:
         first: bytes,
         source: AsyncIterator[bytes],
     ):
+        self.media_type = media_type
+        self.sample_rate = sample_rate
         self._cache = cache
         self._key = key
         self._source = source
         self._partial = cache._partial / f"{key}.{uuid.uuid4().hex}"
         meta = json.dumps({"media_type": media_type, "sample_rate": sample_rate}).encode()
-        self._file = self._partial.open("wb")
+        self._file = self._partial.open("w+b")
         self._file.write(_HEADER.pack(len(meta)) + meta + first)
+        self._file.flush()
+        self._start = _HEADER.size + len(meta)
+        #: audio bytes made so far; those in the file, unless `_whole` is False
         self._size = len(first)
+        #: every byte made is in the file (false once a take nobody followed passes the size
+        #: cap: its one reader is always at the head, so it needs no file)
+        self._whole = True
+        #: followed at some point: from then on every byte is written, since a reader may lag
+        self._shared = False
+        self._ended = False
+        self._error: BaseException | None = None
+        self._next: asyncio.Task[bytes | None] | None = None
+        self._readers = 0
 
-    def __aiter__(self) -> Recording:
-        return self
+    def joinable(self) -> bool:
+        return self._whole and self._error is None
 
-    async def __anext__(self) -> bytes:
+    def reader(self, offset: int) -> TakeReader:
+        """The response's audio from `offset` on; the caller must close it."""
+        self._readers += 1
+        self._shared = self._shared or self._readers > 1
+        return TakeReader(self, offset)
+
+    def first(self) -> bytes:
+        return self._read(0)
+
+    def _read(self, offset: int) -> bytes:
+        return os.pread(self._file.fileno(), min(_READ_PIECE, self._size - offset), self._start + offset)
+
+    async def _piece_after(self, offset: int) -> bytes | None:
+        """The bytes after `offset`, waiting for the source if need be; None at the end."""
+        while True:
+            if offset < self._size:
+                return self._read(offset)
+            if self._error is not None:
+                raise self._error
+            if self._ended:
+                return None
+            if self._next is None:
+                self._next = asyncio.ensure_future(self._pull())
+            piece = await asyncio.shield(self._next)
+            if piece is not None and not self._whole:
+                return piece  # not in the file: the lone reader past the size cap takes it here
+
+    async def _pull(self) -> bytes | None:
+        """The source's next piece, written to the file; None at its end or on its failure
+        (kept in `_error` for every reader, so the task itself never ends in an error)."""
         try:
             piece = await anext(self._source)
         except StopAsyncIteration:
-            self._finish(complete=True)
-            raise
-        except BaseException:
-            self._finish(complete=False)
-            raise
-        self._size += len(piece)
-        if self._size <= self._cache.max_bytes:
+            self._ended = True
+            self._finish()
+            return None
+        except Exception as exc:
+            self._error = exc
+            self._finish()
+            return None
+        finally:
+            self._next = None
+        if self._whole and (self._size + len(piece) <= self._cache.max_bytes or self._shared):
             self._file.write(piece)
+            self._file.flush()
+        else:
+            # Too big to keep and never followed: stop writing, and let nobody join from here.
+            self._whole = False
+        self._size += len(piece)
         return piece
 
-    def _finish(self, complete: bool) -> None:
-        if self._file.closed:
+    def _finish(self) -> None:
+        """Publish a complete take that fits the cache; drop anything else."""
+        if self._cache._takes.get(self._key) is self:
+            del self._cache._takes[self._key]
+        if self._partial.exists():
+            if self._ended and self._whole and self._size <= self._cache.max_bytes:
+                self._cache._publish(self._key, self._partial)
+            else:
+                self._partial.unlink(missing_ok=True)
+
+    async def _leave(self) -> None:
+        self._readers -= 1
+        if self._readers:
             return
+        if not self._ended and self._error is None:
+            # The last reader left before the end: nothing more is wanted from the backend.
+            self._error = _Abandoned("every reader of this response left")
+            self._finish()
+            if self._next is not None:
+                self._next.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._next
+            await self._source.aclose()  # type: ignore[attr-defined]
         self._file.close()
-        if complete and self._size <= self._cache.max_bytes:
-            self._cache._publish(self._key, self._partial)
-        else:
-            self._partial.unlink(missing_ok=True)
+
+
+class _Abandoned(Exception):
+    """Every reader of a take left before its end."""
+
+
+class TakeReader:
+    """One request's view of a take. Class-based (not a generator) so that closing it counts
+    even if it was never iterated."""
+
+    def __init__(self, take: Take, offset: int):
+        self._take: Take | None = take
+        self._offset = offset
+
+    def __aiter__(self) -> TakeReader:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._take is None:
+            raise StopAsyncIteration
+        piece = await self._take._piece_after(self._offset)
+        if piece is None:
+            await self.aclose()
+            raise StopAsyncIteration
+        self._offset += len(piece)
+        return piece
 
     async def aclose(self) -> None:
-        self._finish(complete=False)
-        await self._source.aclose()  # type: ignore[attr-defined]
+        if self._take is not None:
+            take, self._take = self._take, None
+            await take._leave()

@@ -16,7 +16,7 @@ from anyio import to_thread
 from functions import PROMPT_BACKENDS
 from functions.config import ModelConfig
 from functions.protocol import SynthesisRequest
-from router.cache import Recording, SynthesisCache
+from router.cache import SynthesisCache
 from router.chunking import chunk_text
 from router.encoding import AudioFormat, StreamEncoder
 from router.errors import BackendTimeout, ChorusError, InvalidRequest, Overloaded, SynthesisFailed
@@ -234,16 +234,41 @@ class SpeechService:
     async def audio(
         self, job: SpeechJob, fmt: AudioFormat, on_chunk: ChunkDone | None = None
     ) -> AudioStream:
-        key = self.cache.key(job.config, job.request, fmt) if self.cache is not None else None
-        if key is not None:
-            hit = await self.cache.get(key)  # type: ignore[union-attr]
-            self.metrics.cache.labels("hit" if hit else "miss").inc()
-            if hit is not None:
-                pieces = SynthesisCache.pieces(hit.data)
-                return AudioStream(
-                    hit.media_type, hit.sample_rate, pieces[0], _replay(pieces[1:]),
-                    headers={"X-Chorus-Cache": "hit"},
-                )
+        cache = self.cache
+        if cache is None:
+            return await self._encoded(job, fmt, on_chunk)
+        key = cache.key(job.config, job.request, fmt)
+        hit = await cache.get(key)
+        if hit is not None:
+            self.metrics.cache.labels("hit").inc()
+            pieces = SynthesisCache.pieces(hit.data)
+            return AudioStream(
+                hit.media_type, hit.sample_rate, pieces[0], _replay(pieces[1:]),
+                headers={"X-Chorus-Cache": "hit"},
+            )
+        take = await cache.following(key)
+        if take is not None:
+            # The same audio is being made for another request right now: follow it from its
+            # first byte, at no backend cost.
+            self.metrics.cache.labels("shared").inc()
+            first = take.first()
+            return AudioStream(
+                take.media_type, take.sample_rate, first, take.reader(len(first)),
+                headers={"X-Chorus-Cache": "shared"},
+            )
+        self.metrics.cache.labels("miss").inc()
+        with cache.starting(key):
+            made = await self._encoded(job, fmt, on_chunk)
+        take = cache.take(key, made.media_type, made.sample_rate, made.first, made.rest)
+        return AudioStream(
+            made.media_type, made.sample_rate, made.first, take.reader(len(made.first)),
+            headers={"X-Chorus-Cache": "miss"},
+        )
+
+    async def _encoded(
+        self, job: SpeechJob, fmt: AudioFormat, on_chunk: ChunkDone | None
+    ) -> AudioStream:
+        """The job synthesised and encoded, its first bytes made."""
         pcm = await self.pcm(job, on_chunk)
         try:
             encoder = StreamEncoder(fmt, pcm.sample_rate)
@@ -275,12 +300,7 @@ class SpeechService:
             first = await anext(stream)
         except StopAsyncIteration:
             raise job.no_audio() from None
-        if key is None:
-            return AudioStream(fmt.media_type, encoder.output_rate, first, stream)
-        recording = Recording(self.cache, key, fmt.media_type, encoder.output_rate, first, stream)  # type: ignore[arg-type]
-        return AudioStream(
-            fmt.media_type, encoder.output_rate, first, recording, headers={"X-Chorus-Cache": "miss"}
-        )
+        return AudioStream(fmt.media_type, encoder.output_rate, first, stream)
 
 
 class _Primed:

@@ -1,18 +1,19 @@
 """The synthesis cache: an identical request is answered from disk (X-Chorus-Cache: hit) without
-touching the backend; anything that changes the audio misses; only complete responses are
-stored, atomically; the size cap holds with least-recently-used eviction; it survives a
-restart; and it is off unless a directory is set."""
+touching the backend, or, while the first is still being made, follows it (shared); anything that
+changes the audio misses; only complete responses are stored, atomically; the size cap holds with
+least-recently-used eviction; it survives a restart; and it is off unless a directory is set."""
 
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 from conftest import decode
 
-from tests._live import DIE, ScriptedRunner, live_app, piper_setup
+from tests._live import DIE, RAISE, ScriptedRunner, assert_family_error, live_app, piper_setup
 
 SPEECH = "/v1/audio/speech"
 TEXT = "A sentence worth keeping."
@@ -144,3 +145,129 @@ def test_off_without_a_directory_or_with_size_zero(setup, tmp_path):
                 response = client.post(SPEECH, json=body())
                 assert response.status_code == 200 and "x-chorus-cache" not in response.headers
     assert not (tmp_path / "cache").exists()
+
+
+#: Three chunks at chunk_chars=60, each held back a little so that requests overlap.
+SLOW_CHUNKS = ["The first of three parts takes its time.", "So does the second part here, slowly.",
+               "And the third one closes it, at last."]
+SLOW_TEXT = " ".join(SLOW_CHUNKS)
+
+
+def slow_runner(models: Path, seconds: float = 0.6) -> ScriptedRunner:
+    return ScriptedRunner(models, chunk_delay={chunk: seconds for chunk in SLOW_CHUNKS})
+
+
+def test_identical_requests_at_once_share_one_synthesis(setup, tmp_path):
+    configs, models = setup
+    runner = slow_runner(models)
+    cache = tmp_path / "cache"
+    with live_app(configs, models, runner, cache_dir=cache, chunk_chars=60) as url:
+
+        def ask(delay: float) -> httpx.Response:
+            time.sleep(delay)  # one arrives before the first bytes, one after
+            return httpx.post(f"{url}{SPEECH}", json=body(input=SLOW_TEXT), timeout=60)
+
+        with ThreadPoolExecutor(3) as pool:
+            responses = list(pool.map(ask, [0, 0.2, 1.0]))
+        metrics = httpx.get(f"{url}/metrics").text
+    assert [r.status_code for r in responses] == [200, 200, 200]
+    assert sorted(r.headers["x-chorus-cache"] for r in responses) == ["miss", "shared", "shared"]
+    assert runner.begun == len(SLOW_CHUNKS), "each chunk is synthesised once for all three"
+    assert responses[1].content == responses[0].content == responses[2].content
+    assert decode(responses[0].content).duration > 4.0
+    assert [path.read_bytes().endswith(responses[0].content) for path in entries(cache)] == [True]
+    assert 'chorus_cache_requests_total{result="shared"} 2.0' in metrics
+
+
+def test_a_follower_gets_everything_when_the_first_client_leaves(setup, tmp_path):
+    configs, models = setup
+    runner = slow_runner(models)
+    cache = tmp_path / "cache"
+    with live_app(configs, models, runner, cache_dir=cache, chunk_chars=60) as url, httpx.Client(base_url=url, timeout=60) as client:
+        with client.stream("POST", SPEECH, json=body(input=SLOW_TEXT)) as first:
+            assert first.headers["x-chorus-cache"] == "miss"
+            reading = first.iter_raw()  # kept: a dropped iterator closes the connection
+            next(reading)
+            with ThreadPoolExecutor(1) as pool:
+                follower = pool.submit(client.post, SPEECH, json=body(input=SLOW_TEXT))
+                time.sleep(0.5)
+                first.close()
+        # The first client is gone; the one that followed still gets the whole take.
+        response = follower.result()
+        assert response.status_code == 200 and response.headers["x-chorus-cache"] == "shared"
+        assert decode(response.content).duration > 4.0
+        assert runner.begun == len(SLOW_CHUNKS)
+        again = client.post(SPEECH, json=body(input=SLOW_TEXT))
+        assert again.headers["x-chorus-cache"] == "hit" and again.content == response.content
+
+
+def test_when_every_follower_leaves_the_backend_stops(setup, tmp_path):
+    configs, models = setup
+    runner = slow_runner(models, seconds=1.0)
+    cache = tmp_path / "cache"
+    with live_app(configs, models, runner, cache_dir=cache, chunk_chars=60) as url, httpx.Client(base_url=url, timeout=60) as client:
+        with client.stream("POST", SPEECH, json=body(input=SLOW_TEXT)) as first:
+            reading = first.iter_raw()  # kept: a dropped iterator closes the connection
+            next(reading)
+            with httpx.Client(base_url=url, timeout=60) as other, other.stream("POST", SPEECH, json=body(input=SLOW_TEXT)) as second:
+                assert second.headers["x-chorus-cache"] == "shared"
+                next(second.iter_raw())
+        time.sleep(2.5)
+        assert runner.begun < len(SLOW_CHUNKS), "nobody listens: the rest is not synthesised"
+        assert entries(cache) == [] and list((cache / "partial").iterdir()) == []
+        # And the next identical request starts afresh rather than following the dead take.
+        response = client.post(SPEECH, json=body(input=SLOW_TEXT))
+        assert response.headers["x-chorus-cache"] == "miss" and decode(response.content).duration > 4.0
+
+
+def test_a_take_that_fails_fails_its_followers_too(setup, tmp_path):
+    configs, models = setup
+    dying = f"{SLOW_CHUNKS[0]} {DIE} is what the second part does."
+    runner = ScriptedRunner(models, chunk_delay={SLOW_CHUNKS[0]: 0.3, f"{DIE} is what the second part does.": 1.0})
+    cache = tmp_path / "cache"
+    with live_app(configs, models, runner, cache_dir=cache, chunk_chars=60) as url:
+
+        def ask(delay: float) -> str:
+            time.sleep(delay)
+            try:
+                response = httpx.post(f"{url}{SPEECH}", json=body(input=dying), timeout=60)
+            except httpx.RemoteProtocolError:
+                return "aborted"  # no truncated file passed off as complete
+            return f"{response.status_code}"
+
+        with ThreadPoolExecutor(2) as pool:
+            assert list(pool.map(ask, [0, 0.6])) == ["aborted", "aborted"]
+        assert entries(cache) == [] and list((cache / "partial").iterdir()) == []
+
+
+def test_an_error_before_the_first_bytes_is_every_waiters_error(setup, tmp_path):
+    configs, models = setup
+    runner = ScriptedRunner(models)
+    with live_app(configs, models, runner, cache_dir=tmp_path / "cache") as url:
+        with ThreadPoolExecutor(3) as pool:
+            responses = list(pool.map(lambda _: httpx.post(f"{url}{SPEECH}", json=body(input=f"{RAISE}."), timeout=60), range(3)))
+    for response in responses:
+        error = assert_family_error(response, 500)
+        assert "scripted crash" in error["message"]
+
+
+def test_a_take_too_big_to_keep_is_still_whole_for_everyone(setup, tmp_path):
+    # The cap (50 kB) is under one chunk's audio: nothing is stored, nobody gets less.
+    configs, models = setup
+    runner = slow_runner(models)
+    cache = tmp_path / "cache"
+    with live_app(configs, models, runner, cache_dir=cache, cache_max_mb=0.05, chunk_chars=60) as url:
+
+        def ask(delay: float) -> httpx.Response:
+            time.sleep(delay)
+            return httpx.post(f"{url}{SPEECH}", json=body(input=SLOW_TEXT), timeout=60)
+
+        with ThreadPoolExecutor(2) as pool:
+            responses = list(pool.map(ask, [0, 1.0]))
+        alone = httpx.post(f"{url}{SPEECH}", json=body(input=SLOW_TEXT), timeout=60)
+    assert [r.headers["x-chorus-cache"] for r in responses] == ["miss", "shared"]
+    assert responses[0].content == responses[1].content
+    for response in (*responses, alone):
+        assert decode(response.content).duration > 4.0
+    assert alone.headers["x-chorus-cache"] == "miss"
+    assert entries(cache) == [] and list((cache / "partial").iterdir()) == []
