@@ -9,7 +9,7 @@ synthesising, comes out as one `ServingError`, classified here once for both ser
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -59,12 +59,16 @@ class LoadedBackend:
     async def chunks(self, request: SynthesisRequest) -> AsyncIterator[bytes]:
         """The backend's PCM chunks; what the backend raises comes out as a `ServingError`."""
         generator = self.backend.synthesize(request)
+        hop: asyncio.Future[bytes | None] | None = None
         try:
             while True:
                 # One chunk per thread hop: between hops a cancelled request (a client that
                 # disconnected) stops here, so no further audio is made for it.
+                hop = asyncio.ensure_future(
+                    to_thread.run_sync(next, generator, None, limiter=self.limiter)
+                )
                 try:
-                    chunk = await to_thread.run_sync(next, generator, None, limiter=self.limiter)
+                    chunk = await asyncio.shield(hop)
                 except InvalidRequestError as exc:
                     raise ServingError("invalid_request", str(exc), exc.param) from exc
                 except Exception as exc:
@@ -76,7 +80,19 @@ class LoadedBackend:
                 if chunk:
                     yield chunk
         finally:
-            generator.close()
+            if hop is None or hop.done():
+                generator.close()
+            else:
+                # Cancelled mid-hop: asyncio's cancellation does not wait for the thread, which
+                # is still inside the generator. Closing it under that thread crashed the
+                # interpreter; close it once the thread is out.
+                hop.add_done_callback(lambda done: _close_after(done, generator))
+
+
+def _close_after(hop: asyncio.Future[bytes | None], generator: Iterator[bytes]) -> None:
+    if not hop.cancelled():
+        hop.exception()  # retrieved: the request that wanted the chunk is gone
+    generator.close()
 
 
 class BackendPool:
