@@ -29,6 +29,11 @@ LONGER_TEXT = (
 )
 #: Seconds of audio SHORT_TEXT may give at speed 1.0.
 SHORT_SECONDS = (1.8, 4.0)
+#: The bundled Piper voice's sample rate.
+PIPER_RATE = 22050
+#: What PyAV may call the decoders of these formats.
+MP3 = {"mp3", "mp3float"}
+OPUS = {"opus", "libopus"}
 
 # Headerless outputs: the demuxer must be named and told the rate. ADTS probing is unreliable on
 # short in-memory streams, so it is named too.
@@ -81,6 +86,20 @@ def assert_speech(audio: Decoded, seconds: tuple[float, float] = SHORT_SECONDS) 
     low, high = seconds
     assert low <= audio.duration <= high, f"{audio.duration:.2f} s of audio, expected {low}-{high}"
     assert np.sqrt(np.mean(audio.samples**2)) > 0.01, "the audio is (nearly) silent"
+
+
+def eleven_error(response: httpx.Response, status: int, kind: str | None = None) -> dict:
+    """`response` is an error of `status` in ElevenLabs' shape (of `kind` if given); its detail."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert list(body) == ["detail"]
+    detail = body["detail"]
+    assert set(detail) == {"status", "message"}
+    assert detail["message"]
+    if kind:
+        assert detail["status"] == kind
+    return detail
 
 
 def parse_sse(body: bytes) -> list[dict]:

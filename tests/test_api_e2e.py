@@ -11,6 +11,9 @@ import httpx
 import pytest
 from conftest import (
     LONGER_TEXT,
+    MP3,
+    OPUS,
+    PIPER_RATE,
     SHORT_SECONDS,
     SHORT_TEXT,
     assert_speech,
@@ -18,10 +21,6 @@ from conftest import (
     parse_sse,
     pcm_seconds,
 )
-
-MP3 = {"mp3", "mp3float"}
-OPUS = {"opus", "libopus"}
-PIPER_RATE = 22050
 
 
 def speech(client: httpx.Client, **body) -> httpx.Response:
@@ -194,37 +193,6 @@ def test_elevenlabs_default_is_mp3_44100_128(client, route):
     assert audio.codec in MP3 and audio.sample_rate == 44100
     assert_speech(audio)
     assert 0.7 * 128 < len(response.content) * 8 / 1000 / audio.duration < 1.3 * 128
-
-
-@pytest.mark.parametrize(
-    "code, content_type, raw, rate, codecs, kbps",
-    [
-        ("mp3_22050_32", "audio/mpeg", None, 22050, MP3, 32),
-        ("mp3_44100_64", "audio/mpeg", None, 44100, MP3, 64),
-        ("pcm_16000", "audio/pcm", "pcm", 16000, {"pcm_s16le"}, None),
-        ("pcm_44100", "audio/pcm", "pcm", 44100, {"pcm_s16le"}, None),
-        ("ulaw_8000", "audio/basic", "ulaw", 8000, {"pcm_mulaw"}, None),
-        ("alaw_8000", "audio/x-alaw-basic", "alaw", 8000, {"pcm_alaw"}, None),
-        ("opus_48000_64", "audio/ogg", None, 48000, OPUS, 64),
-        ("wav_24000", "audio/wav", None, 24000, {"pcm_s16le"}, None),
-    ],
-)
-@pytest.mark.parametrize("route", ["", "/stream"])
-def test_elevenlabs_output_formats(client, route, code, content_type, raw, rate, codecs, kbps):
-    response = eleven(client, route=route, params={"output_format": code})
-    assert response.headers["content-type"] == content_type
-    data = response.content
-    audio = decode(data, raw=raw, rate=rate if raw else None)
-    assert audio.codec in codecs
-    assert audio.sample_rate == rate
-    assert_speech(audio)
-    if raw == "pcm":
-        assert len(data) == pytest.approx(audio.duration * rate * 2)
-    elif raw in ("ulaw", "alaw"):
-        assert len(data) == pytest.approx(audio.duration * rate)  # one byte a sample
-    if kbps:
-        # Container overhead aside, the size follows the asked bit rate.
-        assert 0.6 * kbps < len(data) * 8 / 1000 / audio.duration < 1.4 * kbps
 
 
 def test_elevenlabs_voice_settings_speed_is_applied(client):

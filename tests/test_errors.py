@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-from conftest import CONFIGS, SHORT_TEXT, assert_speech, decode, parse_sse
+from conftest import CONFIGS, SHORT_TEXT, assert_speech, decode, eleven_error, parse_sse
 from processes import chorus_command, chorus_server, free_port, serving
 
 OPENAI_SPEECH = "/v1/audio/speech"
@@ -43,19 +43,6 @@ def localai_error(response: httpx.Response, status: int, kind: str | None = None
     if kind:
         assert error["type"] == kind
     return error
-
-
-def eleven_error(response: httpx.Response, status: int, kind: str | None = None) -> dict:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == "application/json"
-    body = response.json()
-    assert list(body) == ["detail"]
-    detail = body["detail"]
-    assert set(detail) == {"status", "message"}
-    assert detail["message"]
-    if kind:
-        assert detail["status"] == kind
-    return detail
 
 
 def openai_speech(client, **body):
