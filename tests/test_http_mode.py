@@ -363,10 +363,16 @@ def request(text: str) -> SynthesisRequest:
     return SynthesisRequest(model="clone", text=text, voice="a", speed=1.25)
 
 
-async def collect(runner: HttpRunner, text: str) -> tuple[int, list[bytes]]:
+async def collect(runner: HttpRunner, text: str, received: bytearray | None = None) -> tuple[int, list[bytes]]:
+    """The sample rate and chunks of `text`; `received` keeps what came before a failure."""
+    chunks: list[bytes] = []
     try:
         stream = await runner.stream(CONFIG, request(text))
-        return stream.sample_rate, [chunk async for chunk in stream.chunks]
+        async for chunk in stream.chunks:
+            chunks.append(chunk)
+            if received is not None:
+                received.extend(chunk)
+        return stream.sample_rate, chunks
     finally:
         await runner.close()
 
@@ -391,36 +397,17 @@ def test_a_stalled_worker_raises_from_the_iterator_without_a_retry(scripted) -> 
     with fresh(worker):
         runner = HttpRunner({"piper": url}, read_timeout=0.5)
         received = bytearray()
-
-        async def run() -> None:
-            try:
-                stream = await runner.stream(CONFIG, request("stall"))
-                async for chunk in stream.chunks:
-                    received.extend(chunk)
-            finally:
-                await runner.close()
-
         with pytest.raises(SynthesisFailed, match="'piper' sent nothing for 0.5 s"):
-            asyncio.run(run())
+            asyncio.run(collect(runner, "stall", received))
         assert PATTERN.startswith(bytes(received)) and 0 < len(received) < len(PATTERN)
         assert len(worker.bodies) == 1
 
 
 def test_a_worker_dying_mid_stream_raises_from_the_iterator(scripted) -> None:
     worker, url = scripted
-    runner = HttpRunner({"piper": url})
     received = bytearray()
-
-    async def run() -> None:
-        try:
-            stream = await runner.stream(CONFIG, request("die"))
-            async for chunk in stream.chunks:
-                received.extend(chunk)
-        finally:
-            await runner.close()
-
     with fresh(worker), pytest.raises(SynthesisFailed, match="'piper' stopped mid-stream"):
-        asyncio.run(run())
+        asyncio.run(collect(HttpRunner({"piper": url}), "die", received))
     assert bytes(received) == PATTERN[:4000]
     assert len(worker.bodies) == 1
 
