@@ -7,7 +7,7 @@ from __future__ import annotations
 import httpx
 import numpy as np
 import pytest
-from tiny_models.harness import backend_python, build_tiny_model, synthesize, worker
+from tiny_models.harness import synthesize, tiny_worker
 
 RATE = 24000
 BARK = {"name": "tiny-bark", "backend": "bark", "parameters": {"model": "tiny-bark"}}
@@ -17,13 +17,7 @@ TEXT = "Hello there, friend."
 
 @pytest.fixture(scope="module")
 def bark_worker(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("bark")
-    models, configs = root / "models", root / "configs"
-    configs.mkdir()
-    python, _ = backend_python("bark")
-    build_tiny_model(python, "bark", models / "tiny-bark")
-    (configs / "tiny-bark.yaml").write_text("name: tiny-bark\nbackend: bark\nparameters:\n  model: tiny-bark\n")
-    with worker(python, "bark", configs, models, root / "worker.log") as url:
+    with tiny_worker(tmp_path_factory.mktemp("bark"), "bark", "bark", BARK) as url:
         yield url
 
 

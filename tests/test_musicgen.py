@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from starlette.testclient import TestClient
-from tiny_models.harness import backend_python, build_tiny_model, synthesize, worker
+from tiny_models.harness import synthesize, tiny_worker
 
 from functions.config import ModelConfig
 from router.app import create_app
@@ -26,17 +26,7 @@ HUB = {"name": "hub-music", "backend": "transformers-musicgen", "parameters": {"
 
 @pytest.fixture(scope="module")
 def music_worker(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("musicgen")
-    models, configs = root / "models", root / "configs"
-    configs.mkdir()
-    python, _ = backend_python("transformers-musicgen")
-    build_tiny_model(python, "musicgen", models / "tiny-musicgen")
-    for config in (MUSIC, HUB):
-        (configs / f"{config['name']}.yaml").write_text(
-            f"name: {config['name']}\nbackend: {config['backend']}\n"
-            f"parameters:\n  model: {config['parameters']['model']}\n"
-        )
-    with worker(python, "transformers-musicgen", configs, models, root / "worker.log") as url:
+    with tiny_worker(tmp_path_factory.mktemp("musicgen"), "transformers-musicgen", "musicgen", MUSIC, HUB) as url:
         yield url
 
 

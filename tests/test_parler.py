@@ -7,7 +7,7 @@ from __future__ import annotations
 import httpx
 import numpy as np
 import pytest
-from tiny_models.harness import backend_python, build_tiny_model, synthesize, worker
+from tiny_models.harness import synthesize, tiny_worker
 
 RATE = 24000
 PARLER = {"name": "tiny-parler", "backend": "parler-tts", "parameters": {"model": "tiny-parler"}}
@@ -23,15 +23,7 @@ LOCALAI_DESCRIPTION = (
 
 @pytest.fixture(scope="module")
 def parler_worker(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("parler")
-    models, configs = root / "models", root / "configs"
-    configs.mkdir()
-    python, _ = backend_python("parler-tts")
-    build_tiny_model(python, "parler", models / "tiny-parler")
-    (configs / "tiny-parler.yaml").write_text(
-        "name: tiny-parler\nbackend: parler-tts\nparameters:\n  model: tiny-parler\n"
-    )
-    with worker(python, "parler-tts", configs, models, root / "worker.log") as url:
+    with tiny_worker(tmp_path_factory.mktemp("parler"), "parler-tts", "parler", PARLER) as url:
         yield url
 
 

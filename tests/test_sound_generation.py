@@ -10,7 +10,7 @@ import pytest
 from conftest import audio_seconds
 from elevenlabs import ElevenLabs
 from processes import chorus_server
-from tiny_models.harness import backend_python, build_tiny_model, offline_env, worker
+from tiny_models.harness import offline_env, tiny_worker
 
 RATE = 32000
 PROMPT = "Rain on a tin roof. Distant thunder. A dog barks twice."
@@ -19,20 +19,12 @@ PROMPT = "Rain on a tin roof. Distant thunder. A dog barks twice."
 @pytest.fixture(scope="module")
 def router(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("sound")
-    models, configs = root / "models", root / "configs"
-    configs.mkdir()
-    python, _ = backend_python("transformers-musicgen")
-    build_tiny_model(python, "musicgen", models / "tiny-musicgen")
     # The default speech model first, as in configs/: sound generation must find its own.
-    (configs / "a-tts-1.yaml").write_text(
-        "name: tts-1\nbackend: piper\nparameters:\n  model: en_US-joe-medium.onnx\n"
-    )
-    (configs / "b-sound.yaml").write_text(
-        "name: tiny-sound\nbackend: transformers-musicgen\nparameters:\n  model: tiny-musicgen\n"
-    )
-    with worker(python, "transformers-musicgen", configs, models, root / "worker.log") as url:
+    speech = {"name": "tts-1", "backend": "piper", "parameters": {"model": "en_US-joe-medium.onnx"}}
+    sound = {"name": "tiny-sound", "backend": "transformers-musicgen", "parameters": {"model": "tiny-musicgen"}}
+    with tiny_worker(root, "transformers-musicgen", "musicgen", speech, sound) as url:
         env = offline_env(CHORUS_MODE="http", CHORUS_BACKEND_URLS=f"transformers-musicgen={url}")
-        with chorus_server(models, root / "router.log", configs, env=env) as server:
+        with chorus_server(root / "models", root / "router.log", root / "configs", env=env) as server:
             yield server.url
 
 

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import yaml
 from envs import image_env
 from processes import backend_worker
 
@@ -49,6 +50,21 @@ def worker(python: Path, backend: str, configs: Path, models: Path, log: Path,
     """The backend's worker, offline, ready (GET /healthz is 200) when this yields its URL; stopped after."""
     with backend_worker(python, backend, configs, models, log, env=OFFLINE, timeout=timeout,
                         args=("--log-level", "warning")) as url:
+        yield url
+
+
+@contextmanager
+def tiny_worker(root: Path, image: str, builder: str, *configs: dict) -> Iterator[str]:
+    """`image`'s worker, its tiny model built by `builder` at <root>/models/tiny-<builder>, and
+    `configs` written, in the order given, to <root>/configs; yields the worker's URL."""
+    models, configs_dir = root / "models", root / "configs"
+    configs_dir.mkdir()
+    python, _ = backend_python(image)
+    build_tiny_model(python, builder, models / f"tiny-{builder}")
+    for number, config in enumerate(configs):
+        # Numbered: a router reading the folder takes the models in file-name order.
+        (configs_dir / f"{number}-{config['name']}.yaml").write_text(yaml.safe_dump(config))
+    with worker(python, image, configs_dir, models, root / "worker.log") as url:
         yield url
 
 
