@@ -9,10 +9,12 @@ synthesising, comes out as one `ServingError`, classified here once for both ser
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 from anyio import CapacityLimiter, to_thread
 
@@ -25,6 +27,9 @@ from functions.protocol import (
     InvalidRequestError,
     SynthesisRequest,
 )
+
+log = logging.getLogger("chorus")
+T = TypeVar("T")
 
 #: What went wrong, as the worker protocol's error codes (and the router's) spell it.
 FailureKind = Literal["invalid_request", "backend_unavailable", "synthesis_failed"]
@@ -58,41 +63,65 @@ class LoadedBackend:
 
     async def chunks(self, request: SynthesisRequest) -> AsyncIterator[bytes]:
         """The backend's PCM chunks; what the backend raises comes out as a `ServingError`."""
-        generator = self.backend.synthesize(request)
-        hop: asyncio.Future[bytes | None] | None = None
         try:
-            while True:
-                # One chunk per thread hop: between hops a cancelled request (a client that
-                # disconnected) stops here, so no further audio is made for it.
-                hop = asyncio.ensure_future(
-                    to_thread.run_sync(next, generator, None, limiter=self.limiter)
-                )
-                try:
-                    chunk = await asyncio.shield(hop)
-                except InvalidRequestError as exc:
-                    raise ServingError("invalid_request", str(exc), exc.param) from exc
-                except Exception as exc:
-                    raise ServingError(
-                        "synthesis_failed", f"backend '{self.backend.name}' failed: {exc}"
-                    ) from exc
-                if chunk is None:
-                    return
-                if chunk:
-                    yield chunk
-        finally:
+            # aclosing: the backend's generator is closed when this stops, not when collected.
+            async with aclosing(in_threads(self.backend.synthesize(request), self.limiter)) as pcm:
+                async for chunk in pcm:
+                    if chunk:
+                        yield chunk
+        except InvalidRequestError as exc:
+            raise ServingError("invalid_request", str(exc), exc.param) from exc
+        except Exception as exc:
+            raise ServingError(
+                "synthesis_failed", f"backend '{self.backend.name}' failed: {exc}"
+            ) from exc
+
+
+_END = object()
+#: Closes of iterators left mid-hop, kept referenced until they have run.
+_closing: set[asyncio.Future[None]] = set()
+
+
+async def in_threads(
+    items: Iterator[T], limiter: CapacityLimiter | None = None
+) -> AsyncIterator[T]:
+    """A blocking iterator's items, each fetched in a worker thread so the event loop stays
+    free; closed (in a thread too: a backend's close may wait on a lock or the network) when the
+    consumer stops. One item per hop: a consumer that is cancelled between hops (a client that
+    disconnected) asks for nothing more.
+
+    asyncio's cancellation does not wait for a hop's thread, which may still be inside the
+    iterator; closing a generator under its running thread crashed the interpreter. So an
+    iterator left mid-hop is closed once that thread is out."""
+    close = getattr(items, "close", None)
+    hop: asyncio.Future[Any] | None = None
+    try:
+        while True:
+            hop = asyncio.ensure_future(to_thread.run_sync(next, items, _END, limiter=limiter))
+            item = await asyncio.shield(hop)
+            if item is _END:
+                return
+            yield item
+    finally:
+        if close is not None:
             if hop is None or hop.done():
-                generator.close()
+                await to_thread.run_sync(close)
             else:
-                # Cancelled mid-hop: asyncio's cancellation does not wait for the thread, which
-                # is still inside the generator. Closing it under that thread crashed the
-                # interpreter; close it once the thread is out.
-                hop.add_done_callback(lambda done: _close_after(done, generator))
+                hop.add_done_callback(lambda done: _close_after(done, close))
 
 
-def _close_after(hop: asyncio.Future[bytes | None], generator: Iterator[bytes]) -> None:
+def _close_after(hop: asyncio.Future[Any], close: Callable[[], object]) -> None:
     if not hop.cancelled():
-        hop.exception()  # retrieved: the request that wanted the chunk is gone
-    generator.close()
+        hop.exception()  # retrieved: whoever wanted the item is gone
+    closing = asyncio.ensure_future(to_thread.run_sync(close))
+    _closing.add(closing)
+    closing.add_done_callback(_closed)
+
+
+def _closed(closing: asyncio.Future[Any]) -> None:
+    _closing.discard(closing)
+    if not closing.cancelled() and closing.exception() is not None:
+        log.warning("closing a backend stream failed: %s", closing.exception())
 
 
 class BackendPool:

@@ -1,4 +1,4 @@
-"""functions.serving, the thread hop shared by local mode and the worker: a request cancelled
+"""functions.serving.in_threads, the thread hop shared by local mode, the worker and Modal mode: a request cancelled
 while its backend is inside a chunk leaves that chunk to finish, and only then closes the
 backend's generator (closing it under the running thread raised, and at times crashed the
 interpreter)."""
@@ -75,4 +75,6 @@ def test_a_cancelled_hop_closes_the_generator_once_the_thread_is_out():
     # The request is cancelled cleanly, not failed by closing a generator that was running.
     assert isinstance(outcome, asyncio.CancelledError), outcome
     assert before_release == [], "the generator was touched while its thread was inside it"
-    assert ended == [f"closed in {threading.main_thread().name}"], "closed on the loop, after its chunk, and only once"
+    # Closed after its chunk, once, and off the event loop (a backend's close may block).
+    assert len(ended) == 1 and ended[0].startswith("closed in "), ended
+    assert ended != [f"closed in {threading.main_thread().name}"]

@@ -11,6 +11,7 @@ loop never blocks and a client that goes away stops the remote generator at the 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import aclosing
 from typing import Any
 
 from anyio import to_thread
@@ -23,6 +24,7 @@ from functions.protocol import (
     InvalidRequestError,
     SynthesisRequest,
 )
+from functions.serving import in_threads
 from router.errors import (
     BackendUnavailable,
     ChorusError,
@@ -97,18 +99,15 @@ class ModalRunner(Runner):
         return PcmStream(sample_rate, self._chunks(config, chunks))
 
     async def _chunks(self, config: ModelConfig, chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
+        # Closing the remote generator early (in_threads does, when this stops) tells Modal to
+        # stop synthesising.
         try:
-            while True:
-                chunk = await self._call(config, lambda: next(chunks, None))
-                if chunk is None:
-                    return
-                if chunk:
-                    yield chunk
-        finally:
-            # Closing the remote generator early tells Modal to stop synthesising.
-            close = getattr(chunks, "close", None)
-            if close is not None:
-                await to_thread.run_sync(close)
+            async with aclosing(in_threads(chunks)) as pcm:
+                async for chunk in pcm:
+                    if chunk:
+                        yield chunk
+        except Exception as exc:
+            raise self._translate(config.backend, exc) from exc
 
     def _translate(self, backend: str, exc: Exception) -> ChorusError:
         """The router's error for what a Modal call raised: the backend's own errors come back
