@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from typing import Any
 
 from fastapi import Request
@@ -90,11 +90,18 @@ def speech_service(request: Request) -> SpeechService:
 
 
 class AudioResponse(StreamingResponse):
-    """Closes its stream however the response ends, even when it is never iterated, so the
-    model's place and the backend's stream are always released."""
+    """Sends `stream` (or `body`, made from it: SSE events) and closes the stream however the
+    response ends, even when it is never iterated (a client gone before the status line), so
+    the model's place and the backend's stream are always released."""
 
-    def __init__(self, stream: AudioStream):
-        super().__init__(stream, media_type=stream.media_type, headers=stream.headers)
+    def __init__(
+        self, stream: AudioStream, body: AsyncIterator[bytes] | None = None, media_type: str | None = None
+    ):
+        super().__init__(
+            stream if body is None else body,
+            media_type=media_type or stream.media_type,
+            headers=stream.headers,
+        )
         self.stream = stream
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -102,7 +109,3 @@ class AudioResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             await self.stream.aclose()
-
-
-def audio_response(stream: AudioStream) -> StreamingResponse:
-    return AudioResponse(stream)

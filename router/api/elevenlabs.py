@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from router.api.common import audio_response, family_route, speech_service
+from router.api.common import AudioResponse, family_route, speech_service
 from router.encoding import AudioFormat
 from router.errors import InvalidRequest, VoiceNotFound
 from router.speech import SpeechService, model_voices
@@ -111,7 +111,7 @@ async def text_to_speech(
         raise VoiceNotFound(
             f"A voice with the voice_id {voice_id} was not found. {exc.message}", param="voice_id"
         ) from exc
-    return audio_response(stream)
+    return AudioResponse(stream)
 
 
 async def _voices(service: SpeechService) -> list[dict]:

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
-from router.api.common import audio_response, family_route, speech_service
+from router.api.common import AudioResponse, family_route, speech_service
 from router.encoding import AudioFormat
 from router.speech import SpeechService
 
@@ -55,4 +55,4 @@ async def tts(body: TTSBody, service: SpeechService = Depends(speech_service)) -
         route="localai",
     )
     fmt = LOCALAI_FORMATS.get((body.response_format or "wav").lower(), LOCALAI_FORMATS["wav"])
-    return audio_response(await service.audio(job, fmt))
+    return AudioResponse(await service.audio(job, fmt))

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from router.api.common import audio_response, family_route, is_elevenlabs_client, log, speech_service
+from router.api.common import AudioResponse, family_route, is_elevenlabs_client, log, speech_service
 from router.encoding import AudioFormat
 from router.errors import ChorusError
 from router.speech import SpeechService, model_voices
@@ -73,7 +73,7 @@ async def create_speech(
     )
     stream = await service.audio(job, OPENAI_FORMATS[body.response_format])
     if body.stream_format == "audio":
-        return audio_response(stream)
+        return AudioResponse(stream)
 
     async def events() -> AsyncIterator[bytes]:
         try:
@@ -95,7 +95,7 @@ async def create_speech(
             }
         )
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    return AudioResponse(stream, events(), media_type="text/event-stream")
 
 
 @router.get("/v1/models", summary="List models (OpenAI shape; ElevenLabs shape for its clients)")

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from functions import PROMPT_BACKENDS
 from functions.config import ModelConfig
-from router.api.common import audio_response, family_route, speech_service
+from router.api.common import AudioResponse, family_route, speech_service
 from router.api.elevenlabs import DEFAULT_OUTPUT_FORMAT, elevenlabs_error, parse_output_format
 from router.errors import InvalidRequest, ModelNotFound
 from router.speech import SpeechService
@@ -79,4 +79,4 @@ async def sound_generation(
             "do_sample": body.do_sample,
         }
     )
-    return audio_response(await service.audio(replace(job, request=request), fmt))
+    return AudioResponse(await service.audio(replace(job, request=request), fmt))
