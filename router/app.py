@@ -7,12 +7,11 @@ import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from router.api import elevenlabs, localai, metrics, openai, playground, sound, system
-from router.api.common import is_elevenlabs_client, validation_problem
+from router.api.common import is_elevenlabs_client
 from router.auth import ApiKeys
 from router.cache import SynthesisCache
 from router.limits import BodyLimit
@@ -95,10 +94,6 @@ def create_app(
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, "invalid_request" if exc.status_code < 500 else "internal_error")
         return _fallback_error(request, exc.status_code, str(exc.detail), code)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _fallback_error(request, 400, validation_problem(exc)[0])
 
     return app
 

@@ -13,13 +13,9 @@ from pathlib import Path
 
 from functions.config import ConfigError, UnsafePathError, resolve_in, validate_configs
 from router.chunking import chunk_text
+from router.encoding import CODEC_NAMES, AudioFormat, codec_for_extension
 from router.errors import ChorusError
 from router.settings import Settings
-
-FORMAT_BY_EXTENSION = {
-    ".wav": "wav", ".mp3": "mp3", ".ogg": "opus", ".opus": "opus", ".flac": "flac",
-    ".aac": "aac", ".pcm": "pcm", ".ulaw": "ulaw", ".alaw": "alaw",
-}
 
 
 def _settings(args: argparse.Namespace, **overrides: object) -> Settings:
@@ -44,12 +40,11 @@ async def _write_speech(
     """Synthesise `text` through the same service the HTTP routes use and write it to
     `args.output` as it arrives; returns the number of bytes written."""
     from router.app import build_runner
-    from router.encoding import AudioFormat
     from router.registry import ModelRegistry
     from router.speech import SpeechService
 
     output = Path(args.output)
-    codec = args.format or FORMAT_BY_EXTENSION.get(output.suffix.lower(), "wav")
+    codec = args.format or codec_for_extension(output.suffix) or "wav"
     runner = build_runner(settings)
     service = SpeechService(
         ModelRegistry.from_dir(settings.configs_dir, settings.models_dir), runner, settings
@@ -250,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--model", help="model name, as `chorus models list` shows it (default: the first config)")
         sub.add_argument("--voice", help="voice name (default: the model's own voice); "
                          "the server's GET /v1/audio/voices lists them")
-        sub.add_argument("--format", choices=sorted(set(FORMAT_BY_EXTENSION.values())),
+        sub.add_argument("--format", choices=CODEC_NAMES,
                          help="audio format (default: from the output file's extension, else wav)")
         sub.add_argument("--speed", type=_speed, default=1.0, help="speaking speed, 0.25 to 4.0 (default: 1.0)")
         dirs(sub)

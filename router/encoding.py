@@ -46,6 +46,17 @@ _CODECS: dict[str, _CodecSpec] = {
     "opus": _CodecSpec("libopus", "ogg", "audio/ogg", "ogg", 32_000),
 }
 
+#: Every codec's name, as clients and the CLI spell it.
+CODEC_NAMES = tuple(sorted(_CODECS))
+# A file name's extension -> its codec (.opus is Opus in Ogg too).
+_BY_EXTENSION = {f".{spec.extension}": codec for codec, spec in _CODECS.items()} | {".opus": "opus"}
+
+
+def codec_for_extension(suffix: str) -> str | None:
+    """The codec a file extension such as ".mp3" asks for; None for one no codec writes."""
+    return _BY_EXTENSION.get(suffix.lower())
+
+
 # Encoder options. compression_level maps to lame's -q: 7 trades a little
 # psychoacoustic effort (inaudible on speech) for ~20% more speed.
 _ENCODER_OPTIONS: dict[str, dict[str, str]] = {

@@ -12,12 +12,12 @@ huggingface_hub is imported only here and only when pulling; it draws its own pr
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from pathlib import Path
 
 from functions.config import ModelConfig, UnsafePathError, resolve_in
+from functions.hub import offline
 from router.errors import ChorusError
 
 PIPER_VOICES_REPO = "rhasspy/piper-voices"
@@ -56,7 +56,7 @@ def pull(name: str, models_dir: Path, configs: dict[str, ModelConfig] | None = N
 
 
 def _hub():
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}:
+    if offline():
         raise PullError("HF_HUB_OFFLINE is set: unset it to download models")
     try:
         import huggingface_hub

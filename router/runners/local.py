@@ -30,7 +30,6 @@ class InProcessRunner(Runner):
     so the event loop (and /healthz) stays responsive during synthesis."""
 
     def __init__(self, models_dir: Path):
-        self.models_dir = models_dir
         self._pool = BackendPool(models_dir)
         self._ready = False
 

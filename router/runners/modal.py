@@ -67,10 +67,7 @@ class ModalRunner(Runner):
     def _instance(self, config: ModelConfig) -> Any:
         key = (config.backend, config.name)
         if key not in self._instances:
-            try:
-                cls = self._lookup(self.app_name, modal_class_name(config.backend))
-            except KeyError:
-                raise BackendUnavailable(f"backend '{config.backend}' is not implemented") from None
+            cls = self._lookup(self.app_name, modal_class_name(config.backend))
             # Lazy: nothing is sent to Modal until the first method call.
             self._instances[key] = cls(model=config.name)
         return self._instances[key]
