@@ -16,6 +16,7 @@ transcribed with Whisper weights from `<models>/whisper/` ($VALLE_WHISPER_MODEL,
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import threading
 from collections.abc import Iterator
@@ -52,6 +53,10 @@ PRESETS_DIR = Path(generation.__file__).resolve().parent.parent / "presets"
 # generation (which reads and writes those globals) runs one request at a time.
 _lock = threading.Lock()
 _loaded_checkpoint: Path | None = None
+
+
+def _whisper_model() -> str:
+    return os.environ.get("VALLE_WHISPER_MODEL", "medium")
 
 
 def _cache_dir() -> Path:
@@ -123,8 +128,9 @@ class ValleBackend(Backend):
                 f"model '{self.config.name}': tts.vall-e.audio_path '{audio_path}' is not a file "
                 "in the models directory"
             )
+        data = path.read_bytes()
         try:
-            audio, sr = soundfile.read(path, dtype="float32", always_2d=True)
+            audio, sr = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
         except Exception as exc:
             raise BackendError(f"model '{self.config.name}': cannot read '{audio_path}': {exc}") from exc
         seconds = audio.shape[0] / sr
@@ -133,11 +139,15 @@ class ValleBackend(Backend):
                 f"model '{self.config.name}': the reference audio '{audio_path}' lasts "
                 f"{seconds:.1f} s; VALL-E X clones from at most {MAX_REFERENCE_SECONDS:.0f} s"
             )
-        transcript = self.config.tts.vall_e.transcript or self._transcribe(path)
-        digest = hashlib.sha256(path.read_bytes() + b"\0" + transcript.encode()).hexdigest()[:16]
+        configured = self.config.tts.vall_e.transcript
+        # Keyed by the audio and what decides its words (the transcript, or the Whisper model
+        # that will hear them), so that a cached prompt spares the transcription too.
+        words = configured or f"whisper:{_whisper_model()}"
+        digest = hashlib.sha256(data + b"\0" + words.encode()).hexdigest()[:16]
         target = _cache_dir() / f"{self.config.name}-{digest}.npz"
         if target.is_file():
             return target
+        transcript = configured or self._transcribe(path)
 
         wav = torch.from_numpy(audio.T.mean(axis=0, keepdims=True))
         if wav.abs().max() > 1:
@@ -156,7 +166,7 @@ class ValleBackend(Backend):
         return target
 
     def _transcribe(self, path: Path) -> str:
-        name = os.environ.get("VALLE_WHISPER_MODEL", "medium")
+        name = _whisper_model()
         weights = self.models_dir / "whisper" / f"{name}.pt"
         if not weights.is_file():
             raise BackendError(
