@@ -7,6 +7,7 @@ import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import BarkModel, BarkProcessor
@@ -37,6 +38,9 @@ class BarkBackend(Backend):
         #: The preset a config names as its model, LocalAI's way.
         self._model_preset: str | None = None
         self._device = "cuda" if torch.cuda.is_available() else "cpu"
+        #: Voice presets as the model takes them, already on the device: the processor would
+        #: read a preset's three .npy files again for every chunk of text.
+        self._histories: dict[str, Any] = {}
         # Generation draws from torch's global generator: one at a time keeps a seed meaningful.
         self._lock = threading.Lock()
 
@@ -90,16 +94,23 @@ class BarkBackend(Backend):
             )
         return voice
 
+    def _history(self, voice: str | None) -> Any:
+        preset = self._preset(voice)
+        if preset is None:
+            return None
+        if preset not in self._histories:
+            # The processor loads a preset only along with some text; the text is dropped.
+            loaded = self._processor(" ", voice_preset=preset)["history_prompt"]
+            self._histories[preset] = loaded.to(self._device)
+        return self._histories[preset]
+
     def synthesize(self, request: SynthesisRequest) -> Iterator[bytes]:
         if request.speed != 1.0:
             raise InvalidRequestError(
                 f"model '{self.config.name}' (Bark) cannot change the speed", param="speed"
             )
-        inputs = self._processor(request.text, voice_preset=self._preset(request.voice))
-        # The preset is nested in the inputs, where moving them to the GPU would not reach it.
-        history = inputs.pop("history_prompt", None)
-        if history is not None:
-            history = history.to(self._device)
+        history = self._history(request.voice)
+        inputs = self._processor(request.text)
         with self._lock, torch.inference_mode():
             if request.seed is not None:
                 torch.manual_seed(request.seed)
