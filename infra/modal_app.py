@@ -234,8 +234,6 @@ router_image = _image(
 def web():
     """The LocalAI, OpenAI and ElevenLabs APIs, calling the backend classes above by name."""
     from router.app import create_app
-    from router.runners.modal import ModalRunner
     from router.settings import Settings
 
-    settings = Settings.from_env(mode="modal", modal_app=APP_NAME)
-    return create_app(settings, runner=ModalRunner.from_settings(settings))
+    return create_app(Settings.from_env(mode="modal", modal_app=APP_NAME))
