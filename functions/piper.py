@@ -31,9 +31,12 @@ class PiperBackend(Backend):
         # overlap share a second, single-threaded session instead: on 2 cores that gave 28 s of
         # audio per second against 22 for both on the wide session, whose thread pools fight.
         self._narrow: PiperVoice | None = None
-        self._paths: tuple[Path, Path] | None = None
+        self._model_path: Path | None = None
         self._active = 0
         self._lock = threading.Lock()
+        # Apart from _lock: requests starting or ending while the narrow session is being made
+        # must not wait for it.
+        self._narrow_lock = threading.Lock()
 
     def load(self) -> None:
         if not self.config.parameters.model:
@@ -47,8 +50,9 @@ class PiperBackend(Backend):
                 raise BackendError(
                     f"model '{self.config.name}': {path.name} is missing from the models directory"
                 )
-        self._paths = (model_path, config_path)
-        self._voice = self._load_voice(threads=0)
+        self._model_path = model_path
+        config = PiperConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8")))
+        self._voice = PiperVoice(session=self._onnx_session(threads=0), config=config)
 
     def _install_bundled_voice_as(self, model_path: Path) -> None:
         """The default config's voice ships in a Python package, not in the models directory:
@@ -65,35 +69,33 @@ class PiperBackend(Backend):
             # A read-only models volume: the missing file is reported below, by name.
             log.warning("cannot copy the bundled Piper voice into the models directory: %s", exc)
 
-    def _load_voice(self, threads: int) -> PiperVoice:
-        """The voice on its own ONNX session; `threads=0` lets onnxruntime use every core."""
-        if self._paths is None:
-            raise BackendError("the Piper voice is not loaded")
-        model_path, config_path = self._paths
+    def _onnx_session(self, threads: int) -> onnxruntime.InferenceSession:
+        """A session of its own on the voice; `threads=0` lets onnxruntime use every core."""
         options = onnxruntime.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
-        session = onnxruntime.InferenceSession(
-            str(model_path), sess_options=options, providers=["CPUExecutionProvider"]
+        return onnxruntime.InferenceSession(
+            str(self._model_path), sess_options=options, providers=["CPUExecutionProvider"]
         )
-        config = PiperConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8")))
-        return PiperVoice(session=session, config=config)
 
     @contextmanager
     def _session(self) -> Iterator[PiperVoice]:
         with self._lock:
             alone = not self._active
             self._active += 1
-            if not alone and self._narrow is None:
-                # Made on first overlap only, so a server that never sees one never pays its memory.
-                self._narrow = self._load_voice(threads=1)
-            voice = self.voice if alone else self._narrow
         try:
-            yield voice
+            yield self.voice if alone else self._narrow_voice()
         finally:
             with self._lock:
                 self._active -= 1
+
+    def _narrow_voice(self) -> PiperVoice:
+        with self._narrow_lock:
+            if self._narrow is None:
+                # Made on first overlap only, so a server that never sees one never pays its memory.
+                self._narrow = PiperVoice(session=self._onnx_session(threads=1), config=self.voice.config)
+            return self._narrow
 
     @property
     def voice(self) -> PiperVoice:
