@@ -14,18 +14,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+from processes import free_port, running  # noqa: E402  (the tests' way to start a server)
+
 SENTENCE = "The quick brown fox jumps over the lazy dog."
 PARAGRAPH = (
     "Chorus turns text into speech and streams the audio while it is still being made. "
@@ -36,33 +37,9 @@ SETTLE_SECONDS = 2.0
 CONFIG = {"name": "tts-1", "backend": "piper", "parameters": {"model": "en_US-joe-medium.onnx", "language": "en"}}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextmanager
 def process(command: list[str], env: dict[str, str], ready_url: str, log: Path):
-    with log.open("wb") as sink:
-        popen = subprocess.Popen(command, env={**os.environ, **env}, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if popen.poll() is not None:
-                sys.exit(f"{command} exited:\n{log.read_text()}")
-            try:
-                if httpx.get(ready_url, timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                sys.exit(f"{ready_url} never became ready:\n{log.read_text()}")
-            time.sleep(0.1)
-        yield
-    finally:
-        popen.terminate()
-        popen.wait(timeout=15)
+    return running(command, env={**os.environ, **env}, cwd=REPO, log=log, ready_url=ready_url,
+                   timeout=120, name=" ".join(command[2:4]))
 
 
 def timed_request(client: httpx.Client, url: str) -> float:

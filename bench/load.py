@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -30,6 +29,8 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+from processes import free_port, running  # noqa: E402  (the tests' way to start a server)
 
 # Varied sentences, so that no two requests are alike (and a cache, if on, never answers).
 WORDS = ["river", "lantern", "copper", "meadow", "thunder", "violet", "harbor", "pepper", "falcon", "orchard", "marble", "winter"]
@@ -38,14 +39,6 @@ WORDS = ["river", "lantern", "copper", "meadow", "thunder", "violet", "harbor", 
 def sentence(n: int) -> str:
     picked = [WORDS[(n * 7 + i * 5) % len(WORDS)] for i in range(8)]
     return f"Request {n} speaks of the {picked[0]} and the {picked[1]}, then a {picked[2]} by the {picked[3]}."
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -209,17 +202,10 @@ def main() -> None:
            "CHORUS_CONFIGS_DIR": str(ROOT / "configs"), "CHORUS_CACHE_DIR": str(work / "cache"),
            # Every client must be served, not refused: the queue takes them all.
            "CHORUS_MAX_QUEUE": str(args.clients * 2)}
-    server = subprocess.Popen([sys.executable, "-m", "router.cli", "serve", "--log-level", "warning"],
-                              env=env, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+    command = [sys.executable, "-m", "router.cli", "serve", "--log-level", "warning"]
+    with running(command, env=env, cwd=ROOT, log=work / "server.log", ready_url=f"{url}/readyz",
+                 timeout=120, name="chorus serve") as server:
         counter = Counter()
         with httpx.Client(base_url=url, timeout=120) as client:
             speak(client, sentence(counter.next()))  # warm-up
@@ -248,9 +234,6 @@ def main() -> None:
         print(f"(c) cache: miss median {statistics.median(misses) * 1000:.0f} ms, "
               f"hit median {statistics.median(hits) * 1000:.1f} ms "
               f"({statistics.median(misses) / statistics.median(hits):.0f}x faster)")
-    finally:
-        server.terminate()
-        server.wait(timeout=15)
     if args.ceiling_rounds:
         rounds = bare_voice_ceiling(args.ceiling_rounds, 10)
         for wide, narrow in rounds:

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,18 +20,15 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from processes import free_port, running  # noqa: E402  (the tests' way to start a server)
+
 SENTENCE = "The quick brown fox jumps over the lazy dog near the quiet river bank."
 PARAGRAPH = (
     "Chorus turns text into speech for every client that speaks OpenAI, ElevenLabs or LocalAI. "
     "It splits long text into sentences, synthesises them one after another, and streams the "
     "encoded audio while the rest is still being made. "
 )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -67,68 +62,59 @@ def main() -> None:
     port = free_port()
     env = {**os.environ, "PORT": str(port), "CHORUS_MODELS_DIR": str(models),
            "CHORUS_CONFIGS_DIR": str(ROOT / "configs"), "CHORUS_MAX_INPUT_CHARS": "60000"}
-    server = subprocess.Popen([sys.executable, "-m", "router.cli", "serve", "--log-level", "warning"],
-                              env=env, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
-    try:
-        with httpx.Client(base_url=url, timeout=300) as client:
-            for _ in range(300):
-                try:
-                    if client.get("/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.1)
+    command = [sys.executable, "-m", "router.cli", "serve", "--log-level", "warning"]
+    with (
+        running(command, env=env, cwd=ROOT, log=models / "server.log", ready_url=f"{url}/readyz",
+                timeout=120, name="chorus serve") as server,
+        httpx.Client(base_url=url, timeout=300) as client,
+    ):
+        backend = PiperBackend(ModelConfig.model_validate(
+            {"name": "tts-1", "backend": "piper", "parameters": {"model": "en_US-joe-medium.onnx"}}), models)
+        backend.load()
+        direct = median_time(lambda: b"".join(backend.synthesize(
+            SynthesisRequest(model="tts-1", text=SENTENCE))), args.runs)
 
-            backend = PiperBackend(ModelConfig.model_validate(
-                {"name": "tts-1", "backend": "piper", "parameters": {"model": "en_US-joe-medium.onnx"}}), models)
-            backend.load()
-            direct = median_time(lambda: b"".join(backend.synthesize(
-                SynthesisRequest(model="tts-1", text=SENTENCE))), args.runs)
+        def speech(fmt: str, text: str = SENTENCE) -> bytes:
+            response = client.post("/v1/audio/speech", json={
+                "model": "tts-1", "voice": "alloy", "input": text, "response_format": fmt})
+            response.raise_for_status()
+            return response.content
 
-            def speech(fmt: str, text: str = SENTENCE) -> bytes:
-                response = client.post("/v1/audio/speech", json={
-                    "model": "tts-1", "voice": "alloy", "input": text, "response_format": fmt})
-                response.raise_for_status()
-                return response.content
+        wav = median_time(lambda: speech("wav"), args.runs)
+        mp3 = median_time(lambda: speech("mp3"), args.runs)
+        print("(a) one sentence, median of", args.runs)
+        print(f"    piper in process {direct * 1000:7.1f} ms")
+        print(f"    /v1/audio/speech wav {wav * 1000:7.1f} ms  ratio {wav / direct:.3f} (target <= 1.05)")
+        print(f"    /v1/audio/speech mp3 {mp3 * 1000:7.1f} ms  ratio {mp3 / direct:.3f} (target <= 1.25)")
 
-            wav = median_time(lambda: speech("wav"), args.runs)
-            mp3 = median_time(lambda: speech("mp3"), args.runs)
-            print("(a) one sentence, median of", args.runs)
-            print(f"    piper in process {direct * 1000:7.1f} ms")
-            print(f"    /v1/audio/speech wav {wav * 1000:7.1f} ms  ratio {wav / direct:.3f} (target <= 1.05)")
-            print(f"    /v1/audio/speech mp3 {mp3 * 1000:7.1f} ms  ratio {mp3 / direct:.3f} (target <= 1.25)")
-
-            long_text = (PARAGRAPH * 20)[:2000]
-            firsts, totals = [], []
-            for run in range(max(3, args.runs // 3) + 1):
-                start = time.perf_counter()
-                first = None
-                with client.stream("POST", "/v1/audio/speech", json={
-                        "model": "tts-1", "voice": "alloy", "input": long_text, "response_format": "mp3"}) as response:
-                    for _ in response.iter_raw():
-                        if first is None:
-                            first = time.perf_counter() - start
-                total = time.perf_counter() - start
-                if run:  # the first run is a warm-up
-                    firsts.append(first)
-                    totals.append(total)
-            ttfb, full = statistics.median(firsts), statistics.median(totals)
-            print("(b) 2,000 characters, streamed mp3")
-            print(f"    first byte {ttfb:.3f} s (target <= 0.35), full {full:.3f} s, "
-                  f"ratio {ttfb / full:.3f} (target <= 0.10)")
-
-            before = peak_rss_mb(server.pid)
-            huge = (PARAGRAPH * 300)[:50000]
+        long_text = (PARAGRAPH * 20)[:2000]
+        firsts, totals = [], []
+        for run in range(max(3, args.runs // 3) + 1):
             start = time.perf_counter()
-            size = len(speech("mp3", huge))
-            elapsed = time.perf_counter() - start
-            print("(c) 50,000 characters, mp3")
-            print(f"    {size / 1e6:.1f} MB of audio in {elapsed:.1f} s; server peak RSS "
-                  f"{before:.0f} MB before, {peak_rss_mb(server.pid):.0f} MB after (target < 600)")
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
+            first = None
+            with client.stream("POST", "/v1/audio/speech", json={
+                    "model": "tts-1", "voice": "alloy", "input": long_text, "response_format": "mp3"}) as response:
+                for _ in response.iter_raw():
+                    if first is None:
+                        first = time.perf_counter() - start
+            total = time.perf_counter() - start
+            if run:  # the first run is a warm-up
+                firsts.append(first)
+                totals.append(total)
+        ttfb, full = statistics.median(firsts), statistics.median(totals)
+        print("(b) 2,000 characters, streamed mp3")
+        print(f"    first byte {ttfb:.3f} s (target <= 0.35), full {full:.3f} s, "
+              f"ratio {ttfb / full:.3f} (target <= 0.10)")
+
+        before = peak_rss_mb(server.pid)
+        huge = (PARAGRAPH * 300)[:50000]
+        start = time.perf_counter()
+        size = len(speech("mp3", huge))
+        elapsed = time.perf_counter() - start
+        print("(c) 50,000 characters, mp3")
+        print(f"    {size / 1e6:.1f} MB of audio in {elapsed:.1f} s; server peak RSS "
+              f"{before:.0f} MB before, {peak_rss_mb(server.pid):.0f} MB after (target < 600)")
 
 
 if __name__ == "__main__":
