@@ -8,15 +8,15 @@ from pathlib import Path
 from functions.config import ModelConfig
 from functions.protocol import Backend, BackendUnavailableError
 
-# backend name -> (module, class, image folder under images/). The module is imported lazily:
-# each backend's libraries exist only in its own image.
-BACKENDS: dict[str, tuple[str, str, str]] = {
-    "piper": ("functions.piper", "PiperBackend", "piper"),
-    "coqui": ("functions.coqui", "CoquiBackend", "coqui"),
-    "bark": ("functions.bark", "BarkBackend", "bark"),
-    "parler-tts": ("functions.parler", "ParlerBackend", "parler-tts"),
-    "transformers-musicgen": ("functions.musicgen", "MusicgenBackend", "transformers-musicgen"),
-    "vall-e-x": ("functions.valle", "ValleBackend", "vall-e-x"),
+# backend name -> (module, class). The module is imported lazily: each backend's libraries exist
+# only in its own image, images/<backend name>/.
+BACKENDS: dict[str, tuple[str, str]] = {
+    "piper": ("functions.piper", "PiperBackend"),
+    "coqui": ("functions.coqui", "CoquiBackend"),
+    "bark": ("functions.bark", "BarkBackend"),
+    "parler-tts": ("functions.parler", "ParlerBackend"),
+    "transformers-musicgen": ("functions.musicgen", "MusicgenBackend"),
+    "vall-e-x": ("functions.valle", "ValleBackend"),
 }
 
 #: Backends whose input is one prompt describing a sound, not prose: the router sends it whole
@@ -33,7 +33,7 @@ def modal_class_name(backend: str) -> str:
 
 def backend_class(name: str) -> type[Backend]:
     try:
-        module_name, class_name, image = BACKENDS[name]
+        module_name, class_name = BACKENDS[name]
     except KeyError:
         raise BackendUnavailableError(f"backend '{name}' is not implemented") from None
     try:
@@ -41,8 +41,8 @@ def backend_class(name: str) -> type[Backend]:
     except ModuleNotFoundError as exc:
         raise BackendUnavailableError(
             f"backend '{name}' is not installed in this environment ({exc.name or exc} is "
-            f"missing); run it in its own image, images/{image}, or install "
-            f"images/{image}/requirements.txt"
+            f"missing); run it in its own image, images/{name}, or install "
+            f"images/{name}/requirements.txt"
         ) from exc
     return getattr(module, class_name)
 

@@ -194,7 +194,7 @@ def _backend_class(backend: str, settings: DeploySettings) -> Any:
     }
     user_cls = type(name, (BackendService,), body)
     decorated = app.cls(
-        image=_image(BACKENDS[backend][2], "functions"),
+        image=_image(backend, "functions"),
         gpu=settings.gpu,
         volumes={MODELS_DIR: models_volume},
         min_containers=settings.min_containers,

@@ -66,10 +66,10 @@ def test_gpu_profile_adds_every_gpu_backend_with_an_nvidia_device(gpu: dict) -> 
 
 
 def test_each_backend_service_builds_its_own_image(gpu: dict) -> None:
-    for backend, (_, _, image) in BACKENDS.items():
+    for backend in BACKENDS:
         build = gpu["services"][backend]["build"]
         assert Path(build["context"]) == REPO
-        assert build["dockerfile"] == f"images/{image}/Dockerfile"
+        assert build["dockerfile"] == f"images/{backend}/Dockerfile"
         assert (REPO / build["dockerfile"]).is_file()
     assert gpu["services"]["router"]["build"]["dockerfile"] == "images/router/Dockerfile"
 

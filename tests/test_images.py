@@ -23,7 +23,8 @@ IMAGES = REPO / "images"
 #: What every backend image runs (from /app, with CHORUS_BACKEND set in the image).
 WORKER_COMMAND = ["python", "-m", "functions.worker"]
 ROUTER_COMMAND = ["python", "-m", "router.cli", "serve"]
-BACKEND_IMAGES = {image: backend for backend, (_, _, image) in BACKENDS.items()}
+#: Each backend's image folder is named after it.
+BACKEND_IMAGES = {backend: backend for backend in BACKENDS}
 ALL_IMAGES = sorted([*BACKEND_IMAGES, "router"])
 
 

@@ -165,7 +165,7 @@ def test_every_backend_gets_a_class_with_the_settings_its_configs_ask_for(
     # with the repository as the build context.
     assert dockerfiles == {
         (REPO / "images" / folder / "Dockerfile", REPO)
-        for folder in [image for _, _, image in BACKENDS.values()] + ["router"]
+        for folder in [*BACKENDS, "router"]
     }
 
 
