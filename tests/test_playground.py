@@ -159,3 +159,34 @@ def test_static_files_outside_the_page_are_not_served(server):
     response = httpx.get(f"{server.url}/playground/static/..%2Fcli.py")
     assert response.status_code == 404
     assert "message" in response.json()["error"]
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("playground-keyed")
+    (root / "models").mkdir()
+    # Keys as an operator sets them: the environment, comma-separated, spaces around.
+    with chorus_server(root / "models", root / "server.log", env={"CHORUS_API_KEYS": "first-key, second-key"}) as running:
+        yield running
+
+
+def test_with_api_keys_the_page_asks_for_one_and_then_speaks(browser, keyed_server):
+    context = browser.new_context()
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    try:
+        page.goto(f"{keyed_server.url}/")
+        # The page itself is open; the API behind it is not, and the page says why.
+        page.wait_for_selector("#error:not([hidden])")
+        assert "API key" in page.text_content("#error")
+        page.fill("#api-key", "second-key")
+        page.dispatch_event("#api-key", "change")
+        page.wait_for_function("() => document.querySelector('#model option')?.value === 'tts-1'")
+        speak(page, "Hello from a server that wants a key.", "wav")
+        assert page.is_hidden("#error"), page.text_content("#error")
+        assert 1.0 < audio_state(page)["duration"] < 8.0
+    finally:
+        context.close()
+    # The key is checked by the server, not only by the page.
+    assert httpx.get(f"{keyed_server.url}/v1/models").status_code == 401
+    assert httpx.get(f"{keyed_server.url}/v1/models", headers={"x-api-key": "first-key"}).status_code == 200

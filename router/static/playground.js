@@ -12,6 +12,15 @@ const $ = (id) => document.getElementById(id);
 const form = $("speak-form"), textBox = $("text"), modelBox = $("model"), voiceBox = $("voice");
 const formatBox = $("format"), speedBox = $("speed"), player = $("player");
 const speakButton = $("speak"), download = $("download"), statusLine = $("status"), errorBox = $("error");
+const keyBox = $("api-key");
+// A server with CHORUS_API_KEYS set wants a key on every API call; kept for this browser tab only.
+const KEY_STORE = "chorus-api-key";
+keyBox.value = sessionStorage.getItem(KEY_STORE) || "";
+
+function authorization() {
+  const key = keyBox.value.trim();
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
 
 let voicesByModel = {};
 let current = null; // { controller, urls } of the request being played
@@ -38,7 +47,7 @@ async function serverMessage(response) {
 }
 
 async function getJSON(path) {
-  const response = await fetch(path);
+  const response = await fetch(path, { headers: authorization() });
   if (!response.ok) throw new Error(await serverMessage(response));
   return response.json();
 }
@@ -133,7 +142,7 @@ async function speak(event) {
     try {
       response = await fetch("/v1/audio/speech", {
         method: "POST",
-        headers: { "Content-Type": "application/json" },
+        headers: { "Content-Type": "application/json", ...authorization() },
         body: JSON.stringify({
           model: modelBox.value, input: textBox.value, voice: voiceBox.value || DEFAULT_VOICE,
           response_format: format, speed: Number(speedBox.value),
@@ -193,6 +202,11 @@ function showSpeed() {
 }
 
 modelBox.addEventListener("change", fillVoices);
+keyBox.addEventListener("change", () => {
+  sessionStorage.setItem(KEY_STORE, keyBox.value.trim());
+  clearError();
+  loadCatalogue();
+});
 textBox.addEventListener("input", showCount);
 speedBox.addEventListener("input", showSpeed);
 form.addEventListener("submit", speak);
