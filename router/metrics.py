@@ -82,7 +82,8 @@ def _route_name(scope: Scope, routes: list[BaseRoute]) -> str:
     route = scope.get("route")
     if route is None:
         route = next((r for r in routes if r.matches(scope)[0] != Match.NONE), None)
-    return getattr(route, "path", None) or "other"
+    # path_format: the template without convertors ({voice_id}, not {voice_id:voice_id}).
+    return getattr(route, "path_format", None) or "other"
 
 
 class MetricsMiddleware:

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import base64
 
+import httpx
 import pytest
+import yaml
 from conftest import (
     MP3,
     OPUS,
@@ -255,3 +257,35 @@ def test_unknown_playground_file_is_a_json_404(client):
     response = client.get("/playground/static/missing.js")
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "not_found"
+
+
+# --- ElevenLabs: voice ids with a slash --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def slashed(tmp_path_factory: pytest.TempPathFactory):
+    from tests._live import live_app, piper_setup
+
+    configs, models = piper_setup(tmp_path_factory.mktemp("slashed"))
+    # Bark presets (v2/en_speaker_6) and clone references (voices/ref.wav) are listed like this.
+    config = yaml.safe_load((configs / "tts-1.yaml").read_text())
+    config["voices"] = {"team/narrator": "en_US-joe-medium"}
+    (configs / "tts-1.yaml").write_text(yaml.safe_dump(config))
+    with live_app(configs, models) as url, httpx.Client(base_url=url, timeout=60) as client:
+        yield client
+
+
+@pytest.mark.parametrize("voice", ["team/narrator", "team%2Fnarrator"])
+@pytest.mark.parametrize("route", ["", "/stream"])
+def test_a_listed_voice_id_with_a_slash_speaks(slashed, voice, route):
+    listed = [v["voice_id"] for v in slashed.get("/v1/voices").json()["voices"]]
+    assert "team/narrator" in listed
+    response = slashed.post(f"/v1/text-to-speech/{voice}{route}", params={"output_format": "wav_22050"},
+                            json={"text": SHORT_TEXT})
+    assert response.status_code == 200, response.text
+    assert_speech(decode(response.content))
+
+
+def test_an_unknown_voice_id_with_a_slash_is_voice_not_found(slashed):
+    detail = eleven_error(slashed.post("/v1/text-to-speech/team/nobody/stream", json={"text": "hi"}), 404)
+    assert detail["status"] == "voice_not_found" and "team/nobody" in detail["message"]

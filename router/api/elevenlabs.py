@@ -7,6 +7,7 @@ import re
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.convertors import Convertor, register_url_convertor
 
 from router.api.common import AudioResponse, family_route, speech_service
 from router.encoding import AudioFormat
@@ -79,8 +80,26 @@ class TextToSpeechBody(BaseModel):
     seed: int | None = Field(None, ge=0, le=4294967295)
 
 
-@router.post("/v1/text-to-speech/{voice_id}", summary="Text to speech (ElevenLabs)")
-@router.post("/v1/text-to-speech/{voice_id}/stream", summary="Text to speech, streamed (ElevenLabs)")
+class _VoiceIdConvertor(Convertor[str]):
+    """A voice id in a path: never empty, and it may hold a slash (Bark's v2/en_speaker_6, a
+    clone's voices/ref.wav), sent plain or as %2F."""
+
+    regex = ".+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("voice_id", _VoiceIdConvertor())
+
+
+# The /stream form is registered first (decorators apply bottom-up), so that ".../stream" is
+# never read as part of a voice id.
+@router.post("/v1/text-to-speech/{voice_id:voice_id}", summary="Text to speech (ElevenLabs)")
+@router.post("/v1/text-to-speech/{voice_id:voice_id}/stream", summary="Text to speech, streamed (ElevenLabs)")
 async def text_to_speech(
     voice_id: str,
     body: TextToSpeechBody,
