@@ -15,7 +15,7 @@ from functions.config import ConfigError, UnsafePathError, resolve_in, validate_
 from router.chunking import chunk_text
 from router.encoding import CODEC_NAMES, AudioFormat, codec_for_extension
 from router.errors import ChorusError
-from router.settings import Settings
+from router.settings import Settings, SettingsError
 
 
 def _settings(args: argparse.Namespace, **overrides: object) -> Settings:
@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ConfigError, ChorusError, UnsafePathError) as exc:
+    except (ConfigError, ChorusError, UnsafePathError, SettingsError) as exc:
         print(f"chorus: {exc}", file=sys.stderr)
         return 2
 

@@ -6,9 +6,11 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 Mode = Literal["local", "http", "modal"]
+#: The API families an input limit can be set for (the `route` SpeechService.prepare is given).
+Route = Literal["openai", "localai", "elevenlabs", "sound-generation"]
 
 
 class Settings(BaseModel):
@@ -39,7 +41,7 @@ class Settings(BaseModel):
     #: Largest request body accepted, in bytes (JSON text of max_input_chars fits many times).
     max_body_bytes: int = Field(1_048_576, ge=1024)
     #: Per-route overrides of max_input_chars: keys openai, localai, elevenlabs, sound-generation.
-    max_input_chars_by_route: dict[str, int] = Field(default_factory=dict)
+    max_input_chars_by_route: dict[Route, int] = Field(default_factory=dict)
     #: Requests that may wait for a busy model (past its deploy.max_concurrent_inputs) before
     #: more are refused with 429, and how long one may wait before a 503.
     max_queue: int = Field(16, ge=0)
@@ -50,33 +52,29 @@ class Settings(BaseModel):
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
-        env = {
-            "host": os.environ.get("HOST"),
-            "port": os.environ.get("PORT"),
-            "configs_dir": os.environ.get("CHORUS_CONFIGS_DIR"),
-            "models_dir": os.environ.get("CHORUS_MODELS_DIR"),
-            "mode": os.environ.get("CHORUS_MODE"),
-            "max_input_chars": os.environ.get("CHORUS_MAX_INPUT_CHARS"),
-            "chunk_chars": os.environ.get("CHORUS_CHUNK_CHARS"),
-            "backend_urls": _parse_urls(os.environ.get("CHORUS_BACKEND_URLS")),
-            "backend_connect_timeout": os.environ.get("CHORUS_BACKEND_CONNECT_TIMEOUT"),
-            "backend_read_timeout": os.environ.get("CHORUS_BACKEND_READ_TIMEOUT"),
-            "backend_health_interval": os.environ.get("CHORUS_BACKEND_HEALTH_INTERVAL"),
-            "modal_app": os.environ.get("CHORUS_MODAL_APP"),
-            "api_keys": _split(os.environ.get("CHORUS_API_KEYS")),
-            "max_body_bytes": os.environ.get("CHORUS_MAX_BODY_BYTES"),
-            "max_input_chars_by_route": _parse_urls(os.environ.get("CHORUS_MAX_INPUT_CHARS_BY_ROUTE")),
-            "max_queue": os.environ.get("CHORUS_MAX_QUEUE"),
-            "queue_timeout": os.environ.get("CHORUS_QUEUE_TIMEOUT"),
-            "cache_dir": os.environ.get("CHORUS_CACHE_DIR"),
-            "cache_max_mb": os.environ.get("CHORUS_CACHE_MAX_MB"),
-        }
-        values = {k: v for k, v in env.items() if v not in (None, "")}
+        """The settings the environment gives, `overrides` (command-line flags) over them. A bad
+        value is a SettingsError that names its variable."""
+        values: dict[str, object] = {}
+        for field, name in _ENV_NAMES.items():
+            raw = os.environ.get(name)
+            if raw not in (None, ""):
+                values[field] = _PARSERS[field](raw) if field in _PARSERS else raw
         values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.model_validate(values)
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            field = str(error["loc"][0])
+            raise SettingsError(
+                f"{_ENV_NAMES.get(field, field)}: {error['msg']} (got {error['input']!r})"
+            ) from None
 
     def input_limit(self, route: str | None) -> int:
         return self.max_input_chars_by_route.get(route or "", self.max_input_chars)
+
+
+class SettingsError(ValueError):
+    """A setting the environment (or a flag) gives that Chorus cannot use."""
 
 
 def _split(value: str | None) -> list[str] | None:
@@ -93,3 +91,33 @@ def _parse_urls(value: str | None) -> dict[str, str] | None:
         return None
     pairs = (item.split("=", 1) for item in value.split(",") if item.strip())
     return {name.strip(): url.strip() for name, url in pairs}
+
+
+#: Each setting's environment variable.
+_ENV_NAMES = {
+    "host": "HOST",
+    "port": "PORT",
+    "configs_dir": "CHORUS_CONFIGS_DIR",
+    "models_dir": "CHORUS_MODELS_DIR",
+    "mode": "CHORUS_MODE",
+    "max_input_chars": "CHORUS_MAX_INPUT_CHARS",
+    "chunk_chars": "CHORUS_CHUNK_CHARS",
+    "backend_urls": "CHORUS_BACKEND_URLS",
+    "backend_connect_timeout": "CHORUS_BACKEND_CONNECT_TIMEOUT",
+    "backend_read_timeout": "CHORUS_BACKEND_READ_TIMEOUT",
+    "backend_health_interval": "CHORUS_BACKEND_HEALTH_INTERVAL",
+    "modal_app": "CHORUS_MODAL_APP",
+    "api_keys": "CHORUS_API_KEYS",
+    "max_body_bytes": "CHORUS_MAX_BODY_BYTES",
+    "max_input_chars_by_route": "CHORUS_MAX_INPUT_CHARS_BY_ROUTE",
+    "max_queue": "CHORUS_MAX_QUEUE",
+    "queue_timeout": "CHORUS_QUEUE_TIMEOUT",
+    "cache_dir": "CHORUS_CACHE_DIR",
+    "cache_max_mb": "CHORUS_CACHE_MAX_MB",
+}
+#: Settings whose variable holds a list: `a, b` or `name=value, ...`.
+_PARSERS = {
+    "backend_urls": _parse_urls,
+    "api_keys": _split,
+    "max_input_chars_by_route": _parse_urls,
+}
