@@ -7,7 +7,10 @@ from __future__ import annotations
 import httpx
 import numpy as np
 import pytest
-from tiny_models.harness import synthesize, tiny_worker
+import yaml
+from conftest import audio_seconds
+from processes import chorus_server
+from tiny_models.harness import offline_env, synthesize, tiny_worker
 
 RATE = 24000
 BARK = {"name": "tiny-bark", "backend": "bark", "parameters": {"model": "tiny-bark"}}
@@ -67,3 +70,25 @@ def test_a_preset_named_as_the_model_is_the_voice_localai_style(bark_worker: str
     assert response.status_code == 500
     message = response.json()["error"]["message"]
     assert "suno/bark" in message and "HF_HUB_OFFLINE=1" in message
+
+
+def test_the_router_serves_bark_presets_by_their_listed_ids(bark_worker: str, tmp_path) -> None:
+    # Through `chorus serve` in http mode, as compose runs it: the ElevenLabs voice ids Bark lists
+    # hold a slash (v2/en_speaker_1), and a client must be able to speak with each of them.
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "tiny-bark.yaml").write_text(yaml.safe_dump(BARK))
+    env = offline_env(CHORUS_MODE="http", CHORUS_BACKEND_URLS=f"bark={bark_worker}")
+    with chorus_server(tmp_path, tmp_path / "router.log", tmp_path / "configs", env=env) as router:
+        listed = [v["voice_id"] for v in httpx.get(f"{router.url}/v1/voices", timeout=60).json()["voices"]]
+        presets = [voice for voice in listed if "/" in voice]
+        assert presets, listed
+        takes = set()
+        for voice in presets:
+            response = httpx.post(
+                f"{router.url}/v1/text-to-speech/{voice}", params={"output_format": "wav_24000"},
+                json={"text": TEXT, "model_id": "tiny-bark", "seed": 3}, timeout=300,
+            )
+            assert response.status_code == 200, response.text
+            assert audio_seconds(response.content) == pytest.approx(0.8, abs=0.1)
+            takes.add(response.content)
+        assert len(takes) == len(presets), "each preset must reach the model"
