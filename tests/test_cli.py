@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import audio_seconds
+from tests.conftest import assert_speech, audio_seconds, decode
 from tests.processes import CONFIGS, REPO, chorus_command
 
 SENTENCE = "The quick brown fox jumps over the lazy dog, and then it runs away into the woods. "
@@ -31,7 +31,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize(
     "command",
-    [[], ["serve"], ["say"], ["synth"], ["models", "list"], ["configs", "check"]],
+    [[], ["serve"], ["say"], ["synth"], ["models", "list"], ["models", "pull"], ["configs", "check"]],
     ids=lambda c: " ".join(c) or "chorus",
 )
 def test_every_command_explains_itself(command):
@@ -84,6 +84,39 @@ def test_synth_shows_progress_and_duration_grows_with_the_text(tmp_path, models)
         assert "x real time" in result.stderr and "audio" in result.stderr
     assert chunks >= 5  # the long text's
     assert durations["long"] > 3.5 * durations["short"], durations
+
+
+@pytest.mark.parametrize(
+    ("extension", "codec", "raw"),
+    [
+        (".ogg", "opus", None), (".opus", "opus", None), (".aac", "aac", "aac"), (".flac", "flac", None),
+        (".pcm", "pcm_s16le", "pcm"), (".ulaw", "pcm_mulaw", "ulaw"), (".alaw", "pcm_alaw", "alaw"),
+    ],
+)
+def test_say_picks_every_format_from_its_extension(tmp_path, models, extension, codec, raw):
+    output = tmp_path / f"hello{extension}"
+    result = run("say", "Hello world. This is a test of Chorus.", "-o", str(output), "--models", str(models))
+    assert result.returncode == 0, result.stderr
+    # Headerless files carry the voice's own rate (22.05 kHz): the one `say` wrote them at.
+    audio = decode(output.read_bytes(), raw=raw, rate=22050 if raw in ("pcm", "ulaw", "alaw") else None)
+    assert codec in audio.codec
+    assert_speech(audio)
+
+
+def test_synth_reads_the_text_from_stdin(tmp_path, models):
+    output = tmp_path / "piped.wav"
+    result = subprocess.run(
+        chorus_command("synth", "--file", "-", "-o", str(output), "--models", str(models)),
+        input=SENTENCE, cwd=REPO, capture_output=True, text=True, timeout=240,
+    )
+    assert result.returncode == 0, result.stderr
+    assert 2.5 < audio_seconds(output) < 10
+
+
+def test_synth_names_a_file_it_cannot_read(tmp_path, models):
+    result = run("synth", "--file", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "x.wav"), "--models", str(models))
+    assert result.returncode == 2
+    assert "cannot read" in result.stderr and "missing.txt" in result.stderr
 
 
 def test_synth_takes_text_longer_than_the_server_limit(tmp_path, models):
