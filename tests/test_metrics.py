@@ -37,11 +37,13 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str, httpx.
         client.post("/v1/audio/speech", json={"model": "nope", "input": "Hi.", "voice": "alloy"})
         client.get("/no/such/path/12345")
         response = client.get("/metrics")
+    # The exposition format, and the header that says so.
+    assert response.headers["content-type"].startswith("text/plain; version="), response.headers
     return samples(response.text), response.text, speech
 
 
 def test_content_type_is_prometheus_text(scraped):
-    # (the fixture's scrape parsed; the header says which format it is)
+    # (the header is checked where the fixture scrapes; here, what it announced)
     _, text, _ = scraped
     assert "# TYPE chorus_requests_total counter" in text
 
