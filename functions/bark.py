@@ -4,23 +4,15 @@ current torch): 24 kHz speech in the voice of a preset such as `v2/en_speaker_6`
 from __future__ import annotations
 
 import re
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import BarkModel, BarkProcessor
 
 from functions.config import ModelConfig, resolve_in
-from functions.hub import load_error, pretrained_source
-from functions.protocol import (
-    Backend,
-    BackendError,
-    InvalidRequestError,
-    SynthesisRequest,
-    pcm16,
-)
+from functions.pretrained import PretrainedBackend
+from functions.protocol import BackendError, InvalidRequestError, SynthesisRequest, pcm16
 
 # LocalAI configs may name a voice preset as the model (`model: v2/en_speaker_4`); those are
 # suno's preset names, and the weights are then Bark's own.
@@ -28,21 +20,18 @@ _PRESET_NAME = re.compile(r"^(v2/)?[a-z]{2}_speaker_\d$|^announcer$")
 DEFAULT_CHECKPOINT = "suno/bark"
 
 
-class BarkBackend(Backend):
+class BarkBackend(PretrainedBackend):
     name = "bark"
+    label = "Bark"
 
     def __init__(self, config: ModelConfig, models_dir: Path):
         super().__init__(config, models_dir)
-        self._model: BarkModel | None = None
         self._processor: BarkProcessor | None = None
         #: The preset a config names as its model, LocalAI's way.
         self._model_preset: str | None = None
-        self._device = "cuda" if torch.cuda.is_available() else "cpu"
         #: Voice presets as the model takes them, already on the device: the processor would
         #: read a preset's three .npy files again for every chunk of text.
         self._histories: dict[str, Any] = {}
-        # Generation draws from torch's global generator: one at a time keeps a seed meaningful.
-        self._lock = threading.Lock()
 
     def _checkpoint(self) -> str | None:
         model = self.config.parameters.model
@@ -52,24 +41,12 @@ class BarkBackend(Backend):
         return model
 
     def load(self) -> None:
-        source, local_only = pretrained_source(self.config, self.models_dir, self._checkpoint())
-        try:
-            self._processor = BarkProcessor.from_pretrained(source, local_files_only=local_only)
-            model = BarkModel.from_pretrained(source, local_files_only=local_only)
-        except OSError as exc:
-            raise load_error(self.config, source, exc) from exc
-        self._model = model.to(self._device).eval()
+        self._processor, source = self._load_pretrained(BarkModel, BarkProcessor, self._checkpoint())
         if self._model_preset and self._model_preset not in self.voices():
             raise BackendError(
                 f"model '{self.config.name}': voice preset '{self._model_preset}' is not in "
                 f"{source}; available: {', '.join(self.voices()) or 'none'}"
             )
-
-    @property
-    def model(self) -> BarkModel:
-        if self._model is None:
-            raise BackendError("the Bark model is not loaded")
-        return self._model
 
     @property
     def sample_rate(self) -> int:
@@ -105,14 +82,10 @@ class BarkBackend(Backend):
         return self._histories[preset]
 
     def synthesize(self, request: SynthesisRequest) -> Iterator[bytes]:
-        if request.speed != 1.0:
-            raise InvalidRequestError(
-                f"model '{self.config.name}' (Bark) cannot change the speed", param="speed"
-            )
+        self._refuse_speed(request)
         history = self._history(request.voice)
         inputs = self._processor(request.text)
-        with self._lock, torch.inference_mode():
-            if request.seed is not None:
-                torch.manual_seed(request.seed)
-            audio = self.model.generate(**inputs.to(self._device), history_prompt=history)
+        audio = self._generate(
+            request.seed, lambda: self.model.generate(**inputs.to(self._device), history_prompt=history)
+        )
         yield pcm16(audio[0].float().cpu().numpy())

@@ -3,54 +3,23 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
-from pathlib import Path
 
-import torch
 from transformers import AutoProcessor, MusicgenForConditionalGeneration
 
-from functions.config import ModelConfig
-from functions.hub import load_error, pretrained_source
-from functions.protocol import (
-    Backend,
-    BackendError,
-    InvalidRequestError,
-    SynthesisRequest,
-    pcm16,
-)
+from functions.pretrained import PretrainedBackend
+from functions.protocol import SynthesisRequest, pcm16
 
 #: LocalAI's length on the speech routes, which carry no duration: 512 tokens, about 10 s.
 SPEECH_ROUTE_TOKENS = 512
 
 
-class MusicgenBackend(Backend):
+class MusicgenBackend(PretrainedBackend):
     name = "transformers-musicgen"
-
-    def __init__(self, config: ModelConfig, models_dir: Path):
-        super().__init__(config, models_dir)
-        self._model: MusicgenForConditionalGeneration | None = None
-        self._processor = None
-        self._device = "cuda" if torch.cuda.is_available() else "cpu"
-        # Generation draws from torch's global generator: one at a time keeps a seed meaningful.
-        self._lock = threading.Lock()
+    label = "MusicGen"
 
     def load(self) -> None:
-        source, local_only = pretrained_source(self.config, self.models_dir)
-        try:
-            self._processor = AutoProcessor.from_pretrained(source, local_files_only=local_only)
-            model = MusicgenForConditionalGeneration.from_pretrained(
-                source, local_files_only=local_only
-            )
-        except OSError as exc:
-            raise load_error(self.config, source, exc) from exc
-        self._model = model.to(self._device).eval()
-
-    @property
-    def model(self) -> MusicgenForConditionalGeneration:
-        if self._model is None:
-            raise BackendError("the MusicGen model is not loaded")
-        return self._model
+        self._processor, _ = self._load_pretrained(MusicgenForConditionalGeneration, AutoProcessor)
 
     @property
     def sample_rate(self) -> int:
@@ -69,18 +38,12 @@ class MusicgenBackend(Backend):
         return max(1, frames) + self.model.decoder.config.num_codebooks - 1
 
     def synthesize(self, request: SynthesisRequest) -> Iterator[bytes]:
-        if request.speed != 1.0:
-            raise InvalidRequestError(
-                f"model '{self.config.name}' (MusicGen) cannot change the speed", param="speed"
-            )
+        self._refuse_speed(request)
         inputs = self._processor(text=[request.text], padding=True, return_tensors="pt")
         options: dict = {"max_new_tokens": self._max_new_tokens(request.duration_seconds)}
         if request.guidance_scale is not None:
             options["guidance_scale"] = request.guidance_scale
         if request.do_sample is not None:
             options["do_sample"] = request.do_sample
-        with self._lock, torch.inference_mode():
-            if request.seed is not None:
-                torch.manual_seed(request.seed)
-            audio = self.model.generate(**inputs.to(self._device), **options)
+        audio = self._generate(request.seed, lambda: self.model.generate(**inputs.to(self._device), **options))
         yield pcm16(audio[0, 0].float().cpu().numpy())

@@ -1,0 +1,60 @@
+"""What the transformers backends (Bark, Parler-TTS, MusicGen) share: a model and its processor
+loaded with `from_pretrained` (a folder of the models directory, else a hub id), on the GPU where
+there is one, and one generation at a time. Imported only by those backends: it imports torch."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from functions.config import ModelConfig
+from functions.hub import load_error, pretrained_source
+from functions.protocol import Backend, BackendError, InvalidRequestError, SynthesisRequest
+
+T = TypeVar("T")
+
+
+class PretrainedBackend(Backend):
+    #: The model family as messages name it ("Bark", "MusicGen").
+    label: str
+
+    def __init__(self, config: ModelConfig, models_dir: Path):
+        super().__init__(config, models_dir)
+        self._model: Any = None
+        self._device = "cuda" if torch.cuda.is_available() else "cpu"
+        # Generation draws from torch's global generator: one at a time keeps a seed meaningful.
+        self._lock = threading.Lock()
+
+    def _load_pretrained(self, model_class: Any, processor_class: Any, name: str | None = None) -> tuple[Any, str]:
+        """Load the model (kept, on the device, in eval mode) and return its processor (or
+        tokenizer) and where both came from; `name` overrides parameters.model."""
+        source, local_only = pretrained_source(self.config, self.models_dir, name)
+        try:
+            processor = processor_class.from_pretrained(source, local_files_only=local_only)
+            model = model_class.from_pretrained(source, local_files_only=local_only)
+        except OSError as exc:
+            raise load_error(self.config, source, exc) from exc
+        self._model = model.to(self._device).eval()
+        return processor, source
+
+    @property
+    def model(self) -> Any:
+        if self._model is None:
+            raise BackendError(f"the {self.label} model is not loaded")
+        return self._model
+
+    def _refuse_speed(self, request: SynthesisRequest, hint: str = "") -> None:
+        if request.speed != 1.0:
+            raise InvalidRequestError(
+                f"model '{self.config.name}' ({self.label}) cannot change the speed{hint}", param="speed"
+            )
+
+    def _generate(self, seed: int | None, generate: Callable[[], T]) -> T:
+        with self._lock, torch.inference_mode():
+            if seed is not None:
+                torch.manual_seed(seed)
+            return generate()
