@@ -7,10 +7,9 @@ from __future__ import annotations
 import httpx
 import numpy as np
 import pytest
-import yaml
 from conftest import audio_seconds
-from processes import chorus_server
-from tiny_models.harness import offline_env, synthesize, tiny_worker
+from tiny_models.harness import pcm as worker_pcm
+from tiny_models.harness import router, synthesize, tiny_worker
 
 RATE = 24000
 BARK = {"name": "tiny-bark", "backend": "bark", "parameters": {"model": "tiny-bark"}}
@@ -25,9 +24,7 @@ def bark_worker(tmp_path_factory: pytest.TempPathFactory):
 
 
 def pcm(response: httpx.Response) -> bytes:
-    assert response.status_code == 200, response.text
-    assert response.headers["x-sample-rate"] == str(RATE)
-    return response.content
+    return worker_pcm(response, RATE)
 
 
 def test_synthesis_returns_24_khz_pcm_of_a_plausible_length(bark_worker: str) -> None:
@@ -75,17 +72,14 @@ def test_a_preset_named_as_the_model_is_the_voice_localai_style(bark_worker: str
 def test_the_router_serves_bark_presets_by_their_listed_ids(bark_worker: str, tmp_path) -> None:
     # Through `chorus serve` in http mode, as compose runs it: the ElevenLabs voice ids Bark lists
     # hold a slash (v2/en_speaker_1), and a client must be able to speak with each of them.
-    (tmp_path / "configs").mkdir()
-    (tmp_path / "configs" / "tiny-bark.yaml").write_text(yaml.safe_dump(BARK))
-    env = offline_env(CHORUS_MODE="http", CHORUS_BACKEND_URLS=f"bark={bark_worker}")
-    with chorus_server(tmp_path, tmp_path / "router.log", tmp_path / "configs", env=env) as router:
-        listed = [v["voice_id"] for v in httpx.get(f"{router.url}/v1/voices", timeout=60).json()["voices"]]
+    with router(tmp_path, "bark", bark_worker, BARK) as url:
+        listed = [v["voice_id"] for v in httpx.get(f"{url}/v1/voices", timeout=60).json()["voices"]]
         presets = [voice for voice in listed if "/" in voice]
         assert presets, listed
         takes = set()
         for voice in presets:
             response = httpx.post(
-                f"{router.url}/v1/text-to-speech/{voice}", params={"output_format": "wav_24000"},
+                f"{url}/v1/text-to-speech/{voice}", params={"output_format": "wav_24000"},
                 json={"text": TEXT, "model_id": "tiny-bark", "seed": 3}, timeout=300,
             )
             assert response.status_code == 200, response.text

@@ -7,10 +7,9 @@ from __future__ import annotations
 import httpx
 import numpy as np
 import pytest
-import yaml
 from conftest import audio_seconds
-from processes import chorus_server
-from tiny_models.harness import offline_env, synthesize, tiny_worker
+from tiny_models.harness import pcm as worker_pcm
+from tiny_models.harness import router, synthesize, tiny_worker
 
 RATE = 24000
 PARLER = {"name": "tiny-parler", "backend": "parler-tts", "parameters": {"model": "tiny-parler"}}
@@ -31,9 +30,7 @@ def parler_worker(tmp_path_factory: pytest.TempPathFactory):
 
 
 def pcm(response: httpx.Response) -> bytes:
-    assert response.status_code == 200, response.text
-    assert response.headers["x-sample-rate"] == str(RATE)
-    return response.content
+    return worker_pcm(response, RATE)
 
 
 def test_synthesis_returns_24_khz_pcm_of_a_plausible_length(parler_worker: str) -> None:
@@ -64,16 +61,13 @@ def test_speed_is_refused_rather_than_ignored(parler_worker: str) -> None:
 
 def test_the_router_serves_parler_on_every_api_family(parler_worker: str, tmp_path) -> None:
     # Through `chorus serve` in http mode, as compose runs it.
-    (tmp_path / "configs").mkdir()
-    (tmp_path / "configs" / "tiny-parler.yaml").write_text(yaml.safe_dump(PARLER))
-    env = offline_env(CHORUS_MODE="http", CHORUS_BACKEND_URLS=f"parler-tts={parler_worker}")
-    with chorus_server(tmp_path, tmp_path / "router.log", tmp_path / "configs", env=env) as router:
-        openai = httpx.post(f"{router.url}/v1/audio/speech", timeout=300, json={
+    with router(tmp_path, "parler-tts", parler_worker, PARLER) as url:
+        openai = httpx.post(f"{url}/v1/audio/speech", timeout=300, json={
             "model": "tiny-parler", "input": TEXT, "voice": "alloy", "instructions": CALM, "response_format": "wav"})
-        localai = httpx.post(f"{router.url}/tts", timeout=300, json={"model": "tiny-parler", "input": TEXT})
+        localai = httpx.post(f"{url}/tts", timeout=300, json={"model": "tiny-parler", "input": TEXT})
 
         def eleven(seed: int) -> httpx.Response:
-            return httpx.post(f"{router.url}/v1/text-to-speech/alloy", params={"output_format": "pcm_24000"},
+            return httpx.post(f"{url}/v1/text-to-speech/alloy", params={"output_format": "pcm_24000"},
                               json={"text": TEXT, "model_id": "tiny-parler", "seed": seed}, timeout=300)
 
         seeded = [eleven(7), eleven(7), eleven(8)]

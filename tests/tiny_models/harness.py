@@ -68,6 +68,28 @@ def tiny_worker(root: Path, image: str, builder: str, *configs: dict) -> Iterato
         yield url
 
 
+@contextmanager
+def router(root: Path, backend: str, worker_url: str, *configs: dict) -> Iterator[str]:
+    """`chorus serve` in http mode (as compose runs it) in front of `backend`'s worker, with
+    `configs` as its configs; yields its URL."""
+    from processes import chorus_server
+
+    configs_dir = root / "router-configs"
+    configs_dir.mkdir()
+    for config in configs:
+        (configs_dir / f"{config['name']}.yaml").write_text(yaml.safe_dump(config))
+    env = offline_env(CHORUS_MODE="http", CHORUS_BACKEND_URLS=f"{backend}={worker_url}")
+    with chorus_server(root, root / "router.log", configs_dir, env=env) as server:
+        yield server.url
+
+
+def pcm(response: httpx.Response, rate: int) -> bytes:
+    """A worker's /synthesize answer: 200, PCM at `rate`."""
+    assert response.status_code == 200, response.text
+    assert response.headers["x-sample-rate"] == str(rate)
+    return response.content
+
+
 def synthesize(url: str, config: dict, timeout: float = 300, **request: object) -> httpx.Response:
     return httpx.post(
         f"{url}/synthesize",
