@@ -23,6 +23,16 @@ from conftest import (
 )
 
 
+def assert_format(response: httpx.Response, fmt: str, content_type: str, container: str, codecs: set, rate: int) -> None:
+    """`response` is speech in `fmt`: its media type, container, codec and rate."""
+    assert response.headers["content-type"] == content_type
+    audio = decode(response.content, raw="aac" if fmt == "aac" else None)
+    assert audio.container == container
+    assert audio.codec in codecs
+    assert audio.sample_rate == rate
+    assert_speech(audio)
+
+
 def speech(client: httpx.Client, **body) -> httpx.Response:
     response = client.post("/v1/audio/speech", json={"model": "tts-1", "voice": "alloy", **body})
     assert response.status_code == 200, response.text
@@ -70,12 +80,7 @@ def test_localai_unknown_or_pcm_format_gives_wav(client, fmt):
 def test_localai_formats(client, fmt, content_type, container, codecs, rate):
     response = client.post("/tts", json={"input": SHORT_TEXT, "response_format": fmt})
     assert response.status_code == 200, response.text
-    assert response.headers["content-type"] == content_type
-    audio = decode(response.content, raw="aac" if fmt == "aac" else None)
-    assert audio.container == container
-    assert audio.codec in codecs
-    assert audio.sample_rate == rate
-    assert_speech(audio)
+    assert_format(response, fmt, content_type, container, codecs, rate)
 
 
 def test_localai_voice_language_and_file_model(client):
@@ -125,12 +130,7 @@ def test_openai_default_format_is_mp3(client):
 )
 def test_openai_formats(client, fmt, content_type, container, codecs, rate):
     response = speech(client, input=SHORT_TEXT, response_format=fmt)
-    assert response.headers["content-type"] == content_type
-    audio = decode(response.content, raw="aac" if fmt == "aac" else None)
-    assert audio.container == container
-    assert audio.codec in codecs
-    assert audio.sample_rate == rate
-    assert_speech(audio)
+    assert_format(response, fmt, content_type, container, codecs, rate)
 
 
 def test_openai_pcm_is_raw_s16le_at_24k(client):
