@@ -8,10 +8,11 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.conftest import assert_speech, audio_seconds, decode
-from tests.processes import CONFIGS, REPO, chorus_command
+from tests.processes import CONFIGS, REPO, chorus_command, free_port, running
 
 SENTENCE = "The quick brown fox jumps over the lazy dog, and then it runs away into the woods. "
 
@@ -191,3 +192,15 @@ def test_out_of_range_speed_is_refused_before_any_work(tmp_path):
     assert result.returncode == 2
     assert "--speed: 9 is outside 0.25 to 4.0" in result.stderr
     assert not (tmp_path / "x.wav").exists()
+
+
+def test_serve_listens_where_its_flags_say(tmp_path, models):
+    # The README's way: flags, not HOST/PORT (which are unset here so they cannot be what worked).
+    port = free_port()
+    env = {key: value for key, value in os.environ.items() if key not in ("HOST", "PORT")}
+    command = chorus_command("serve", "--host", "127.0.0.1", "--port", str(port), "--models", str(models))
+    with running(command, env=env, cwd=REPO, log=tmp_path / "serve.log", ready_url=f"http://127.0.0.1:{port}/readyz",
+                 timeout=120, name="chorus serve --port"):
+        response = httpx.post(f"http://127.0.0.1:{port}/tts", json={"input": "Hello there."}, timeout=60)
+    assert response.status_code == 200, response.text
+    assert audio_seconds(response.content) > 0.3

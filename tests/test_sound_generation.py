@@ -7,7 +7,7 @@ from __future__ import annotations
 import httpx
 import numpy as np
 import pytest
-from conftest import audio_seconds
+from conftest import audio_seconds, decode
 from elevenlabs import ElevenLabs
 from processes import chorus_server
 from tiny_models.harness import offline_env, tiny_worker
@@ -90,3 +90,17 @@ def test_errors_are_in_elevenlabs_shape(router: str, body: dict, query: dict, st
     )
     assert response.status_code == status
     assert field in response.json()["detail"]["message"]
+
+
+@pytest.mark.parametrize("model_id", [None, "tiny-sound", "eleven_text_to_sound_v2"])
+@pytest.mark.parametrize(
+    ("output_format", "codecs", "rate"),
+    [("opus_48000_64", {"opus", "libopus"}, 48000), ("wav_44100", {"pcm_s16le"}, 44100)],
+)
+def test_every_way_to_name_the_model_in_other_formats(router: str, model_id, output_format, codecs, rate) -> None:
+    body = {"duration_seconds": 0.5, **({"model_id": model_id} if model_id else {})}
+    response = generate(router, output_format=output_format, **body)
+    assert response.status_code == 200, response.text
+    audio = decode(response.content)
+    assert audio.codec in codecs and audio.sample_rate == rate
+    assert audio.duration == pytest.approx(0.5, abs=0.15)
