@@ -139,6 +139,16 @@ def test_speed_and_a_format_played_from_a_whole_file(page):
     assert fast < normal * 0.7, (fast, normal)
 
 
+@pytest.mark.parametrize("fmt", ["opus", "aac", "flac"])
+def test_every_other_format_the_page_offers_plays(page, fmt):
+    speak(page, "Every format in the list must play.", fmt)
+    assert page.is_hidden("#error"), page.text_content("#error")
+    state = audio_state(page)
+    assert state["error"] is None
+    assert 1.0 < state["duration"] < 8.0, state
+    assert page.eval_on_selector("#download", "a => a.download").endswith((".ogg", ".aac", ".flac"))
+
+
 @pytest.mark.parametrize(
     "text, expected",
     [("", "'input' must not be empty"), ("x" * (MAX_INPUT_CHARS + 1), f"the limit is {MAX_INPUT_CHARS}")],
