@@ -25,6 +25,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from anyio import to_thread
 
@@ -44,7 +45,9 @@ _READ_PIECE = 64 * 1024
 class CachedAudio:
     media_type: str
     sample_rate: int
-    data: bytes
+    first: bytes
+    #: The rest of the entry, read piece by piece as it is sent; must be closed.
+    rest: EntryReader
 
 
 class SynthesisCache:
@@ -97,21 +100,21 @@ class SynthesisCache:
         return self.directory / f"{key}{_SUFFIX}"
 
     async def get(self, key: str) -> CachedAudio | None:
+        """The entry for `key`, if any: its first piece read, the rest read as it is sent (a
+        long entry is never all in memory)."""
         if key not in self._entries:
             return None
         try:
-            raw = await to_thread.run_sync(self._path(key).read_bytes)
-            (length,) = _HEADER.unpack_from(raw)
-            meta = json.loads(raw[_HEADER.size : _HEADER.size + length])
-            data = raw[_HEADER.size + length :]
-            cached = CachedAudio(meta["media_type"], int(meta["sample_rate"]), data)
+            file, media_type, sample_rate, start = await to_thread.run_sync(_open_entry, self._path(key))
         except (OSError, ValueError, KeyError, struct.error) as exc:
             log.warning("dropping unreadable cache entry %s: %s", key, exc)
             self._drop(key)
             return None
         size, _ = self._entries[key]
         self._entries[key] = (size, time.time())
-        return cached
+        rest = EntryReader(file, start)
+        first = await anext(rest, b"")
+        return CachedAudio(media_type, sample_rate, first, rest)
 
     def take(
         self, key: str, media_type: str, sample_rate: int, first: bytes, source: AsyncIterator[bytes]
@@ -171,9 +174,42 @@ class SynthesisCache:
         self.size -= size
         self._path(key).unlink(missing_ok=True)
 
-    @staticmethod
-    def pieces(data: bytes) -> list[bytes]:
-        return [data[i : i + _READ_PIECE] for i in range(0, len(data), _READ_PIECE)] or [b""]
+
+
+def _open_entry(path: Path) -> tuple[BinaryIO, str, int, int]:
+    """An entry's open file, media type, sample rate, and where its audio starts."""
+    file = path.open("rb")
+    try:
+        (length,) = _HEADER.unpack(file.read(_HEADER.size))
+        meta = json.loads(file.read(length))
+        return file, meta["media_type"], int(meta["sample_rate"]), _HEADER.size + length
+    except BaseException:
+        file.close()
+        raise
+
+
+class EntryReader:
+    """A stored entry's audio from `offset` on, in pieces, by offset like a Take's readers (the
+    file stays readable if it is evicted meanwhile). Class-based so that closing it closes the
+    file even if it was never iterated."""
+
+    def __init__(self, file: BinaryIO, offset: int):
+        self._file = file
+        self._offset = offset
+
+    def __aiter__(self) -> EntryReader:
+        return self
+
+    async def __anext__(self) -> bytes:
+        piece = b"" if self._file.closed else os.pread(self._file.fileno(), _READ_PIECE, self._offset)
+        if not piece:
+            await self.aclose()
+            raise StopAsyncIteration
+        self._offset += len(piece)
+        return piece
+
+    async def aclose(self) -> None:
+        self._file.close()
 
 
 class Take:

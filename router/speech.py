@@ -241,10 +241,8 @@ class SpeechService:
         hit = await cache.get(key)
         if hit is not None:
             self.metrics.cache.labels("hit").inc()
-            pieces = SynthesisCache.pieces(hit.data)
             return AudioStream(
-                hit.media_type, hit.sample_rate, pieces[0], _replay(pieces[1:]),
-                headers={"X-Chorus-Cache": "hit"},
+                hit.media_type, hit.sample_rate, hit.first, hit.rest, headers={"X-Chorus-Cache": "hit"}
             )
         take = await cache.following(key)
         if take is not None:
@@ -358,11 +356,6 @@ class _Prefetch:
 
     def cancel(self) -> None:
         self._task.cancel()
-
-
-async def _replay(pieces: list[bytes]) -> AsyncIterator[bytes]:
-    for piece in pieces:
-        yield piece
 
 
 async def model_voices(service: SpeechService) -> dict[str, list[str]]:

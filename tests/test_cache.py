@@ -271,3 +271,17 @@ def test_a_take_too_big_to_keep_is_still_whole_for_everyone(setup, tmp_path):
         assert decode(response.content).duration > 4.0
     assert alone.headers["x-chorus-cache"] == "miss"
     assert entries(cache) == [] and list((cache / "partial").iterdir()) == []
+
+
+def test_an_unreadable_entry_is_dropped_and_made_again(setup, tmp_path):
+    configs, models = setup
+    cache = tmp_path / "cache"
+    with live_app(configs, models, cache_dir=cache) as url, httpx.Client(base_url=url, timeout=60) as client:
+        assert client.post(SPEECH, json=body()).headers["x-chorus-cache"] == "miss"
+        [entry] = entries(cache)
+        entry.write_bytes(b"\x00\x00\xff\xffnot an entry")  # a header that promises too much
+        again = client.post(SPEECH, json=body())
+        assert again.status_code == 200 and again.headers["x-chorus-cache"] == "miss"
+        assert decode(again.content).duration > 1.0
+        hit = client.post(SPEECH, json=body())
+    assert hit.headers["x-chorus-cache"] == "hit" and hit.content == again.content
