@@ -137,7 +137,7 @@ def test_another_backends_request_is_a_503(client: TestClient) -> None:
 def test_backend_library_missing_is_a_503(
     configs: Path, models: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(functions.BACKENDS, "bark", ("functions.not_installed_here", "Bark", "bark"))
+    monkeypatch.setitem(functions.BACKENDS, "bark", ("functions.not_installed_here", "Bark"))
     config = {"name": "suno", "backend": "bark", "parameters": {"model": "x"}}
     with TestClient(create_app("bark", configs, models)) as bark_client:
         wait_ready(bark_client)
