@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import shutil
+import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -20,6 +22,8 @@ CHROMIUM_ARGS = [
 ]
 #: Low, so that a too-long text is quick to type.
 MAX_INPUT_CHARS = 300
+#: What the page says when the browser's media pipeline stops taking chunks.
+STALL = "the browser's media pipeline stalled"
 
 
 @pytest.fixture(scope="module")
@@ -49,20 +53,35 @@ def browser():
             instance.close()
 
 
-@pytest.fixture
-def page(browser, server) -> Iterator:
+@contextmanager
+def page_on(browser, base: str, init_script: str | None = None) -> Iterator:
+    """A fresh browser tab on the page served at `base`, as a first-time visitor opens it."""
     context = browser.new_context()
+    if init_script:
+        context.add_init_script(init_script)
     page = context.new_page()
     page.set_default_timeout(60_000)
     requested: list[str] = []
     page.on("request", lambda request: requested.append(request.url))
-    page.goto(f"{server.url}/")
+    try:
+        page.goto(f"{base}/")
+        yield page
+    finally:
+        context.close()
+    # The page must work offline: every request it made went to the Chorus server.
+    assert all(url.startswith((base + "/", "blob:", "data:")) for url in requested), requested
+
+
+def wait_for_models(page) -> None:
     # Models and voices are in once the model list holds a real option.
     page.wait_for_function("() => document.querySelector('#model option')?.value === 'tts-1'")
-    yield page
-    context.close()
-    # The page must work offline: every request it made went to the Chorus server.
-    assert all(url.startswith((server.url + "/", "blob:", "data:")) for url in requested), requested
+
+
+@pytest.fixture
+def page(browser, server) -> Iterator:
+    with page_on(browser, server.url) as page:
+        wait_for_models(page)
+        yield page
 
 
 def speak(page, text: str, fmt: str = "mp3") -> None:
@@ -79,7 +98,8 @@ def speak(page, text: str, fmt: str = "mp3") -> None:
         )
     except PlaywrightTimeoutError:
         state = page.eval_on_selector(
-            "#player", "a => ({readyState: a.readyState, network: a.networkState, src: a.src})"
+            "#player",
+            "a => ({readyState: a.readyState, network: a.networkState, src: a.src, playback: a.dataset.playback})",
         )
         raise AssertionError(
             f"the page never finished: status {page.text_content('#status')!r}, "
@@ -95,7 +115,8 @@ def audio_state(page) -> dict:
     )
     return page.eval_on_selector(
         "#player",
-        "a => ({readyState: a.readyState, duration: a.duration, error: a.error && a.error.message, src: a.src})",
+        "a => ({readyState: a.readyState, duration: a.duration, error: a.error && a.error.message, src: a.src,"
+        " playback: a.dataset.playback})",
     )
 
 
@@ -117,8 +138,14 @@ def test_speak_streams_playable_mp3_and_offers_the_download(page):
     assert state["error"] is None
     assert 2.0 < state["duration"] < 10.0, state
     link = page.eval_on_selector("#download", "a => ({href: a.href, name: a.download, hidden: a.hidden})")
-    # mp3 plays through Media Source Extensions while it streams, not from the finished file.
-    assert state["src"] != link["href"]
+    # mp3 plays through Media Source Extensions while it streams, not from the finished file;
+    # unless the browser's own pipeline stalls (test_a_stalled_media_pipeline...), which is
+    # the browser's fault and said as a warning, not a failure.
+    if state["playback"] == f"whole file: {STALL}":
+        warnings.warn(f"Chromium's media pipeline stalled; the page played the whole file: {state}", stacklevel=1)
+    else:
+        assert state["playback"] == "streamed", state
+        assert state["src"] != link["href"]
     assert not link["hidden"] and link["href"].startswith("blob:") and link["name"] == "chorus-tts-1.mp3"
     size = page.evaluate("async (href) => (await (await fetch(href)).blob()).size", link["href"])
     assert size > 10_000
@@ -135,8 +162,29 @@ def test_speed_and_a_format_played_from_a_whole_file(page):
     state = audio_state(page)
     normal = state["duration"]
     # Chromium cannot stream WAV through Media Source Extensions: the page plays the whole file.
+    assert state["playback"] == "whole file: not streamable here", state
     assert state["src"] == page.eval_on_selector("#download", "a => a.href")
     assert fast < normal * 0.7, (fast, normal)
+
+
+#: A media pipeline that takes a chunk and stays busy with it, never firing `updateend`: what
+#: a loaded test machine's Chromium once did for over a minute, leaving the page at "Speaking…".
+STALLED_PIPELINE = """
+Object.defineProperty(SourceBuffer.prototype, "updating", { get() { return Boolean(this.stalled); } });
+SourceBuffer.prototype.appendBuffer = function () { this.stalled = true; };
+"""
+
+
+def test_a_stalled_media_pipeline_does_not_hold_up_the_audio(browser, server):
+    with page_on(browser, server.url, STALLED_PIPELINE) as page:
+        wait_for_models(page)
+        speak(page, "Hello from the playground. This sentence is spoken by Chorus.")
+        assert page.is_hidden("#error"), page.text_content("#error")
+        state = audio_state(page)
+        # The page gave up on streaming and plays the finished file, which it also offers.
+        assert state["playback"] == f"whole file: {STALL}", state
+        assert state["src"] == page.eval_on_selector("#download", "a => a.href")
+        assert state["error"] is None and 2.0 < state["duration"] < 10.0, state
 
 
 @pytest.mark.parametrize("fmt", ["opus", "aac", "flac"])
@@ -181,22 +229,16 @@ def keyed_server(tmp_path_factory: pytest.TempPathFactory):
 
 
 def test_with_api_keys_the_page_asks_for_one_and_then_speaks(browser, keyed_server):
-    context = browser.new_context()
-    page = context.new_page()
-    page.set_default_timeout(60_000)
-    try:
-        page.goto(f"{keyed_server.url}/")
+    with page_on(browser, keyed_server.url) as page:
         # The page itself is open; the API behind it is not, and the page says why.
         page.wait_for_selector("#error:not([hidden])")
         assert "API key" in page.text_content("#error")
         page.fill("#api-key", "second-key")
         page.dispatch_event("#api-key", "change")
-        page.wait_for_function("() => document.querySelector('#model option')?.value === 'tts-1'")
+        wait_for_models(page)
         speak(page, "Hello from a server that wants a key.", "wav")
         assert page.is_hidden("#error"), page.text_content("#error")
         assert 1.0 < audio_state(page)["duration"] < 8.0
-    finally:
-        context.close()
     # The key is checked by the server, not only by the page.
     assert httpx.get(f"{keyed_server.url}/v1/models").status_code == 401
     assert httpx.get(f"{keyed_server.url}/v1/models", headers={"x-api-key": "first-key"}).status_code == 200

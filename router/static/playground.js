@@ -85,44 +85,70 @@ function kilobytes(size) {
 }
 
 // Feeds encoded chunks to the audio element as they arrive, through Media Source Extensions.
-// If the media source does not open in time (a busy or restricted browser), or rejects a
-// chunk, the sink gives up and `finish()` answers false: the caller then plays the whole file.
+// Appends run on their own, behind the download: a media pipeline that stalls (a busy browser
+// has left a buffer update unanswered for a minute) must not hold up the file or the "Done".
+// If the media source does not open in time, rejects a chunk, or is still busy a few seconds
+// after the last byte arrived, `finish()` answers why, and the caller plays the whole file.
+const SOURCE_OPEN_MS = 5000;
+const APPEND_GRACE_MS = 3000;
+
+function waitMs(ms) {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
 function streamingSink(mime) {
   const source = new MediaSource();
   const url = URL.createObjectURL(source);
   player.src = url;
-  const opened = new Promise((resolve) => {
-    source.addEventListener("sourceopen", resolve, { once: true });
-    setTimeout(resolve, 5000);
-  });
+  const opened = Promise.race([
+    new Promise((resolve) => source.addEventListener("sourceopen", resolve, { once: true })),
+    waitMs(SOURCE_OPEN_MS),
+  ]);
+  const queue = [];
   let buffer = null;
-  let failed = false;
-  const idle = () => new Promise((resolve) => {
-    if (!buffer.updating) return resolve();
+  let failed = null; // why streaming playback gave up
+  let pumping = false;
+  let pumped = Promise.resolve();
+  const appended = () => new Promise((resolve, reject) => {
     buffer.addEventListener("updateend", resolve, { once: true });
-    buffer.addEventListener("error", resolve, { once: true });
+    buffer.addEventListener("error", () => reject(new Error("the browser could not decode a chunk")), { once: true });
   });
+
+  async function pump() {
+    pumping = true;
+    try {
+      if (!buffer) {
+        await opened;
+        if (source.readyState !== "open") throw new Error("the media source did not open");
+        buffer = source.addSourceBuffer(mime);
+      }
+      while (queue.length && !failed) {
+        const done = appended();
+        buffer.appendBuffer(queue.shift());
+        await done;
+      }
+    } catch (error) {
+      failed = error.message || String(error);
+    } finally {
+      pumping = false; // set before any other code runs: a push after this starts a new pump
+    }
+  }
+
   return {
     url,
-    async push(chunk) {
+    push(chunk) {
       if (failed) return;
-      try {
-        if (!buffer) {
-          await opened;
-          if (source.readyState !== "open") { failed = true; return; }
-          buffer = source.addSourceBuffer(mime);
-        }
-        await idle();
-        buffer.appendBuffer(chunk);
-      } catch (_) {
-        failed = true;
-      }
+      queue.push(chunk);
+      if (!pumping) pumped = pump();
     },
+    // null once the media source holds the whole stream, or why it does not.
     async finish() {
-      if (failed || !buffer) return false;
-      await idle();
+      await Promise.race([pumped, waitMs(APPEND_GRACE_MS)]);
+      if (failed) return failed;
+      if (!buffer) return "the media source did not open in time";
+      if (pumping || buffer.updating) return "the browser's media pipeline stalled";
       if (source.readyState === "open") source.endOfStream();
-      return true;
+      return null;
     },
   };
 }
@@ -171,7 +197,7 @@ async function speak(event) {
         parts.push(value);
         size += value.length;
         statusLine.textContent = `Speaking… ${kilobytes(size)} received`;
-        if (sink) await sink.push(value);
+        if (sink) sink.push(value);
       }
     } catch (error) {
       if (error.name !== "AbortError") showError(`The audio stopped before the end: ${error.message}`);
@@ -180,8 +206,14 @@ async function speak(event) {
     const file = new Blob(parts, { type: mime });
     const fileUrl = URL.createObjectURL(file);
     current.urls.push(fileUrl);
-    if (!sink || !(await sink.finish())) {
+    const unstreamed = sink ? await sink.finish() : "not streamable here";
+    // How this take was played, for whoever debugs a page that stayed silent.
+    player.dataset.playback = unstreamed ? `whole file: ${unstreamed}` : "streamed";
+    if (unstreamed) {
+      // Where streaming playback got to, if it got anywhere: the file goes on from there.
+      const heard = sink ? player.currentTime : 0;
       player.src = fileUrl;
+      player.currentTime = heard;
       player.play().catch(() => {});
     }
     download.href = fileUrl;
