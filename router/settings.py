@@ -57,8 +57,12 @@ class Settings(BaseModel):
         values: dict[str, object] = {}
         for field, name in _ENV_NAMES.items():
             raw = os.environ.get(name)
-            if raw not in (None, ""):
+            if raw in (None, ""):
+                continue
+            try:
                 values[field] = _PARSERS[field](raw) if field in _PARSERS else raw
+            except ValueError as exc:
+                raise SettingsError(f"{name}: {exc}") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         try:
             return cls.model_validate(values)
@@ -77,20 +81,20 @@ class SettingsError(ValueError):
     """A setting the environment (or a flag) gives that Chorus cannot use."""
 
 
-def _split(value: str | None) -> list[str] | None:
+def _split(value: str) -> list[str]:
     """`a, b,c` -> ["a", "b", "c"]."""
-    if not value:
-        return None
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
-def _parse_urls(value: str | None) -> dict[str, str] | None:
-    """`piper=http://piper:9000,coqui=http://coqui:9000` -> {"piper": ..., "coqui": ...}
-    (any `name=value` list: CHORUS_MAX_INPUT_CHARS_BY_ROUTE is read with it too)."""
-    if not value:
-        return None
-    pairs = (item.split("=", 1) for item in value.split(",") if item.strip())
-    return {name.strip(): url.strip() for name, url in pairs}
+def _pairs(value: str) -> dict[str, str]:
+    """`piper=http://piper:9000, coqui=http://coqui:9000` -> {"piper": ..., "coqui": ...}."""
+    pairs = {}
+    for item in _split(value):
+        name, equals, setting = item.partition("=")
+        if not equals or not name.strip():
+            raise ValueError(f"'{item}' is not name=value")
+        pairs[name.strip()] = setting.strip()
+    return pairs
 
 
 #: Each setting's environment variable.
@@ -117,7 +121,7 @@ _ENV_NAMES = {
 }
 #: Settings whose variable holds a list: `a, b` or `name=value, ...`.
 _PARSERS = {
-    "backend_urls": _parse_urls,
+    "backend_urls": _pairs,
     "api_keys": _split,
-    "max_input_chars_by_route": _parse_urls,
+    "max_input_chars_by_route": _pairs,
 }

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from functions import BACKENDS
-from router.settings import _parse_urls
+from router.settings import _pairs
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = REPO / "infra" / "compose.yaml"
@@ -90,7 +90,7 @@ def test_router_waits_for_healthy_backends(profile: str, request: pytest.Fixture
 def test_router_runs_in_http_mode_with_a_url_per_backend_service(gpu: dict) -> None:
     environment = gpu["services"]["router"]["environment"]
     assert environment["CHORUS_MODE"] == "http"
-    urls = _parse_urls(environment["CHORUS_BACKEND_URLS"])
+    urls = _pairs(environment["CHORUS_BACKEND_URLS"])
     assert sorted(urls) == sorted(BACKENDS)
     for backend, url in urls.items():
         parts = urlsplit(url)
