@@ -175,7 +175,6 @@ class SynthesisCache:
         self._path(key).unlink(missing_ok=True)
 
 
-
 def _open_entry(path: Path) -> tuple[BinaryIO, str, int, int]:
     """An entry's open file, media type, sample rate, and where its audio starts."""
     file = path.open("rb")
@@ -241,9 +240,16 @@ class Take:
         self._source = source
         self._partial = cache._partial / f"{key}.{uuid.uuid4().hex}"
         meta = json.dumps({"media_type": media_type, "sample_rate": sample_rate}).encode()
+        # Made again if a cleaner emptied the cache's directory since start-up.
+        cache._partial.mkdir(parents=True, exist_ok=True)
         self._file = self._partial.open("w+b")
-        self._file.write(_HEADER.pack(len(meta)) + meta + first)
-        self._file.flush()
+        try:
+            self._file.write(_HEADER.pack(len(meta)) + meta + first)
+            self._file.flush()
+        except OSError:
+            self._file.close()
+            self._partial.unlink(missing_ok=True)
+            raise
         self._start = _HEADER.size + len(meta)
         #: audio bytes made so far; those in the file, unless `_whole` is False
         self._size = len(first)
@@ -303,8 +309,18 @@ class Take:
         finally:
             self._next = None
         if self._whole and (self._size + len(piece) <= self._cache.max_bytes or self._shared):
-            self._file.write(piece)
-            self._file.flush()
+            try:
+                self._file.write(piece)
+                self._file.flush()
+            except OSError as exc:
+                if self._shared:
+                    # A follower may lag behind, reading bytes only the file would have held.
+                    self._error = exc
+                    self._finish()
+                    return None
+                # A full disk costs the cache this entry, not the client its audio.
+                log.warning("the synthesis cache stops recording a response: %s", exc)
+                self._whole = False
         else:
             # Too big to keep and never followed: stop writing, and let nobody join from here.
             self._whole = False

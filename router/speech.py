@@ -9,7 +9,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from anyio import to_thread
 
@@ -257,11 +257,14 @@ class SpeechService:
         self.metrics.cache.labels("miss").inc()
         with cache.starting(key):
             made = await self._encoded(job, fmt, on_chunk)
-        take = cache.take(key, made.media_type, made.sample_rate, made.first, made.rest)
-        return AudioStream(
-            made.media_type, made.sample_rate, made.first, take.reader(len(made.first)),
-            headers={"X-Chorus-Cache": "miss"},
-        )
+        made.headers["X-Chorus-Cache"] = "miss"
+        try:
+            take = cache.take(key, made.media_type, made.sample_rate, made.first, made.rest)
+        except OSError as exc:
+            # The cache's disk is full or gone: the client still gets its audio, unrecorded.
+            log.warning("the synthesis cache cannot record a response: %s", exc)
+            return made
+        return replace(made, rest=take.reader(len(made.first)))
 
     async def _encoded(
         self, job: SpeechJob, fmt: AudioFormat, on_chunk: ChunkDone | None

@@ -5,7 +5,11 @@ least-recently-used eviction; it survives a restart; and it is off unless a dire
 
 from __future__ import annotations
 
+import asyncio
+import errno
+import shutil
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -13,6 +17,7 @@ import httpx
 import pytest
 from conftest import decode
 
+from router.cache import SynthesisCache
 from tests._live import DIE, RAISE, ScriptedRunner, assert_family_error, live_app, piper_setup
 
 SPEECH = "/v1/audio/speech"
@@ -285,3 +290,63 @@ def test_an_unreadable_entry_is_dropped_and_made_again(setup, tmp_path):
         assert decode(again.content).duration > 1.0
         hit = client.post(SPEECH, json=body())
     assert hit.headers["x-chorus-cache"] == "hit" and hit.content == again.content
+
+
+def test_a_cache_that_cannot_write_still_answers_in_full(setup, tmp_path):
+    configs, models = setup
+    cache = tmp_path / "cache"
+    with live_app(configs, models, cache_dir=cache) as url, httpx.Client(base_url=url, timeout=60) as client:
+        # A cleaner emptied the disk under the running server: the cache makes its folders again.
+        shutil.rmtree(cache)
+        assert client.post(SPEECH, json=body()).headers["x-chorus-cache"] == "miss"
+        assert client.post(SPEECH, json=body()).headers["x-chorus-cache"] == "hit"
+        # Now nothing can be written there: requests are answered whole, and nothing is kept.
+        shutil.rmtree(cache / "partial")
+        (cache / "partial").write_bytes(b"")
+        for _ in range(2):
+            response = client.post(SPEECH, json=body(input="Said, and never written down."))
+            assert response.status_code == 200 and response.headers["x-chorus-cache"] == "miss"
+            assert decode(response.content).duration > 1.0
+    assert len(entries(cache)) == 1
+
+
+class FullDisk:
+    """A take's file on a disk that has just filled up: reads work, writes fail."""
+
+    def __init__(self, file) -> None:
+        self._file = file
+
+    def write(self, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def __getattr__(self, name: str):
+        return getattr(self._file, name)
+
+
+@pytest.mark.parametrize("readers", [1, 2])
+def test_a_full_disk_mid_response_costs_the_entry_not_a_lone_clients_audio(tmp_path, readers):
+    async def scenario() -> list[bytes | str]:
+        cache = SynthesisCache(tmp_path / "cache", 1_000_000, tmp_path)
+
+        async def source() -> AsyncIterator[bytes]:
+            yield b"b" * 10
+            yield b"c" * 10
+
+        take = cache.take("key", "audio/wav", 22050, b"a" * 10, source())
+        take._file = FullDisk(take._file)
+
+        async def read(reader) -> bytes | str:
+            try:
+                return b"a" * 10 + b"".join([piece async for piece in reader])
+            except OSError as exc:
+                return exc.strerror
+
+        return await asyncio.gather(*(read(take.reader(10)) for _ in range(readers)))
+
+    got = asyncio.run(scenario())
+    if readers == 1:
+        assert got == [b"a" * 10 + b"b" * 10 + b"c" * 10]
+    else:
+        # A follower may lag behind the head, reading bytes only the file would hold: both stop.
+        assert got == ["No space left on device"] * 2
+    assert entries(tmp_path / "cache") == [] and list((tmp_path / "cache" / "partial").iterdir()) == []
