@@ -162,18 +162,21 @@ def slow_runner(models: Path, seconds: float = 0.6) -> ScriptedRunner:
     return ScriptedRunner(models, chunk_delay={chunk: seconds for chunk in SLOW_CHUNKS})
 
 
+def post_after(url: str, delay: float, text: str = SLOW_TEXT) -> httpx.Response:
+    """`text` asked for `delay` seconds from now: requests that arrive at chosen moments of
+    another's synthesis."""
+    time.sleep(delay)
+    return httpx.post(f"{url}{SPEECH}", json=body(input=text), timeout=60)
+
+
 def test_identical_requests_at_once_share_one_synthesis(setup, tmp_path):
     configs, models = setup
     runner = slow_runner(models)
     cache = tmp_path / "cache"
     with live_app(configs, models, runner, cache_dir=cache, chunk_chars=60) as url:
-
-        def ask(delay: float) -> httpx.Response:
-            time.sleep(delay)  # one arrives before the first bytes, one after
-            return httpx.post(f"{url}{SPEECH}", json=body(input=SLOW_TEXT), timeout=60)
-
         with ThreadPoolExecutor(3) as pool:
-            responses = list(pool.map(ask, [0, 0.2, 1.0]))
+            # One arrives before the first bytes, one after.
+            responses = list(pool.map(lambda delay: post_after(url, delay), [0, 0.2, 1.0]))
         metrics = httpx.get(f"{url}/metrics").text
     assert [r.status_code for r in responses] == [200, 200, 200]
     assert sorted(r.headers["x-chorus-cache"] for r in responses) == ["miss", "shared", "shared"]
@@ -233,9 +236,8 @@ def test_a_take_that_fails_fails_its_followers_too(setup, tmp_path):
     with live_app(configs, models, runner, cache_dir=cache, chunk_chars=60) as url:
 
         def ask(delay: float) -> str:
-            time.sleep(delay)
             try:
-                response = httpx.post(f"{url}{SPEECH}", json=body(input=dying), timeout=60)
+                response = post_after(url, delay, dying)
             except httpx.RemoteProtocolError:
                 return "aborted"  # no truncated file passed off as complete
             return f"{response.status_code}"
@@ -262,13 +264,8 @@ def test_a_take_too_big_to_keep_is_still_whole_for_everyone(setup, tmp_path):
     runner = slow_runner(models)
     cache = tmp_path / "cache"
     with live_app(configs, models, runner, cache_dir=cache, cache_max_mb=0.05, chunk_chars=60) as url:
-
-        def ask(delay: float) -> httpx.Response:
-            time.sleep(delay)
-            return httpx.post(f"{url}{SPEECH}", json=body(input=SLOW_TEXT), timeout=60)
-
         with ThreadPoolExecutor(2) as pool:
-            responses = list(pool.map(ask, [0, 1.0]))
+            responses = list(pool.map(lambda delay: post_after(url, delay), [0, 1.0]))
         alone = httpx.post(f"{url}{SPEECH}", json=body(input=SLOW_TEXT), timeout=60)
     assert [r.headers["x-chorus-cache"] for r in responses] == ["miss", "shared"]
     assert responses[0].content == responses[1].content
