@@ -345,11 +345,13 @@ class Take:
             # The last reader left before the end: nothing more is wanted from the backend.
             self._error = _Abandoned("every reader of this response left")
             self._finish()
-            if self._next is not None:
-                self._next.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._next
-            await self._source.aclose()  # type: ignore[attr-defined]
+        if self._next is not None:
+            self._next.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._next
+        # Also after a failure of the take's own (its file), which leaves the source mid-way;
+        # a source that ended or raised is closed already, and this does nothing.
+        await self._source.aclose()  # type: ignore[attr-defined]
         self._file.close()
 
 

@@ -11,6 +11,7 @@ import shutil
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
 from pathlib import Path
 
 import httpx
@@ -322,28 +323,42 @@ class FullDisk:
 
 @pytest.mark.parametrize("readers", [1, 2])
 def test_a_full_disk_mid_response_costs_the_entry_not_a_lone_clients_audio(tmp_path, readers):
-    async def scenario() -> list[bytes | str]:
+    stopped: list[str] = []
+
+    async def scenario() -> tuple[list[bytes | str], list[str]]:
         cache = SynthesisCache(tmp_path / "cache", 1_000_000, tmp_path)
 
         async def source() -> AsyncIterator[bytes]:
-            yield b"b" * 10
-            yield b"c" * 10
+            try:
+                yield b"b" * 10
+                yield b"c" * 10
+                stopped.append("ended")
+            except GeneratorExit:
+                stopped.append("closed")
+                raise
 
         take = cache.take("key", "audio/wav", 22050, b"a" * 10, source())
         take._file = FullDisk(take._file)
 
         async def read(reader) -> bytes | str:
-            try:
-                return b"a" * 10 + b"".join([piece async for piece in reader])
-            except OSError as exc:
-                return exc.strerror
+            # Closed however it ends, as a response closes its stream.
+            async with aclosing(reader):
+                try:
+                    return b"a" * 10 + b"".join([piece async for piece in reader])
+                except OSError as exc:
+                    return exc.strerror
 
-        return await asyncio.gather(*(read(take.reader(10)) for _ in range(readers)))
+        got = await asyncio.gather(*(read(take.reader(10)) for _ in range(readers)))
+        await asyncio.sleep(0)
+        return got, list(stopped)  # before the loop's own clean-up closes what was left open
 
-    got = asyncio.run(scenario())
+    got, stopped_then = asyncio.run(scenario())
     if readers == 1:
         assert got == [b"a" * 10 + b"b" * 10 + b"c" * 10]
+        assert stopped_then == ["ended"]
     else:
-        # A follower may lag behind the head, reading bytes only the file would hold: both stop.
+        # A follower may lag behind the head, reading bytes only the file would hold: both
+        # stop, and so does the synthesis behind them.
         assert got == ["No space left on device"] * 2
+        assert stopped_then == ["closed"]
     assert entries(tmp_path / "cache") == [] and list((tmp_path / "cache" / "partial").iterdir()) == []
