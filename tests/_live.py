@@ -18,6 +18,7 @@ from anyio import to_thread
 from functions.config import ModelConfig
 from functions.piper import install_bundled_voice
 from functions.protocol import SynthesisRequest
+from router.api.common import is_elevenlabs_client
 from router.app import create_app
 from router.errors import SynthesisFailed
 from router.registry import ModelRegistry
@@ -129,9 +130,7 @@ def live_app(
 
 def family_of(request: httpx.Request) -> str:
     path = request.url.path
-    if path == "/v1/models" and (
-        "xi-api-key" in request.headers or request.headers.get("user-agent", "").startswith("elevenlabs")
-    ):
+    if path == "/v1/models" and is_elevenlabs_client(request.headers):
         return "elevenlabs"  # the one path both APIs own: ElevenLabs clients get their shape
     if path.startswith(("/v1/text-to-speech", "/v1/voices", "/v2/voices", "/v1/sound-generation")):
         return "elevenlabs"
