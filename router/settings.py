@@ -73,8 +73,10 @@ class Settings(BaseModel):
                 f"{_ENV_NAMES.get(field, field)}: {error['msg']} (got {error['input']!r})"
             ) from None
 
-    def input_limit(self, route: str | None) -> int:
-        return self.max_input_chars_by_route.get(route or "", self.max_input_chars)
+    def input_limit(self, route: Route | None) -> int:
+        if route is None:
+            return self.max_input_chars
+        return self.max_input_chars_by_route.get(route, self.max_input_chars)
 
 
 class SettingsError(ValueError):

@@ -24,7 +24,7 @@ from router.limits import Admission, Place, timed
 from router.metrics import Metrics, note_model
 from router.registry import ModelRegistry
 from router.runners import PcmStream, Runner
-from router.settings import Settings
+from router.settings import Route, Settings
 
 log = logging.getLogger("chorus")
 
@@ -111,9 +111,9 @@ class SpeechService:
         instructions: str | None = None,
         seed: int | None = None,
         backend: str | None = None,
-        route: str | None = None,
+        route: Route | None = None,
     ) -> SpeechJob:
-        """`route` (openai, localai, elevenlabs, sound-generation) picks the input limit."""
+        """`route` (the API family) picks the input limit."""
         # Control characters carry no speech and break phonemisers (a NUL ends espeak's input).
         text = _CONTROL.sub(" ", text)
         if not text.strip():
