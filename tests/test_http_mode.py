@@ -283,15 +283,22 @@ class ScriptedWorker:
         #: scripts whose answer stopped early because the router went away
         self.abandoned: list[str] = []
         self.healthy = True
+        #: how many times the router asked for the voices
+        self.voice_lists = 0
         self.app = Starlette(
             routes=[
                 Route("/healthz", self.healthz, methods=["GET"]),
                 Route("/synthesize", self.synthesize, methods=["POST"]),
+                Route("/voices", self.voices, methods=["POST"]),
             ]
         )
 
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ready" if self.healthy else "loading"}, status_code=200 if self.healthy else 503)
+
+    async def voices(self, request: Request) -> Response:
+        self.voice_lists += 1
+        return JSONResponse({"voices": ["a", "b"]})
 
     async def synthesize(self, request: Request) -> Response:
         body = SynthesizeBody.model_validate_json(await request.body())
@@ -356,6 +363,7 @@ def fresh(worker: ScriptedWorker) -> Iterator[ScriptedWorker]:
     worker.bodies.clear()
     worker.abandoned.clear()
     worker.healthy = True
+    worker.voice_lists = 0
     yield worker
 
 
@@ -375,6 +383,30 @@ async def collect(runner: HttpRunner, text: str, received: bytearray | None = No
         return stream.sample_rate, chunks
     finally:
         await runner.close()
+
+
+def test_a_workers_voices_are_asked_once_until_it_goes_down(scripted) -> None:
+    worker, url = scripted
+
+    async def run() -> list[tuple[list[str], int]]:
+        runner = HttpRunner({"piper": url}, health_interval=0.1)
+        await runner.start([CONFIG])
+        seen = []
+        try:
+            for _ in range(3):
+                seen.append((await runner.voices(CONFIG), worker.voice_lists))
+            # Down and up again: it may have loaded other models since, so it is asked anew.
+            worker.healthy = False
+            await asyncio.sleep(0.4)
+            worker.healthy = True
+            await asyncio.sleep(0.4)
+            seen.append((await runner.voices(CONFIG), worker.voice_lists))
+        finally:
+            await runner.close()
+        return seen
+
+    with fresh(worker):
+        assert asyncio.run(run()) == [(["a", "b"], 1), (["a", "b"], 1), (["a", "b"], 1), (["a", "b"], 2)]
 
 
 def test_a_slow_worker_loses_and_repeats_nothing(scripted) -> None:
