@@ -7,8 +7,9 @@ response that streamed to its end without error is stored: it is written to a te
 goes out and renamed into place at the end (atomic: a reader never sees half a file), and dropped
 when the stream fails or every client has left. An identical request that arrives while a response
 is being made follows that one (X-Chorus-Cache: shared) rather than paying for a second synthesis.
-The size is capped; the least recently used entries go first. Note that backends which sample (Bark, MusicGen) return the cached take of a request
-that names no seed.
+The size is capped; the least recently used entries go first. A cache that cannot write (a full
+or vanished disk) costs the entry, never the client's audio. Backends that sample (Bark,
+MusicGen) return the cached take of a request that names no seed.
 """
 
 from __future__ import annotations
