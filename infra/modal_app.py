@@ -1,8 +1,8 @@
 """Chorus on Modal: `modal deploy infra/modal_app.py` (or `make deploy`).
 
 What it deploys:
-- one Modal class per backend that a config in configs/ uses (Piper, Coqui, ...), built from that
-  backend's own `images/<name>/Dockerfile`, the file docker compose builds too. Each class is
+- one Modal class per backend that a config in configs/ uses (Piper, Coqui, ...), built from the
+  worker Dockerfile with that backend's build arguments, as docker compose builds it. Each class is
   parametrised by the model name, so one class serves every config of its backend and each model
   gets its own containers, started only when a request names it;
 - the router as an ASGI web endpoint on CPU, calling those classes by name;
@@ -31,6 +31,7 @@ if modal.is_local():
 
 from functions import BACKENDS, modal_class_name
 from functions.config import ConfigError, DeploySettings, ModelConfig, validate_configs
+from functions.images import ROUTER_DOCKERFILE, WORKER_DOCKERFILE, worker_build_args
 
 APP_NAME = os.environ.get("CHORUS_MODAL_APP") or "chorus"
 VOLUME_NAME = "chorus-models"
@@ -119,11 +120,15 @@ api_key_secret = modal.Secret.from_name(SECRET_NAME, required_keys=["CHORUS_API_
 
 
 def _image(
-    folder: str, *packages: str, env: dict[str, str] | None = None, ignore: Any = None
+    dockerfile: str,
+    *packages: str,
+    build_args: dict[str, str] | None = None,
+    env: dict[str, str] | None = None,
+    ignore: Any = None,
 ) -> modal.Image:
-    """The image built from images/<folder>/Dockerfile, plus the Chorus packages and the configs
-    this app was deployed with, added at container start."""
-    image = modal.Image.from_dockerfile(REPO / "images" / folder / "Dockerfile", context_dir=REPO)
+    """The image docker compose builds from `dockerfile` with `build_args`, plus the Chorus
+    packages and the configs this app was deployed with, added at container start."""
+    image = modal.Image.from_dockerfile(REPO / dockerfile, context_dir=REPO, build_args=build_args or {})
     image = image.env(
         {"CHORUS_CONFIGS_DIR": CONTAINER_CONFIGS_DIR, "CHORUS_MODELS_DIR": MODELS_DIR, **(env or {})}
     )
@@ -194,7 +199,7 @@ def _backend_class(backend: str, settings: DeploySettings) -> Any:
     }
     user_cls = type(name, (BackendService,), body)
     decorated = app.cls(
-        image=_image(backend, "functions"),
+        image=_image(WORKER_DOCKERFILE, "functions", build_args=worker_build_args(backend)),
         gpu=settings.gpu,
         volumes={MODELS_DIR: models_volume},
         min_containers=settings.min_containers,
@@ -212,7 +217,7 @@ for _backend, _settings in DEPLOY.items():
 
 
 router_image = _image(
-    "router",
+    ROUTER_DOCKERFILE,
     "router",
     "functions",
     env={"CHORUS_MODE": "modal", "CHORUS_MODAL_APP": APP_NAME},

@@ -14,10 +14,12 @@ from urllib.parse import urlsplit
 import pytest
 
 from functions import BACKENDS
+from functions.images import ROUTER_DOCKERFILE, WORKER_DOCKERFILE, worker_build_args
 from router.settings import _pairs
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = REPO / "infra" / "compose.yaml"
+CPU_OVERRIDE = REPO / "infra" / "compose.cpu.yaml"
 GPU_BACKENDS = sorted(set(BACKENDS) - {"piper"})
 
 
@@ -65,13 +67,37 @@ def test_gpu_profile_adds_every_gpu_backend_with_an_nvidia_device(gpu: dict) -> 
         assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
 
 
-def test_each_backend_service_builds_its_own_image(gpu: dict) -> None:
+def test_each_backend_service_builds_the_worker_image_with_its_own_arguments(gpu: dict) -> None:
+    # The build arguments that `make images`, the tests and the Modal app use (functions/images.py).
     for backend in BACKENDS:
-        build = gpu["services"][backend]["build"]
+        service = gpu["services"][backend]
+        build = service["build"]
         assert Path(build["context"]) == REPO
-        assert build["dockerfile"] == f"images/{backend}/Dockerfile"
-        assert (REPO / build["dockerfile"]).is_file()
-    assert gpu["services"]["router"]["build"]["dockerfile"] == "images/router/Dockerfile"
+        assert build["dockerfile"] == WORKER_DOCKERFILE
+        assert build["args"] == worker_build_args(backend)
+        assert service["image"] == f"chorus/{backend}"
+    assert gpu["services"]["router"]["build"]["dockerfile"] == ROUTER_DOCKERFILE
+
+
+def test_the_cpu_override_runs_the_gpu_backends_without_a_device(gpu: dict) -> None:
+    result = compose(COMPOSE_FILE, "-f", str(CPU_OVERRIDE), "--profile", "gpu")
+    assert result.returncode == 0, result.stderr
+    cpu = json.loads(result.stdout)
+    assert sorted(cpu["services"]) == sorted(gpu["services"])
+    for name in GPU_BACKENDS:
+        assert "deploy" not in cpu["services"][name], name
+        # Everything else stays as the GPU profile has it.
+        assert {k: v for k, v in cpu["services"][name].items() if k != "deploy"} == {
+            k: v for k, v in gpu["services"][name].items() if k != "deploy"
+        }
+
+
+def test_workers_sit_on_an_internal_network_only_the_router_shares(gpu: dict) -> None:
+    # Nothing is fetched at run time, and no worker is reachable but through the router.
+    assert gpu["networks"]["workers"]["internal"] is True
+    for backend in BACKENDS:
+        assert list(gpu["services"][backend]["networks"]) == ["workers"], backend
+    assert sorted(gpu["services"]["router"]["networks"]) == ["default", "workers"]
 
 
 @pytest.mark.parametrize("profile", ["default", "gpu"])

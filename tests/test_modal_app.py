@@ -24,6 +24,7 @@ import yaml
 
 from functions import BACKENDS
 from functions.config import ConfigError, load_configs
+from functions.images import ROUTER_DOCKERFILE, WORKER_DOCKERFILE, worker_build_args
 from tests.conftest import decode
 from tests.processes import REPO
 
@@ -129,7 +130,7 @@ def test_every_backend_gets_a_class_with_the_settings_its_configs_ask_for(
     from_dockerfile = modal.Image.from_dockerfile
 
     def recording(path, **options):
-        dockerfiles.add((Path(path), Path(options["context_dir"])))
+        dockerfiles.add((Path(path), Path(options["context_dir"]), tuple(sorted(options["build_args"].items()))))
         return from_dockerfile(path, **options)
 
     monkeypatch.setattr(modal.Image, "from_dockerfile", recording)
@@ -161,11 +162,11 @@ def test_every_backend_gets_a_class_with_the_settings_its_configs_ask_for(
     assert web.gpus == []
     assert web.web_info is not None
     assert web.secrets == ["modal.Secret.from_name('chorus-api-key')"]
-    # Every image is built from its images/<name>/Dockerfile, the file docker compose builds,
-    # with the repository as the build context.
+    # Every image is built as docker compose builds it: the worker Dockerfile with each backend's
+    # build arguments, the router's own, the repository as the build context.
     assert dockerfiles == {
-        (REPO / "images" / folder / "Dockerfile", REPO)
-        for folder in [*BACKENDS, "router"]
+        *((REPO / WORKER_DOCKERFILE, REPO, tuple(sorted(worker_build_args(b).items()))) for b in BACKENDS),
+        (REPO / ROUTER_DOCKERFILE, REPO, ()),
     }
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -69,25 +70,30 @@ def test_quick_start_has_curl_openai_and_elevenlabs_examples():
     assert 'voice_id="en_US-joe-medium"' in RUN_BLOCKS[2][1]
 
 
-@pytest.mark.parametrize("block", RUN_BLOCKS, ids=[block_id(b) for b in RUN_BLOCKS])
-def test_quick_start_block_runs_as_written(block, server, tmp_path):
+def run_quick_start_block(block: tuple[str, str], port: int, folder: Path, log: str = "") -> None:
+    """Run a quick-start block as written, against a server on `port`, in `folder`; check that
+    every audio file it names is there and real, and what it prints of the server's lists."""
     lang, code = block
-    code = code.replace("localhost:8080", f"localhost:{server.port}")
+    code = code.replace("localhost:8080", f"localhost:{port}")
     if lang == "sh":
         command = ["bash", "-euo", "pipefail", "-c", code]
     else:
         command = [sys.executable, "-c", code]
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}\nserver log:\n{server.output()}"
+    result = subprocess.run(command, cwd=folder, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}\nserver log:\n{log}"
 
-    # Every file the block names as its output exists and is real audio.
     named = set(re.findall(r"""(?:-o |["'])([\w.-]+\.(?:mp3|wav|ogg|flac|aac))\b""", code))
     assert named, "the block writes no audio file"
-    written = {path.name for path in tmp_path.iterdir() if path.suffix in AUDIO_SUFFIXES}
+    written = {path.name for path in folder.iterdir() if path.suffix in AUDIO_SUFFIXES}
     assert written == named
     for name in named:
-        seconds = audio_seconds(tmp_path / name)
+        seconds = audio_seconds(folder / name)
         assert seconds > 0.5, f"{name} holds {seconds:.2f} s of audio"
     if lang == "sh" and "/v1/models" in code:
         assert '"id":"tts-1"' in result.stdout.replace(" ", "")
         assert "en_US-joe-medium" in result.stdout
+
+
+@pytest.mark.parametrize("block", RUN_BLOCKS, ids=[block_id(b) for b in RUN_BLOCKS])
+def test_quick_start_block_runs_as_written(block, server, tmp_path):
+    run_quick_start_block(block, server.port, tmp_path, server.output())

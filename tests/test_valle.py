@@ -4,7 +4,6 @@ tests/tiny_models/valle_models.py), served by a backend worker process."""
 
 from __future__ import annotations
 
-import ctypes.util
 import os
 import subprocess
 import textwrap
@@ -17,14 +16,12 @@ import httpx
 import numpy as np
 import pytest
 import yaml
+from containers import image_python
 
 from tests.conftest import audio_seconds
-from tests.envs import image_env
 from tests.processes import REPO, backend_worker, chorus_server
 
 TINY_MODELS = REPO / "tests" / "tiny_models"
-FFMPEG_PACKAGES = ("libavcodec59 libavformat59 libavutil57 libswresample4 libswscale6 "
-                   "libavdevice59 libavfilter8")
 
 CONFIGS = {
     "valle.yaml": """
@@ -75,12 +72,7 @@ def _write_wav(path: Path, seconds: float, rate: int = 24000) -> None:
 
 @pytest.fixture(scope="module")
 def python() -> Path:
-    if ctypes.util.find_library("avcodec") is None:
-        pytest.fail(
-            "FFmpeg's shared libraries are missing (torchcodec, which torchaudio loads audio "
-            f"with, needs them): apt-get install {FFMPEG_PACKAGES}"
-        )
-    return image_env("vall-e-x")
+    return image_python("vall-e-x")
 
 
 @pytest.fixture(scope="module")

@@ -51,6 +51,8 @@ class HttpRunner(Runner):
         #: backend -> why its worker cannot serve now; a backend absent from it is healthy.
         self._problems: dict[str, str] = {name: "not probed yet" for name in self.backend_urls}
         self._needed: set[str] = set()
+        #: backends whose worker has answered healthy since start
+        self._seen: set[str] = set()
         #: (backend, config JSON) -> its worker's voice list, asked once rather than on every
         #: voice listing: it changes only with what the worker loaded, so a probe or call that
         #: finds the worker down drops its backend's lists.
@@ -87,8 +89,12 @@ class HttpRunner(Runner):
         self._monitor = asyncio.create_task(self._watch())
 
     def is_ready(self) -> bool:
-        """Every backend that a configured model uses, and that has a worker, answers healthy."""
-        return self._started and not (self._needed & self._problems.keys())
+        """A configured model's worker answers healthy, and none that has answered since start is
+        down now. A worker never reached is a service this deployment does not run (compose's
+        default profile names the GPU backends' URLs but starts none of them): its models answer
+        503, and it holds nothing back."""
+        healthy = self._needed - self._problems.keys()
+        return self._started and bool(healthy) and not (self._needed & self._seen & self._problems.keys())
 
     async def _watch(self) -> None:
         while True:
@@ -114,6 +120,7 @@ class HttpRunner(Runner):
     def _set_health(self, backend: str, problem: str | None) -> None:
         before = self._problems.get(backend)
         if problem is None:
+            self._seen.add(backend)
             self._problems.pop(backend, None)
             if before is not None:
                 log.info("backend '%s' is ready", backend)

@@ -1,6 +1,6 @@
-"""What the heavy-backend tests share: a tiny model built in the backend's own environment and
-saved to a models directory, and that backend's worker (`python -m functions.worker`) serving it
-on loopback, started the way its container starts it."""
+"""What the heavy-backend tests share: a tiny model built in the backend's own image and saved to a
+models directory, and that backend's worker (`python -m functions.worker`, the image's command)
+serving it on loopback from the same image."""
 
 from __future__ import annotations
 
@@ -13,21 +13,21 @@ from pathlib import Path
 
 import httpx
 import yaml
-from envs import image_env
+from containers import image_python
 from processes import backend_worker
 
 BUILDERS = Path(__file__).resolve().parent
 
 
 def backend_python(image: str) -> tuple[Path, float]:
-    """The image's environment (built on first use, then cached) and the seconds it took here."""
+    """The image's `python` (the image built on first use) and the seconds that took here."""
     start = time.perf_counter()
-    python = image_env(image)
+    python = image_python(image)
     return python, time.perf_counter() - start
 
 
 def build_tiny_model(python: Path, builder: str, folder: Path) -> float:
-    """Run `tests/tiny_models/<builder>.py <folder>` in the backend's environment; its seconds."""
+    """Run `tests/tiny_models/<builder>.py <folder>` in the backend's image; its seconds."""
     start = time.perf_counter()
     subprocess.run(
         [str(python), str(BUILDERS / f"{builder}.py"), str(folder)],

@@ -1,0 +1,42 @@
+"""How each backend's image is built: one Dockerfile for every worker, told apart by build
+arguments that follow from the backend's folder. docker compose, `make images` and the Modal app
+all build with these, and the tests check that compose names the same ones."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+WORKER_DOCKERFILE = "images/worker/Dockerfile"
+ROUTER_DOCKERFILE = "images/router/Dockerfile"
+
+
+def image_folder(backend: str) -> Path:
+    """images/<backend>/: its lock (requirements.txt) and, where needed, system-packages.txt."""
+    return REPO / "images" / backend
+
+
+def normalised_name(name: str) -> str:
+    """A distribution's name as PyPI compares them (PEP 503)."""
+    return re.sub(r"[-_.]+", "-", name.strip()).lower()
+
+
+def locked_packages(lock: Path) -> dict[str, str]:
+    """A lock file's packages as {normalised name: version}."""
+    packages = {}
+    for line in lock.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            packages[normalised_name(name)] = version.strip()
+    return packages
+
+
+def uses_torch(backend: str) -> bool:
+    return "torch" in locked_packages(image_folder(backend) / "requirements.txt")
+
+
+def worker_build_args(backend: str) -> dict[str, str]:
+    """The worker Dockerfile's build arguments for `backend`. TORCH puts the shared torch layer
+    (images/worker/torch.txt) under the backends whose lock has torch."""
+    return {"BACKEND": backend, "TORCH": "true" if uses_torch(backend) else "false"}

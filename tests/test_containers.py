@@ -1,0 +1,334 @@
+"""The images, built and run by a real Docker engine, the way users run them.
+
+- Every image installs exactly its lock, runs as its non-root user, and the torch backends share
+  one torch layer.
+- The default compose stack (the router and Piper containers) serves the three API families, the
+  README's quick start and both SDKs on its published port; a worker killed mid-stream (as an
+  out-of-memory kill would) aborts the response, the router says 503 until the restart policy
+  brings it back, and `down -v` leaves nothing behind.
+- Every heavy backend's container, on the CPU (infra/compose.cpu.yaml), serves a tiny model the
+  test places in the models volume, through the router container.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+import wave
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+from conftest import MP3, SHORT_SECONDS, SHORT_TEXT, assert_speech, decode
+from containers import COMPOSE_FILE, REPO, built_image, compose_binary, compose_environment, image_python
+from processes import free_port
+from test_readme import RUN_BLOCKS, block_id, run_quick_start_block
+from tiny_models.harness import build_tiny_model
+
+from functions import BACKENDS
+from functions.images import locked_packages, normalised_name, uses_torch
+
+ALL_IMAGES = sorted([*BACKENDS, "router"])
+TORCH_BACKENDS = sorted(b for b in BACKENDS if uses_torch(b))
+CPU_OVERRIDE = REPO / "infra" / "compose.cpu.yaml"
+#: About four minutes of speech: the worker is still busy when it is killed.
+LONG_TEXT = " ".join(f"Paragraph {n} goes on about the weather, the sea and the long road home." for n in range(50))
+
+
+def docker(*args: str, timeout: float = 120) -> str:
+    result = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"docker {' '.join(args)}: {result.stderr}"
+    return result.stdout
+
+
+def inspect(kind: str, name: str) -> dict:
+    return json.loads(docker(kind, "inspect", name))[0]
+
+
+# --- the images ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("image", ALL_IMAGES)
+def test_the_image_installs_exactly_its_lock(image: str) -> None:
+    tag = built_image(image)
+    frozen = docker("run", "--rm", tag, "pip", "freeze", "--all", "--exclude", "pip")
+    installed = {line.partition("==")[0]: line.partition("==")[2] for line in frozen.split()}
+    lock = REPO / "images" / image / "requirements.txt"
+    assert locked_packages_of(installed) == locked_packages(lock)
+
+
+def locked_packages_of(frozen: dict[str, str]) -> dict[str, str]:
+    return {normalised_name(name): version for name, version in frozen.items()}
+
+
+@pytest.mark.parametrize("image", ALL_IMAGES)
+def test_the_image_runs_as_its_non_root_user(image: str) -> None:
+    tag = built_image(image)
+    assert inspect("image", tag)["Config"]["User"] == "10001:10001"
+    assert docker("run", "--rm", tag, "id", "-u").strip() == "10001"
+
+
+def test_the_torch_backends_share_one_torch_layer() -> None:
+    layers = {b: inspect("image", built_image(b))["RootFS"]["Layers"] for b in [*TORCH_BACKENDS, "piper"]}
+    shared = set.intersection(*(set(layers[b]) for b in TORCH_BACKENDS))
+    # More than the base layers Piper has too: the torch layer is stored once for all of them.
+    assert len(shared) > len(shared & set(layers["piper"]))
+
+
+# --- compose ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Stack:
+    project: str
+    files: tuple[Path, ...]
+    env: dict[str, str]
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def compose(self, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+        command = [compose_binary(), "-p", self.project, *(f"-f{f}" for f in self.files), *args]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=self.env)
+        if check:
+            assert result.returncode == 0, f"{' '.join(args)}:\n{result.stdout}\n{result.stderr}\n{self.logs()}"
+        return result
+
+    def logs(self) -> str:
+        command = [compose_binary(), "-p", self.project, *(f"-f{f}" for f in self.files), "logs", "--tail", "40"]
+        return subprocess.run(command, capture_output=True, text=True, timeout=60, env=self.env).stdout
+
+    def container(self, service: str) -> dict:
+        (cid,) = self.compose("ps", "-aq", service).stdout.split()
+        return inspect("container", cid)
+
+    def left_behind(self) -> dict[str, list[str]]:
+        label = f"label=com.docker.compose.project={self.project}"
+        return {
+            kind: docker(*command, "--filter", label, "-q").split()
+            for kind, command in (("containers", ("ps", "-a")), ("networks", ("network", "ls")),
+                                  ("volumes", ("volume", "ls")))
+        }
+
+
+def stack_up(files: tuple[Path, ...], **env: str) -> Stack:
+    stack = Stack(f"chorus-test-{uuid.uuid4().hex[:8]}", files, {**compose_environment(), **env}, free_port())
+    stack.env["CHORUS_PORT"] = str(stack.port)
+    return stack
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    for image in ("router", "piper"):
+        built_image(image)
+    running = stack_up((COMPOSE_FILE,))
+    try:
+        started = time.monotonic()
+        running.compose("up", "-d", "--wait", "--wait-timeout", "300")
+        print(f"compose up --wait: healthy in {time.monotonic() - started:.1f} s")
+        yield running
+    finally:
+        running.compose("down", "-v", check=False)
+
+
+def test_the_three_api_families_through_the_router_container(stack: Stack) -> None:
+    url = stack.url
+    openai = httpx.post(f"{url}/v1/audio/speech", json={"model": "tts-1", "input": SHORT_TEXT, "voice": "alloy"}, timeout=60)
+    localai = httpx.post(f"{url}/tts", json={"model": "tts-1", "input": SHORT_TEXT}, timeout=60)
+    elevenlabs = httpx.post(
+        f"{url}/v1/text-to-speech/en_US-joe-medium", params={"output_format": "mp3_44100_128"},
+        json={"text": SHORT_TEXT, "model_id": "tts-1"}, timeout=60,
+    )
+    for response, content_type, codecs, rate in (
+        (openai, "audio/mpeg", MP3, 22050),
+        (localai, "audio/wav", {"pcm_s16le"}, 22050),
+        (elevenlabs, "audio/mpeg", MP3, 44100),
+    ):
+        assert response.status_code == 200, response.text
+        assert response.headers["content-type"].startswith(content_type)
+        audio = decode(response.content)
+        assert audio.codec in codecs and audio.sample_rate == rate
+        assert_speech(audio)
+    voices = httpx.get(f"{url}/v1/audio/voices", timeout=30).json()["voices"]
+    assert {"id": "en_US-joe-medium", "name": "en_US-joe-medium", "model": "tts-1"} in voices
+    # The samples came from the Piper container: the router image has no backend library.
+    assert stack.compose("logs", "piper").stdout.count("POST /synthesize") >= 3
+
+
+@pytest.mark.parametrize("block", RUN_BLOCKS, ids=[block_id(b) for b in RUN_BLOCKS])
+def test_the_readme_quick_start_works_against_the_stack(block, stack: Stack, tmp_path: Path) -> None:
+    run_quick_start_block(block, stack.port, tmp_path, stack.logs())
+
+
+def test_a_workers_400_is_the_clients_400(stack: Stack) -> None:
+    response = httpx.post(f"{stack.url}/v1/audio/speech",
+                          json={"model": "tts-1", "input": SHORT_TEXT, "voice": "nobody"}, timeout=60)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "voice" and "nobody" in error["message"]
+
+
+def test_containers_are_healthy_and_their_processes_are_not_root(stack: Stack) -> None:
+    for service in ("router", "piper"):
+        container = stack.container(service)
+        assert container["State"]["Health"]["Status"] == "healthy", service
+        status = Path(f"/proc/{container['State']['Pid']}/status").read_text()
+        uid = next(line.split()[1] for line in status.splitlines() if line.startswith("Uid:"))
+        assert uid == "10001", service
+    networks = inspect("container", stack.container("piper")["Id"])["NetworkSettings"]["Networks"]
+    (network,) = networks
+    assert inspect("network", network)["Internal"] is True
+
+
+def wait_for(condition, seconds: float, message: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, message
+        time.sleep(0.2)
+
+
+def status(url: str) -> int:
+    try:
+        return httpx.get(url, timeout=5).status_code
+    except httpx.TransportError:
+        return 0
+
+
+def test_a_killed_worker_aborts_the_response_then_comes_back(stack: Stack) -> None:
+    piper = stack.container("piper")
+    restarts = piper["RestartCount"]
+    received = 0
+    with httpx.stream(
+        "POST", f"{stack.url}/v1/audio/speech",
+        json={"model": "tts-1", "input": LONG_TEXT, "voice": "alloy", "response_format": "pcm"}, timeout=60,
+    ) as response:
+        assert response.status_code == 200
+        chunks = response.iter_raw()
+        received += len(next(chunks))
+        # The worker's process dies as an out-of-memory kill ends it: not `docker stop`, which
+        # the restart policy would respect.
+        os.kill(piper["State"]["Pid"], signal.SIGKILL)
+        # A chunked body that ends without its last chunk: the client cannot take the truncated
+        # audio for a whole file.
+        with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)):
+            for chunk in chunks:
+                received += len(chunk)
+    assert received < 60 * 22050 * 2
+
+    wait_for(lambda: status(f"{stack.url}/readyz") == 503, 30, "/readyz stayed 200 with the worker down")
+    wait_for(lambda: status(f"{stack.url}/readyz") == 200, 120, "the restart policy did not bring Piper back")
+    assert stack.container("piper")["RestartCount"] > restarts
+    again = httpx.post(f"{stack.url}/tts", json={"model": "tts-1", "input": SHORT_TEXT}, timeout=60)
+    assert again.status_code == 200
+    assert SHORT_SECONDS[0] <= decode(again.content).duration <= SHORT_SECONDS[1]
+
+
+def test_down_leaves_no_container_network_or_volume(stack: Stack) -> None:
+    assert all(stack.left_behind().values()), "the stack should be up before it is taken down"
+    stack.compose("down", "-v")
+    assert stack.left_behind() == {"containers": [], "networks": [], "volumes": []}
+
+
+# --- every heavy backend on the CPU ----------------------------------------------------------
+
+
+def write_wav(path: Path, seconds: float, rate: int) -> None:
+    t = np.arange(int(seconds * rate)) / rate
+    signal_ = 0.3 * np.sin(2 * np.pi * 180 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes((signal_ * 32767).astype("<i2").tobytes())
+
+
+#: backend -> (its tiny model's config, the request that speaks with it: route, body, params)
+HEAVY = {
+    "bark": ({"name": "tiny-bark", "backend": "bark", "parameters": {"model": "tiny-bark"}},
+             ("/v1/audio/speech", {"input": "Hello there, friend.", "voice": "alloy", "response_format": "wav"})),
+    "coqui": ({"name": "tiny-vits", "backend": "coqui", "parameters": {"model": "vits/model.pth"}},
+              ("/v1/audio/speech", {"input": "Hello there, friend.", "voice": "alloy", "response_format": "wav"})),
+    "parler-tts": ({"name": "tiny-parler", "backend": "parler-tts", "parameters": {"model": "tiny-parler"}},
+                   ("/v1/audio/speech", {"input": "Hello there, friend.", "voice": "alloy", "response_format": "wav"})),
+    "transformers-musicgen": (
+        {"name": "tiny-music", "backend": "transformers-musicgen", "parameters": {"model": "tiny-musicgen"}},
+        ("/v1/sound-generation", {"text": "Rain on a tin roof.", "duration_seconds": 0.5, "output_format": "wav_32000"}),
+    ),
+    "vall-e-x": ({"name": "tiny-valle", "backend": "vall-e-x",
+                  "tts": {"vall-e": {"audio_path": "reference.wav", "transcript": "Hello there, how are you?"}}},
+                 ("/v1/audio/speech", {"input": "Hello there, friend.", "voice": "alloy", "response_format": "wav"})),
+}
+
+
+def place_tiny_models(seed: Path) -> None:
+    """Lay out in `seed` what the models volume should hold: each backend's tiny model, built in
+    its own image, where its worker's image looks for it."""
+    build_tiny_model(image_python("bark"), "bark", seed / "tiny-bark")
+    build_tiny_model(image_python("parler-tts"), "parler", seed / "tiny-parler")
+    build_tiny_model(image_python("transformers-musicgen"), "musicgen", seed / "tiny-musicgen")
+    builders = REPO / "tests" / "tiny_models"
+    subprocess.run([str(image_python("coqui")), str(builders / "coqui_models.py"), "vits", str(seed / "vits")],
+                   check=True, capture_output=True, timeout=600)
+    for folder in ("torch", "huggingface"):
+        (seed / folder).mkdir(exist_ok=True)
+    subprocess.run([str(image_python("vall-e-x")), str(builders / "valle_models.py"), str(seed),
+                    str(seed / "torch"), str(seed / "huggingface")], check=True, capture_output=True, timeout=600)
+    write_wav(seed / "reference.wav", 3.0, 24000)
+    # The tiny VALL-E X architecture is a patch every process of its worker must load.
+    hooks = seed / "test-hooks"
+    hooks.mkdir()
+    shutil.copy(builders / "valle_models.py", hooks)
+    (hooks / "sitecustomize.py").write_text("import valle_models\nvalle_models.shrink()\n")
+
+
+@pytest.fixture(scope="module")
+def heavy_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    for image in ("router", *TORCH_BACKENDS):
+        built_image(image)
+    root = tmp_path_factory.mktemp("heavy-stack")
+    seed, configs = root / "seed", root / "configs"
+    configs.mkdir()
+    place_tiny_models(seed)
+    for number, (config, _) in enumerate(HEAVY.values()):
+        (configs / f"{number}-{config['name']}.yaml").write_text(yaml.safe_dump(config))
+    # The containers' user reads what the test wrote.
+    subprocess.run(["chmod", "-R", "a+rX", str(root)], check=True)
+    root.chmod(0o755)
+    override = root / "test.yaml"
+    override.write_text(yaml.safe_dump({"services": {"vall-e-x": {"environment": {"PYTHONPATH": "/models/test-hooks"}}}}))
+    running = stack_up((COMPOSE_FILE, CPU_OVERRIDE, override), CHORUS_CONFIGS_DIR=str(configs), COMPOSE_PROFILES="gpu")
+    try:
+        # Into the models volume, as a user would copy weights there: through a worker's container.
+        running.compose("run", "--rm", "--no-deps", "-v", f"{seed}:/seed:ro", "--entrypoint", "cp",
+                        "piper", "-r", "/seed/.", "/models/")
+        started = time.monotonic()
+        running.compose("up", "-d", "--wait", "--wait-timeout", "600", timeout=900)
+        print(f"the CPU stack of every backend was healthy in {time.monotonic() - started:.1f} s")
+        yield running
+    finally:
+        running.compose("down", "-v", check=False)
+
+
+@pytest.mark.parametrize("backend", sorted(HEAVY))
+def test_each_heavy_backend_speaks_through_the_router_container_on_cpu(heavy_stack: Stack, backend: str) -> None:
+    config, (route, body) = HEAVY[backend]
+    body = dict(body)
+    params = {"output_format": body.pop("output_format")} if "output_format" in body else {}
+    response = httpx.post(f"{heavy_stack.url}{route}", params=params, json={"model": config["name"], **body},
+                          timeout=600)
+    assert response.status_code == 200, response.text
+    audio = decode(response.content)
+    assert audio.container == "wav" and audio.duration > 0.2
+    assert np.abs(audio.samples).max() > 0, "silence"
+    assert heavy_stack.compose("logs", backend).stdout.count("POST /synthesize") >= 1
