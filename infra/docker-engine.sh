@@ -71,11 +71,12 @@ stand_in_base_image() {
     fi
     mount -t proc proc "$rootfs/proc"
     mount -t devpts devpts "$rootfs/dev/pts"
-    # A clean environment: this host's pip and proxy settings are not the image's.
+    # A clean environment: this host's pip and proxy settings are not the image's. libpython: the
+    # official image's Python is a shared build, and extensions such as torchcodec's link it.
     env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 chroot "$rootfs" /bin/sh -ec '
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-            ca-certificates netbase tzdata python3.11 python3.11-venv >/dev/null
+            ca-certificates netbase tzdata python3.11 python3.11-venv libpython3.11 >/dev/null
         update-ca-certificates >/dev/null
         apt-get clean
         rm -rf /var/lib/apt/lists/*

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import wave
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,14 @@ import httpx
 import numpy as np
 import pytest
 from processes import CONFIGS, Server, chorus_server
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    # A container whose client was killed outlives it: remove what the image tests started.
+    import sys
+
+    if "containers" in sys.modules:
+        sys.modules["containers"].remove_test_containers()
 
 #: About 2.4 s of speech with the bundled voice.
 SHORT_TEXT = "Hello world. This is a test of Chorus."
@@ -69,6 +78,19 @@ def decode(data: bytes | Path, raw: str | None = None, rate: int | None = None) 
         pcm = pcm.astype(np.float64) / 32768.0
     seconds = count / decoded_rate
     return Decoded(container_name, codec, decoded_rate, seconds, pcm.astype(np.float64))
+
+
+def write_voice_like_wav(path: Path, seconds: float, rate: int) -> None:
+    """A voiced, vowel-like tone with a slow wobble, as 16-bit mono WAV: a reference recording a
+    cloning backend's speaker encoder can chew on."""
+    t = np.arange(int(seconds * rate)) / rate
+    signal = 0.3 * np.sin(2 * np.pi * 180 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes((signal * 32767).astype("<i2").tobytes())
 
 
 def audio_seconds(data: bytes | Path) -> float:

@@ -19,7 +19,6 @@ import signal
 import subprocess
 import time
 import uuid
-import wave
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from conftest import MP3, SHORT_SECONDS, SHORT_TEXT, assert_speech, decode
+from conftest import MP3, SHORT_SECONDS, SHORT_TEXT, assert_speech, decode, write_voice_like_wav
 from containers import COMPOSE_FILE, REPO, built_image, compose_binary, compose_environment, image_python
 from processes import free_port
 from test_readme import RUN_BLOCKS, block_id, run_quick_start_block
@@ -243,21 +242,12 @@ def test_down_leaves_no_container_network_or_volume(stack: Stack) -> None:
 # --- every heavy backend on the CPU ----------------------------------------------------------
 
 
-def write_wav(path: Path, seconds: float, rate: int) -> None:
-    t = np.arange(int(seconds * rate)) / rate
-    signal_ = 0.3 * np.sin(2 * np.pi * 180 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))
-    with wave.open(str(path), "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(rate)
-        out.writeframes((signal_ * 32767).astype("<i2").tobytes())
-
-
 #: backend -> (its tiny model's config, the request that speaks with it: route, body, params)
 HEAVY = {
     "bark": ({"name": "tiny-bark", "backend": "bark", "parameters": {"model": "tiny-bark"}},
              ("/v1/audio/speech", {"input": "Hello there, friend.", "voice": "alloy", "response_format": "wav"})),
-    "coqui": ({"name": "tiny-vits", "backend": "coqui", "parameters": {"model": "vits/model.pth"}},
+    "coqui": ({"name": "tiny-vits", "backend": "coqui", "parameters": {"model": "vits/model.pth", "language": "en"},
+               "tts": {"voice": "bob"}},
               ("/v1/audio/speech", {"input": "Hello there, friend.", "voice": "alloy", "response_format": "wav"})),
     "parler-tts": ({"name": "tiny-parler", "backend": "parler-tts", "parameters": {"model": "tiny-parler"}},
                    ("/v1/audio/speech", {"input": "Hello there, friend.", "voice": "alloy", "response_format": "wav"})),
@@ -280,11 +270,14 @@ def place_tiny_models(seed: Path) -> None:
     builders = REPO / "tests" / "tiny_models"
     subprocess.run([str(image_python("coqui")), str(builders / "coqui_models.py"), "vits", str(seed / "vits")],
                    check=True, capture_output=True, timeout=600)
+    # Coqui's config names its speakers file by absolute path: where the worker will see it.
+    config = seed / "vits" / "config.json"
+    config.write_text(config.read_text().replace(str(seed), "/models"))
     for folder in ("torch", "huggingface"):
         (seed / folder).mkdir(exist_ok=True)
     subprocess.run([str(image_python("vall-e-x")), str(builders / "valle_models.py"), str(seed),
                     str(seed / "torch"), str(seed / "huggingface")], check=True, capture_output=True, timeout=600)
-    write_wav(seed / "reference.wav", 3.0, 24000)
+    write_voice_like_wav(seed / "reference.wav", 3.0, 24000)
     # The tiny VALL-E X architecture is a patch every process of its worker must load.
     hooks = seed / "test-hooks"
     hooks.mkdir()
@@ -306,7 +299,11 @@ def heavy_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     subprocess.run(["chmod", "-R", "a+rX", str(root)], check=True)
     root.chmod(0o755)
     override = root / "test.yaml"
-    override.write_text(yaml.safe_dump({"services": {"vall-e-x": {"environment": {"PYTHONPATH": "/models/test-hooks"}}}}))
+    # The health check's own Python must not load the hook (torch and all, past its time-out).
+    health = ["CMD", "env", "-u", "PYTHONPATH", "python", "-c",
+              "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9000/healthz', timeout=4)"]
+    valle = {"environment": {"PYTHONPATH": "/models/test-hooks"}, "healthcheck": {"test": health}}
+    override.write_text(yaml.safe_dump({"services": {"vall-e-x": valle}}))
     running = stack_up((COMPOSE_FILE, CPU_OVERRIDE, override), CHORUS_CONFIGS_DIR=str(configs), COMPOSE_PROFILES="gpu")
     try:
         # Into the models volume, as a user would copy weights there: through a worker's container.
@@ -320,6 +317,8 @@ def heavy_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         running.compose("down", "-v", check=False)
 
 
+# Six containers start on two cores: minutes, not seconds.
+@pytest.mark.timeout(1500)
 @pytest.mark.parametrize("backend", sorted(HEAVY))
 def test_each_heavy_backend_speaks_through_the_router_container_on_cpu(heavy_stack: Stack, backend: str) -> None:
     config, (route, body) = HEAVY[backend]

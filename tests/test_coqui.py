@@ -8,7 +8,6 @@ from __future__ import annotations
 import subprocess
 import textwrap
 import time
-import wave
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 from containers import image_python
 
-from tests.conftest import audio_seconds
+from tests.conftest import audio_seconds, write_voice_like_wav
 from tests.processes import REPO, backend_worker, chorus_server
 
 BUILDER = REPO / "tests" / "tiny_models" / "coqui_models.py"
@@ -60,18 +59,6 @@ def python() -> Path:
     return image_python("coqui")
 
 
-def _write_wav(path: Path, seconds: float, rate: int = 22050) -> None:
-    t = np.arange(int(seconds * rate)) / rate
-    # A voiced, vowel-like tone with a slow wobble: something a speaker encoder can chew on.
-    signal = 0.3 * np.sin(2 * np.pi * 180 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with wave.open(str(path), "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(rate)
-        out.writeframes((signal * 32767).astype("<i2").tobytes())
-
-
 @pytest.fixture(scope="module")
 def setup(python, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("coqui")
@@ -81,8 +68,8 @@ def setup(python, tmp_path_factory) -> dict[str, Path]:
         subprocess.run([str(python), str(BUILDER), kind, str(target)], check=True, cwd=REPO,
                        capture_output=True)
     print(f"tiny Coqui models built in {time.monotonic() - started:.1f} s")
-    _write_wav(models / "voices" / "reference.wav", 3.0)
-    _write_wav(root / "outside.wav", 3.0)
+    write_voice_like_wav(models / "voices" / "reference.wav", 3.0, 22050)
+    write_voice_like_wav(root / "outside.wav", 3.0, 22050)
     configs.mkdir()
     for name, text in CONFIGS.items():
         (configs / name).write_text(textwrap.dedent(text))

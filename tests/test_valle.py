@@ -8,7 +8,6 @@ import os
 import subprocess
 import textwrap
 import time
-import wave
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 import yaml
 from containers import image_python
 
-from tests.conftest import audio_seconds
+from tests.conftest import audio_seconds, write_voice_like_wav
 from tests.processes import REPO, backend_worker, chorus_server
 
 TINY_MODELS = REPO / "tests" / "tiny_models"
@@ -60,16 +59,6 @@ CONFIGS = {
 }
 
 
-def _write_wav(path: Path, seconds: float, rate: int = 24000) -> None:
-    t = np.arange(int(seconds * rate)) / rate
-    signal = 0.3 * np.sin(2 * np.pi * 180 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))
-    with wave.open(str(path), "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(rate)
-        out.writeframes((signal * 32767).astype("<i2").tobytes())
-
-
 @pytest.fixture(scope="module")
 def python() -> Path:
     return image_python("vall-e-x")
@@ -90,8 +79,8 @@ def setup(python, tmp_path_factory) -> dict[str, Path]:
         f"import sys\nsys.path.insert(0, {str(TINY_MODELS)!r})\n"
         "import valle_models\nvalle_models.shrink()\n"
     )
-    _write_wav(paths["models"] / "path-to-wav-source.wav", 3.0)
-    _write_wav(paths["models"] / "long.wav", 16.0)
+    write_voice_like_wav(paths["models"] / "path-to-wav-source.wav", 3.0, 24000)
+    write_voice_like_wav(paths["models"] / "long.wav", 16.0, 24000)
     for name, text in CONFIGS.items():
         (paths["configs"] / name).write_text(textwrap.dedent(text))
     return {"root": root, **paths}
