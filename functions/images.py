@@ -22,14 +22,18 @@ def normalised_name(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name.strip()).lower()
 
 
-def locked_packages(lock: Path) -> dict[str, str]:
-    """A lock file's packages as {normalised name: version}."""
+def pinned_packages(text: str) -> dict[str, str]:
+    """`name==version` lines (a lock, or `pip freeze`) as {normalised name: version}."""
     packages = {}
-    for line in lock.read_text().splitlines():
+    for line in text.splitlines():
         if line.strip() and not line.startswith("#"):
             name, _, version = line.partition("==")
             packages[normalised_name(name)] = version.strip()
     return packages
+
+
+def locked_packages(lock: Path) -> dict[str, str]:
+    return pinned_packages(lock.read_text())
 
 
 def uses_torch(backend: str) -> bool:

