@@ -24,6 +24,7 @@ from TTS.api import TTS
 from TTS.utils.manage import ModelManager
 
 from functions.config import ModelConfig, UnsafePathError, resolve_in
+from functions.devices import best_device
 from functions.protocol import (
     Backend,
     BackendError,
@@ -68,6 +69,9 @@ class CoquiBackend(Backend):
         except Exception as exc:
             raise BackendError(f"model '{self.config.name}': Coqui could not load '{model}': {exc}") from exc
         self._tts.eval()
+
+    def to_device(self) -> None:
+        self.tts.to(best_device())
 
     def _local_checkpoint(self, model: str) -> tuple[Path, Path] | None:
         """(checkpoint, config.json) when `model` names a file or folder in the models directory."""

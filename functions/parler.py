@@ -6,11 +6,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from parler_tts import ParlerTTSForConditionalGeneration
 from transformers import AutoTokenizer
 
+from functions.devices import cuda_hidden
 from functions.pretrained import PretrainedBackend
 from functions.protocol import SynthesisRequest, pcm16
+
+with cuda_hidden():  # its audiotools dependency asks CUDA for a default device at import
+    from parler_tts import ParlerTTSForConditionalGeneration
 
 #: LocalAI's description when a request gives none.
 DEFAULT_DESCRIPTION = (

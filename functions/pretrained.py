@@ -1,6 +1,6 @@
 """What the transformers backends (Bark, Parler-TTS, MusicGen) share: a model and its processor
-loaded with `from_pretrained` (a folder of the models directory, else a hub id), on the GPU where
-there is one, and one generation at a time. Imported only by those backends: it imports torch."""
+loaded with `from_pretrained` (a folder of the models directory, else a hub id) into host memory,
+moved to the GPU where there is one by `to_device()`, and one generation at a time. Imported only by those backends: it imports torch."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import torch
 
 from functions.config import ModelConfig
+from functions.devices import best_device
 from functions.hub import load_error, pretrained_source
 from functions.protocol import Backend, BackendError, InvalidRequestError, SynthesisRequest
 
@@ -25,12 +26,12 @@ class PretrainedBackend(Backend):
     def __init__(self, config: ModelConfig, models_dir: Path):
         super().__init__(config, models_dir)
         self._model: Any = None
-        self._device = "cuda" if torch.cuda.is_available() else "cpu"
+        self._device = "cpu"
         # Generation draws from torch's global generator: one at a time keeps a seed meaningful.
         self._lock = threading.Lock()
 
     def _load_pretrained(self, model_class: Any, processor_class: Any, name: str | None = None) -> tuple[Any, str]:
-        """Load the model (kept, on the device, in eval mode) and return its processor (or
+        """Load the model (kept, on the CPU, in eval mode) and return its processor (or
         tokenizer) and where both came from; `name` overrides parameters.model."""
         source, local_only = pretrained_source(self.config, self.models_dir, name)
         try:
@@ -38,8 +39,12 @@ class PretrainedBackend(Backend):
             model = model_class.from_pretrained(source, local_files_only=local_only)
         except OSError as exc:
             raise load_error(self.config, source, exc) from exc
-        self._model = model.to(self._device).eval()
+        self._model = model.eval()
         return processor, source
+
+    def to_device(self) -> None:
+        self._device = best_device()
+        self._model = self.model.to(self._device)
 
     @property
     def model(self) -> Any:

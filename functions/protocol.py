@@ -68,8 +68,8 @@ class BackendUnavailableError(BackendError):
 
 
 class Backend(ABC):
-    """Load once with `load()`, then `synthesize()` any number of requests, possibly from
-    several threads at once."""
+    """Load once with `load()` and `to_device()`, then `synthesize()` any number of requests,
+    possibly from several threads at once."""
 
     #: The backend's name as configs spell it (`backend:` in the YAML).
     name: str
@@ -80,7 +80,11 @@ class Backend(ABC):
 
     @abstractmethod
     def load(self) -> None:
-        """Load weights and voices. Called once, before any synthesis."""
+        """Load weights and voices into host memory. Called once, before any synthesis; asks
+        nothing of CUDA (on Modal it runs before a memory snapshot, where no GPU is attached)."""
+
+    def to_device(self) -> None:  # noqa: B027 - a backend that runs on the CPU has nothing to move
+        """Move the loaded weights to the GPU where there is one. Called once, after `load()`."""
 
     @property
     @abstractmethod

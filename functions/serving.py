@@ -164,4 +164,5 @@ class BackendPool:
 def _create_and_load(config: ModelConfig, models_dir: Path) -> Backend:
     backend = create_backend(config, models_dir)
     backend.load()
+    backend.to_device()
     return backend

@@ -31,9 +31,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from valle_x.data.tokenizer import tokenize_audio
 from valle_x.macros import lang2code, lang2token
-from valle_x.utils import generation
 
 from functions.config import ModelConfig, UnsafePathError, resolve_in
+from functions.devices import best_device, cuda_hidden
 from functions.protocol import (
     Backend,
     BackendError,
@@ -41,6 +41,9 @@ from functions.protocol import (
     SynthesisRequest,
     pcm16,
 )
+
+with cuda_hidden():  # it fixes its device at import: the CPU here, the GPU in to_device()
+    from valle_x.utils import generation
 
 SAMPLE_RATE = 24000
 MAX_REFERENCE_SECONDS = 15.0
@@ -97,6 +100,18 @@ class ValleBackend(Backend):
                 _loaded_checkpoint = checkpoint
             if self.config.tts.vall_e.audio_path:
                 self._prompt = self._make_prompt(self.config.tts.vall_e.audio_path)
+
+    def to_device(self) -> None:
+        device = torch.device(best_device())
+        with _lock:
+            if generation.device == device:
+                return
+            # What preload_models put on the import-time device, and generate_audio's own.
+            generation.model.to(device)
+            generation.codec.codec.to(device)
+            generation.codec._device = device
+            generation.vocos.to(device)
+            generation.device = device
 
     def _checkpoint(self) -> Path:
         model = self.config.parameters.model
