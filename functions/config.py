@@ -7,6 +7,7 @@ typed and validated.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -49,19 +50,81 @@ class TTSSettings(BaseModel):
     vall_e: ValleSettings = Field(default_factory=ValleSettings, alias="vall-e")
 
 
+#: Modal's GPU types (modal.com/docs/guide/gpu), weakest first.
+GPU_TYPES = ("T4", "L4", "A10G", "L40S", "A100", "A100-40GB", "A100-80GB", "H100", "H200", "B200")
+MAX_GPU_COUNT = 8
+_GPU_SPEC = re.compile(r"^(?P<type>[A-Za-z0-9-]+?)(?::(?P<count>\d+))?$")
+
+
 class DeploySettings(BaseModel):
-    """How the backend function runs on Modal and compose. `gpu: null` means CPU."""
+    """How the model's backend runs on Modal and compose. `gpu: null` means CPU. On Modal each
+    model gets these settings for its own containers (`modal_options`)."""
 
     model_config = ConfigDict(extra="forbid")
 
     gpu: str | None = None
+    #: Physical cores and MiB the container asks for; Modal's default is 0.125 cores, 128 MiB.
+    cpu: float | None = Field(None, gt=0)
+    memory: int | None = Field(None, ge=128)
     min_containers: int = Field(0, ge=0)
+    #: The most containers a burst of requests may start for this model.
+    max_containers: int = Field(1, ge=1)
     scaledown_window: int = Field(300, ge=2, le=3600)
+    #: Syntheses one container runs at once; the router admits this many per container.
     max_concurrent_inputs: int = Field(4, ge=1)
     #: How many chunks of one long text are synthesised at once (by as many backend calls);
-    #: audio is still delivered in order.
+    #: audio is still delivered in order. Each counts as one of the model's inputs.
     fan_out: int = Field(1, ge=1, le=16)
     timeout: int = Field(600, ge=1, le=86400)
+
+    @field_validator("gpu")
+    @classmethod
+    def _known_gpu(cls, spec: str | None) -> str | None:
+        """`"a10g"` -> "A10G", `"h100:2"` -> "H100:2": a typo fails at load, not at a
+        container start."""
+        if spec is None:
+            return None
+        match = _GPU_SPEC.match(spec.strip())
+        name = match["type"].upper() if match else ""
+        count = int(match["count"] or 1) if match else 0
+        if name not in GPU_TYPES or not 1 <= count <= MAX_GPU_COUNT:
+            raise ValueError(
+                f"unknown GPU '{spec}'; Modal offers {', '.join(GPU_TYPES)}, optionally with a "
+                f"count from 1 to {MAX_GPU_COUNT} (e.g. 'A10G' or 'H100:2'), or null for CPU"
+            )
+        return name if count == 1 else f"{name}:{count}"
+
+    @model_validator(mode="after")
+    def _fits_its_containers(self) -> DeploySettings:
+        if self.fan_out > self.max_concurrent_inputs:
+            raise ValueError(
+                f"fan_out ({self.fan_out}) must not exceed max_concurrent_inputs "
+                f"({self.max_concurrent_inputs}): one request's chunks must fit in one container"
+            )
+        if self.min_containers > self.max_containers:
+            raise ValueError(
+                f"min_containers ({self.min_containers}) must not exceed max_containers "
+                f"({self.max_containers})"
+            )
+        return self
+
+    @property
+    def capacity(self) -> int:
+        """Syntheses that may run at once for this model, over all its containers."""
+        return self.max_concurrent_inputs * self.max_containers
+
+    def modal_options(self) -> dict[str, object]:
+        """`Cls.with_options` arguments for this model's own containers (min_containers is not
+        one: it is applied to the deployed model with `update_autoscaler`)."""
+        options = {
+            "gpu": self.gpu,
+            "cpu": self.cpu,
+            "memory": self.memory,
+            "max_containers": self.max_containers,
+            "scaledown_window": self.scaledown_window,
+            "timeout": self.timeout,
+        }
+        return {key: value for key, value in options.items() if value is not None}
 
 
 class ModelConfig(BaseModel):

@@ -146,7 +146,9 @@ class SpeechService:
         else:
             texts = chunk_text(job.request.text, self.settings.chunk_chars)
         config = job.config
-        gate = self.admission.gate(config.name, config.backend, config.deploy.max_concurrent_inputs)
+        # A request holds as many of the model's inputs as chunks it synthesises at once.
+        places = max(1, self.runner.capacity(config) // config.deploy.fan_out)
+        gate = self.admission.gate(config.name, config.backend, places)
         try:
             place = await gate.enter()
         except Overloaded:
@@ -361,21 +363,32 @@ class _Prefetch:
         self._task.cancel()
 
 
-async def model_voices(service: SpeechService) -> dict[str, list[str]]:
-    """Every model's voices: the backend's own, then the public names its config maps.
-    A model whose backend cannot be reached still lists its mapped names. The backends are
-    asked all at once, so one slow worker does not add its delay to every other model's."""
+@dataclass
+class ModelVoices:
+    names: list[str]
+    #: False when the names come from the config alone: the model has not run to confirm them.
+    confirmed: bool = True
+
+
+async def model_voices(service: SpeechService) -> dict[str, ModelVoices]:
+    """Every model's voices: the backend's own, then the public names its config maps. A model
+    whose backend cannot be reached, or must not be started to be asked (a cold Modal model),
+    lists its config's voice and mapped names, unconfirmed. The backends are asked all at once,
+    so one slow worker does not add its delay to every other model's."""
     configs = service.registry.all()
 
-    async def backend_voices(config: ModelConfig) -> list[str]:
+    async def backend_voices(config: ModelConfig) -> ModelVoices:
         try:
-            return await service.runner.voices(config)
+            names = await service.runner.voices(config)
         except ChorusError as exc:
             log.warning("cannot list the voices of model '%s': %s", config.name, exc.message)
-            return []
+            names = None
+        if names is None:
+            return ModelVoices([config.tts.voice] if config.tts.voice else [], confirmed=False)
+        return ModelVoices(names)
 
     listed = await asyncio.gather(*(backend_voices(config) for config in configs))
     return {
-        config.name: list(dict.fromkeys([*names, *config.voices]))
-        for config, names in zip(configs, listed, strict=True)
+        config.name: ModelVoices(list(dict.fromkeys([*voices.names, *config.voices])), voices.confirmed)
+        for config, voices in zip(configs, listed, strict=True)
     }

@@ -253,7 +253,7 @@ def test_models_in_elevenlabs_shape_for_its_clients(client):
 
 def test_openai_audio_voices(client):
     voices = client.get("/v1/audio/voices").json()["voices"]
-    assert {"id": "en_US-joe-medium", "name": "en_US-joe-medium", "model": "tts-1"} in voices
+    assert {"id": "en_US-joe-medium", "name": "en_US-joe-medium", "model": "tts-1", "confirmed": True} in voices
 
 
 def test_health_and_readiness(client):

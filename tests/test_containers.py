@@ -153,7 +153,7 @@ def test_the_three_api_families_through_the_router_container(stack: Stack) -> No
         assert audio.codec in codecs and audio.sample_rate == rate
         assert_speech(audio)
     voices = httpx.get(f"{url}/v1/audio/voices", timeout=30).json()["voices"]
-    assert {"id": "en_US-joe-medium", "name": "en_US-joe-medium", "model": "tts-1"} in voices
+    assert {"id": "en_US-joe-medium", "name": "en_US-joe-medium", "model": "tts-1", "confirmed": True} in voices
     # The samples came from the Piper container: the router image has no backend library.
     assert stack.compose("logs", "piper").stdout.count("POST /synthesize") >= 3
 

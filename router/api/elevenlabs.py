@@ -135,16 +135,20 @@ async def text_to_speech(
 
 async def _voices(service: SpeechService) -> list[dict]:
     by_voice: dict[str, list[str]] = {}
+    unconfirmed: set[str] = set()
     for model, voices in (await model_voices(service)).items():
-        for voice in voices:
+        for voice in voices.names:
             by_voice.setdefault(voice, []).append(model)
+            if not voices.confirmed:
+                unconfirmed.add(voice)
     return [
         {
             "voice_id": voice,
             "name": voice,
             "category": "premade",
-            "labels": {},
-            "description": f"served by {', '.join(models)}",
+            "labels": {"confirmed": "false"} if voice in unconfirmed else {},
+            "description": f"served by {', '.join(models)}"
+            + (" (not yet confirmed: the model has not run)" if voice in unconfirmed else ""),
             "preview_url": None,
             "high_quality_base_model_ids": models,
         }

@@ -128,8 +128,8 @@ async def list_voices(service: SpeechService = Depends(speech_service)):
     listing = await model_voices(service)
     return {
         "voices": [
-            {"id": voice, "name": voice, "model": model}
+            {"id": voice, "name": voice, "model": model, "confirmed": voices.confirmed}
             for model, voices in listing.items()
-            for voice in voices
+            for voice in voices.names
         ]
     }

@@ -34,7 +34,13 @@ class Runner(ABC):
         """Start synthesising one chunk of text; PCM arrives through the returned stream."""
 
     @abstractmethod
-    async def voices(self, config: ModelConfig) -> list[str]: ...
+    async def voices(self, config: ModelConfig) -> list[str] | None:
+        """The model's voices as its backend names them; None where only starting the backend
+        could tell (a Modal model none of whose containers has run)."""
+
+    def capacity(self, config: ModelConfig) -> int:
+        """Syntheses of this model that may run at once, wherever it runs."""
+        return config.deploy.max_concurrent_inputs
 
     async def close(self) -> None:  # noqa: B027 - most runners hold nothing to release
         """Release connections and models."""
