@@ -59,10 +59,12 @@ compose-up: $(VENV)/.installed-compose
 compose-down: $(VENV)/.installed-compose
 	$(COMPOSE) --profile gpu down
 
-# Needs a Modal token (`modal token new`); see "Deploy on Modal" in the README.
+# Needs a Modal token (`modal token new`); see "Deploy on Modal" in the README. A deploy resets
+# each model's warm containers (deploy.min_containers): `python infra/modal_app.py` sets them.
 deploy: install
 	$(BIN)/pip install --quiet -e '.[modal]'
 	$(BIN)/modal deploy infra/modal_app.py
+	$(BIN)/python infra/modal_app.py
 
 clean:
 	rm -rf $(VENV)

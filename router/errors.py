@@ -57,6 +57,18 @@ class Overloaded(ChorusError):
         self.headers = {"Retry-After": str(retry_after)}
 
 
+class ModelStarting(ChorusError):
+    """The model's container is still starting, longer than the platform lets a response wait;
+    it goes on starting, and a retry after `retry_after` seconds finds it warm."""
+
+    status = 503
+    code = "model_starting"
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.headers = {"Retry-After": str(retry_after)}
+
+
 class BackendTimeout(ChorusError):
     status = 504
     code = "backend_timeout"

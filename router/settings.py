@@ -35,6 +35,10 @@ class Settings(BaseModel):
     backend_health_interval: float = Field(5.0, gt=0)
     #: modal mode: the deployed Modal app whose classes serve the backends.
     modal_app: str = "chorus"
+    #: modal mode: seconds a chunk's audio may take, a cold start included, before the client
+    #: is told to retry (503, Retry-After). Modal's web endpoints give up on a response that
+    #: has not begun within 150 s (they answer 303), so this stays below that.
+    modal_start_wait: float = Field(120.0, gt=0, le=140)
 
     #: API keys a client must present (Bearer, x-api-key or xi-api-key); none = an open server.
     api_keys: list[str] = Field(default_factory=list)
@@ -113,6 +117,7 @@ _ENV_NAMES = {
     "backend_read_timeout": "CHORUS_BACKEND_READ_TIMEOUT",
     "backend_health_interval": "CHORUS_BACKEND_HEALTH_INTERVAL",
     "modal_app": "CHORUS_MODAL_APP",
+    "modal_start_wait": "CHORUS_MODAL_START_WAIT",
     "api_keys": "CHORUS_API_KEYS",
     "max_body_bytes": "CHORUS_MAX_BODY_BYTES",
     "max_input_chars_by_route": "CHORUS_MAX_INPUT_CHARS_BY_ROUTE",

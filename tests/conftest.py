@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import json
+import runpy
+import socket
 import wave
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,13 +22,34 @@ import numpy as np
 import pytest
 from processes import CONFIGS, Server, chorus_server
 
+from tests.modal_offline import NO_NETWORK
+
+
+@pytest.fixture
+def no_network(monkeypatch, tmp_path):
+    monkeypatch.setattr(socket.socket, "connect", socket.socket.connect)
+    monkeypatch.setattr(socket, "getaddrinfo", socket.getaddrinfo)
+    blocker = tmp_path / "no_network.py"
+    blocker.write_text(NO_NETWORK, encoding="utf-8")
+    runpy.run_path(str(blocker))  # patches the socket module; monkeypatch restores it
+
+
+@pytest.fixture
+def no_token(monkeypatch, tmp_path):
+    for name in ("MODAL_TOKEN_ID", "MODAL_TOKEN_SECRET", "MODAL_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MODAL_CONFIG_PATH", str(tmp_path / "home" / ".modal.toml"))
+
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     # A container whose client was killed outlives it: remove what the image tests started.
     import sys
 
-    if "containers" in sys.modules:
-        sys.modules["containers"].remove_test_containers()
+    for name in ("tests.containers", "containers"):
+        if name in sys.modules:
+            sys.modules[name].remove_test_containers()
+            return
 
 #: About 2.4 s of speech with the bundled voice.
 SHORT_TEXT = "Hello world. This is a test of Chorus."

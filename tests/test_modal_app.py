@@ -1,98 +1,34 @@
-"""The Modal app (infra/modal_app.py) and the router's Modal runner, offline.
+"""The Modal app (infra/modal_app.py), offline: what `modal deploy` would send, the app imported
+the way a Modal container imports it, and each backend's image in the environment Modal gives it
+(root, the Modal layers' variables): no CUDA query at import, every cache in the Volume.
 
-Modal's objects are inspected the way `modal deploy` would send them; the Piper class runs for
-real through `.local()`, and the router built for Modal serves speech through that same path, so
-only Modal's transport is left unexercised. The network is blocked throughout: nothing here may
-need a token or a connection.
+The network is blocked throughout: nothing here may need a token or a connection. The router's
+side (tests/test_modal_mode.py) runs these classes through a fake that holds to Modal's rules.
 """
 
 from __future__ import annotations
 
-import asyncio
-import importlib.util
-import itertools
+import inspect
+import json
 import os
-import runpy
-import socket
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import httpx
 import pytest
-import yaml
+from dockerfile_parse import DockerfileParser
 
 from functions import BACKENDS
 from functions.config import ConfigError, load_configs
 from functions.images import ROUTER_DOCKERFILE, WORKER_DOCKERFILE, worker_build_args
-from tests.conftest import decode
+from tests.containers import built_image
+from tests.modal_offline import APP_FILE, NO_NETWORK, load_app, write_configs
 from tests.processes import REPO
 
-APP_FILE = REPO / "infra" / "modal_app.py"
-
-# `.local()` stands in for the containers here, with a temporary models directory in place of
-# the Volume that Modal warns is not mounted.
+# `.local()` and the fake's containers stand in for Modal's here, with a temporary models
+# directory in place of the Volume that Modal warns is not mounted.
 pytestmark = pytest.mark.filterwarnings("ignore:The .* function is executing locally")
-_counter = itertools.count()
-
-# Loaded into each subprocess: refuses every connection that leaves the machine.
-NO_NETWORK = '''
-import socket
-_connect = socket.socket.connect
-def _connect_local(self, address):
-    host = address[0] if isinstance(address, tuple) else None
-    if self.family == socket.AF_UNIX or host in ("127.0.0.1", "::1", "localhost"):
-        return _connect(self, address)
-    raise ConnectionRefusedError(f"network blocked in tests: {address}")
-socket.socket.connect = _connect_local
-_getaddrinfo = socket.getaddrinfo
-def _getaddrinfo_local(host, *args, **kwargs):
-    if host in (None, "localhost", "127.0.0.1", "::1"):
-        return _getaddrinfo(host, *args, **kwargs)
-    raise socket.gaierror(socket.EAI_NONAME, f"network blocked in tests: {host}")
-socket.getaddrinfo = _getaddrinfo_local
-'''
-
-
-@pytest.fixture
-def no_network(monkeypatch, tmp_path):
-    monkeypatch.setattr(socket.socket, "connect", socket.socket.connect)
-    monkeypatch.setattr(socket, "getaddrinfo", socket.getaddrinfo)
-    blocker = tmp_path / "no_network.py"
-    blocker.write_text(NO_NETWORK, encoding="utf-8")
-    runpy.run_path(str(blocker))  # patches the socket module; monkeypatch restores it
-
-
-@pytest.fixture
-def no_token(monkeypatch, tmp_path):
-    for name in ("MODAL_TOKEN_ID", "MODAL_TOKEN_SECRET", "MODAL_PROFILE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("MODAL_CONFIG_PATH", str(tmp_path / "home" / ".modal.toml"))
-
-
-def load_app(monkeypatch, configs_dir: Path, models_dir: Path | None = None):
-    """infra/modal_app.py imported afresh, reading `configs_dir`."""
-    monkeypatch.setenv("CHORUS_CONFIGS_DIR", str(configs_dir))
-    if models_dir is not None:
-        monkeypatch.setenv("CHORUS_MODELS_DIR", str(models_dir))
-    name = f"chorus_modal_app_{next(_counter)}"
-    spec = importlib.util.spec_from_file_location(name, APP_FILE)
-    module = importlib.util.module_from_spec(spec)
-    # Modal resolves the generated classes through their module while decorating them.
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.modules.pop(name, None)
-    return module
-
-
-def write_configs(directory: Path, configs: list[dict]) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    for config in configs:
-        (directory / f"{config['name']}.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
-    return directory
 
 
 def definition(cls) -> dict:
@@ -107,23 +43,15 @@ def definition(cls) -> dict:
 
 ALL_BACKENDS = [
     {"name": "voice-a", "backend": "piper", "parameters": {"model": "a.onnx"}},
-    {"name": "voice-b", "backend": "piper", "parameters": {"model": "b.onnx"},
-     "deploy": {"min_containers": 1, "max_concurrent_inputs": 8}},
-    {"name": "xtts", "backend": "coqui", "parameters": {"model": "tts_models/x"},
-     "deploy": {"gpu": "T4", "scaledown_window": 120, "max_concurrent_inputs": 2, "timeout": 900}},
-    {"name": "vits", "backend": "coqui", "parameters": {"model": "tts_models/y"},
-     "deploy": {"gpu": "a10g", "scaledown_window": 600}},
+    {"name": "xtts", "backend": "coqui", "parameters": {"model": "tts_models/x"}, "deploy": {"gpu": "T4"}},
     {"name": "bark", "backend": "bark", "parameters": {"model": "suno/bark"}, "deploy": {"gpu": "A100-80GB"}},
     {"name": "parler", "backend": "parler-tts", "parameters": {"model": "p/q"}, "deploy": {"gpu": "L4"}},
-    {"name": "music", "backend": "transformers-musicgen", "parameters": {"model": "m/n"},
-     "deploy": {"gpu": "H100:2", "min_containers": 2}},
+    {"name": "music", "backend": "transformers-musicgen", "parameters": {"model": "m/n"}, "deploy": {"gpu": "H100:2"}},
     {"name": "valle", "backend": "vall-e-x", "deploy": {"gpu": "L40S", "timeout": 1200}},
 ]
 
 
-def test_every_backend_gets_a_class_with_the_settings_its_configs_ask_for(
-    monkeypatch, tmp_path, no_network, no_token
-):
+def test_every_backend_gets_a_class_built_as_compose_builds_it(monkeypatch, tmp_path, no_network, no_token):
     import modal
 
     dockerfiles = set()
@@ -136,27 +64,17 @@ def test_every_backend_gets_a_class_with_the_settings_its_configs_ask_for(
     monkeypatch.setattr(modal.Image, "from_dockerfile", recording)
     app = load_app(monkeypatch, write_configs(tmp_path / "configs", ALL_BACKENDS))
 
-    expected = {
-        # backend: (gpus, min_containers, scaledown_window, timeout, max concurrent inputs)
-        "piper": ([], 1, 300, 600, 4),
-        "coqui": ([("A10G", 1)], 0, 600, 900, 2),
-        "bark": ([("A100-80GB", 1)], 0, 300, 600, 4),
-        "parler-tts": ([("L4", 1)], 0, 300, 600, 4),
-        "transformers-musicgen": ([("H100", 2)], 2, 300, 600, 4),
-        "vall-e-x": ([("L40S", 1)], 0, 300, 1200, 4),
-    }
-    assert set(expected) == set(BACKENDS)
-    for backend, (gpus, warm, idle, timeout, concurrency) in expected.items():
-        cls = getattr(app, BACKENDS[backend][1])
+    for backend, (_, class_name) in BACKENDS.items():
+        cls = getattr(app, class_name)
         info = cls._get_class_service_function().info()
-        assert info.gpus == gpus, backend
-        assert info.timeout == timeout, backend
-        assert info.concurrency_info.max_inputs == concurrency, backend
-        assert set(info.method_names) == {"describe", "synthesize"}, backend
+        # No GPU, windows or concurrency of the class's own: each model's come with its calls
+        # (tests/test_modal_mode.py), so no model gets another's.
+        assert info.gpus == [], backend
+        assert set(info.method_names) == {"synthesize"}, backend
         assert info.volumes["/models"].name == "chorus-models", backend
         sent = definition(cls)
-        assert (sent["min_containers"], sent["scaledown_window"]) == (warm, idle), backend
         assert sent["enable_memory_snapshot"] is True, backend
+        assert not sent["min_containers"], backend
 
     web = app.web.info()
     assert web.gpus == []
@@ -173,14 +91,14 @@ def test_every_backend_gets_a_class_with_the_settings_its_configs_ask_for(
 def test_only_the_backends_the_configs_use_are_deployed(monkeypatch, tmp_path, no_network, no_token):
     configs = write_configs(tmp_path / "configs", [{"name": "tts-1", "backend": "piper"}])
     app = load_app(monkeypatch, configs)
-    assert set(app.DEPLOY) == {"piper"}
+    assert app.DEPLOYED_BACKENDS == ["piper"]
     assert hasattr(app, "PiperBackend") and not hasattr(app, "CoquiBackend")
 
 
 def test_the_shipped_configs_deploy_every_backend_they_name(monkeypatch, no_network, no_token):
     app = load_app(monkeypatch, REPO / "configs")
     named = {config.backend for config in load_configs(REPO / "configs", REPO / "models")}
-    assert set(app.DEPLOY) == named
+    assert set(app.DEPLOYED_BACKENDS) == named
 
 
 @pytest.mark.parametrize("gpu", ["X100", "A10G:0", "H100:9", "T4 x2"])
@@ -230,135 +148,176 @@ def test_modal_deploy_imports_the_app_first(tmp_path):
     assert "Token missing" not in output
 
 
-@pytest.fixture
-def piper_app(monkeypatch, tmp_path, no_network, no_token):
-    return load_app(monkeypatch, REPO / "configs", tmp_path / "models")
+def classes_and_parameters(module) -> dict[str, tuple]:
+    import modal
+    from modal._utils.async_utils import synchronizer
+
+    found = {}
+    for name, value in vars(module).items():
+        if isinstance(value, modal.Cls):
+            user_cls = synchronizer._translate_in(value)._user_cls
+            found[name] = (tuple(sorted(user_cls.__annotations__)), value._get_class_service_function().info().method_names)
+    return found
 
 
-def test_the_piper_class_loads_its_voice_and_yields_real_audio(piper_app, tmp_path):
-    voice = piper_app.PiperBackend(model="tts-1")
-    described = voice.describe.local()
-    assert described == {"sample_rate": 22050, "voices": ["en_US-joe-medium"]}
-    # The enter hook put the bundled voice in the models directory (the Volume, on Modal).
-    assert (tmp_path / "models" / "en_US-joe-medium.onnx").is_file()
-    chunks = list(voice.synthesize.local({"model": "tts-1", "text": "Hello world. This is Chorus on Modal."}))
-    assert len(chunks) == 2 and all(isinstance(c, bytes) and len(c) % 2 == 0 for c in chunks)
-    pcm = b"".join(chunks)
-    audio = decode(pcm, raw="pcm", rate=22050)
-    assert 1.5 < audio.duration < 5.0
-    assert abs(audio.samples).max() > 0.1  # speech, not silence
+CONTAINER_IMPORT = '''
+import importlib, json, sys
+from modal._runtime import execution_context
+# What a Modal container has set up before it imports the app: is_local() is now False.
+execution_context._TaskLifecycleManager._singleton = object()
+import modal
+assert not modal.is_local()
+sys.path.insert(0, sys.argv[1])
+module = importlib.import_module("modal_app")
+{function}
+print(json.dumps({{"file": module.__file__, "classes": classes_and_parameters(module)}}))
+'''
 
 
-def local_lookup(app, calls: list):
-    """A lookup like modal.Cls.from_name whose methods run through `.local()`."""
-
-    class Method:
-        def __init__(self, method):
-            self.remote = self.remote_gen = method.local
-
-    class Instance:
-        def __init__(self, obj):
-            self.obj = obj
-
-        def __getattr__(self, name):
-            return Method(getattr(self.obj, name))
-
-    def lookup(app_name: str, class_name: str):
-        calls.append((app_name, class_name))
-        cls = getattr(app, class_name)
-        return lambda **params: Instance(cls(**params))
-
-    return lookup
-
-
-def test_the_modal_router_serves_speech_through_the_backend_classes(piper_app, tmp_path):
-    from router.app import create_app
-    from router.runners.modal import ModalRunner
-    from router.settings import Settings
-
-    calls: list = []
-    settings = Settings(mode="modal", configs_dir=REPO / "configs", models_dir=tmp_path / "models")
-    runner = ModalRunner(settings.modal_app, lookup=local_lookup(piper_app, calls))
-    app = create_app(settings, runner=runner)
-
-    async def scenario():
-        transport = httpx.ASGITransport(app=app)
-        async with (
-            app.router.lifespan_context(app),
-            httpx.AsyncClient(transport=transport, base_url="http://chorus") as client,
-        ):
-            speech = await client.post(
-                "/v1/audio/speech",
-                json={"model": "tts-1", "input": "Hello from Modal. Two sentences here.",
-                      "voice": "alloy", "response_format": "wav"},
-            )
-            bad_voice = await client.post(
-                "/v1/audio/speech",
-                json={"model": "tts-1", "input": "Hi.", "voice": "nobody", "response_format": "wav"},
-            )
-            return speech, bad_voice
-
-    speech, bad_voice = asyncio.run(scenario())
-    assert speech.status_code == 200, speech.text
-    audio = decode(speech.content)
-    assert audio.sample_rate == 22050 and 1.5 < audio.duration < 5.0
-    assert calls and all(call == ("chorus", "PiperBackend") for call in calls)
-    # The backend's own error comes back as the API's 400, naming the field.
-    assert bad_voice.status_code == 400, bad_voice.text
-    assert bad_voice.json()["error"]["param"] == "voice"
+def test_a_container_imports_the_app_with_the_classes_that_were_deployed(monkeypatch, tmp_path, no_network, no_token):
+    """As Modal's container does: the file at /root/modal_app.py beside the packages it adds, the
+    configs at the container path, no repository around them, is_local() false."""
+    deployed = classes_and_parameters(load_app(monkeypatch, REPO / "configs"))
+    root = tmp_path / "root"
+    root.mkdir()
+    shutil.copy(APP_FILE, root / "modal_app.py")
+    shutil.copytree(REPO / "functions", root / "functions")
+    configs = shutil.copytree(REPO / "configs", tmp_path / "chorus" / "configs")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MODAL_", "CHORUS_")) and k != "PYTHONPATH"}
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(NO_NETWORK, encoding="utf-8")
+    # The Modal image's environment, with the configs where this test put them.
+    env.update(HOME=str(tmp_path / "home"), PYTHONPATH=str(tmp_path / "site"),
+               CHORUS_CONFIGS_DIR=str(configs), CHORUS_MODELS_DIR=str(tmp_path / "models"))
+    code = CONTAINER_IMPORT.format(function=inspect.getsource(classes_and_parameters))
+    result = subprocess.run([sys.executable, "-c", code, str(root)], cwd=root, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout.splitlines()[-1])
+    assert seen["file"] == str(root / "modal_app.py")
+    assert {name: (tuple(p), m) for name, (p, m) in seen["classes"].items()} == deployed
+    assert set(deployed) == {"PiperBackend", "CoquiBackend", "BarkBackend", "ParlerBackend",
+                             "MusicgenBackend", "ValleBackend"}
 
 
-def test_without_a_token_the_modal_runner_answers_503_naming_the_backend(
-    monkeypatch, no_network, no_token
-):
-    from functions.config import ModelConfig
-    from functions.protocol import SynthesisRequest
-    from router.errors import BackendUnavailable
-    from router.runners.modal import ModalRunner
-
-    runner = ModalRunner("chorus")  # the real modal.Cls.from_name
-    config = ModelConfig(name="tts-1", backend="piper")
-    with pytest.raises(BackendUnavailable) as error:
-        asyncio.run(runner.stream(config, SynthesisRequest(model="tts-1", text="Hi.")))
-    assert error.value.status == 503
-    assert "piper" in error.value.message and "Token missing" in error.value.message
-    assert "modal token new" in error.value.message
+# -- the images as Modal builds and runs them ------------------------------------------------
 
 
-def test_modal_errors_map_to_the_routers_errors():
-    from modal import exception as modal_errors
+def _closure(function) -> dict:
+    return dict(zip(function.__code__.co_freevars, (c.cell_contents for c in function.__closure__ or ())))
 
-    from functions.protocol import (
-        BackendError,
-        BackendUnavailableError,
-        InvalidRequestError,
+
+def modal_dockerfile(image) -> tuple[list[str], dict[str, str]]:
+    """The Dockerfile Modal's builder gets for `image` (the Dockerfile it starts from, then each
+    layer the app adds), and that Dockerfile's build arguments."""
+    from modal._utils.async_utils import synchronizer
+
+    lines: list[str] = []
+    layer = synchronizer._translate_in(image)
+    while layer is not None:
+        cells = _closure(layer._load)
+        if "path" in cells:  # Image.from_dockerfile: the file is read when the image is built
+            build_args = _closure(cells["dockerfile_image"]).get("build_args") or {}
+            return Path(cells["path"]).read_text().split("\n") + lines, build_args
+        if "dockerfile_function" in cells:
+            commands = cells["dockerfile_function"]("2025.06").commands
+            lines = [c for c in commands if c != "FROM base"] + lines
+        bases = cells.get("base_images") or {}
+        base = next(iter(bases.values()), None) or cells.get("base_image")
+        layer = synchronizer._translate_in(base) if base is not None else None
+    raise AssertionError("the image does not start from a Dockerfile")
+
+
+def modal_environment(image, tmp_path: Path) -> tuple[dict[str, str], str]:
+    """The variables and the user a container of `image` runs with on Modal."""
+    lines, build_args = modal_dockerfile(image)
+    parser = DockerfileParser(path=str(tmp_path / "Dockerfile"), build_args=build_args)
+    parser.content = "\n".join(lines)
+    users = [item["value"] for item in parser.structure if item["instruction"] == "USER"]
+    return dict(parser.envs), users[-1] if users else "root"
+
+
+@pytest.fixture(scope="module")
+def deployed_app(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        return load_app(monkeypatch, write_configs(tmp_path_factory.mktemp("configs"), ALL_BACKENDS))
+
+
+@pytest.mark.parametrize("name", ["router", *BACKENDS])
+def test_a_modal_container_runs_as_root_with_the_apps_settings(deployed_app, tmp_path, name):
+    """Modal mounts the app file and the packages under /root: the image's USER (non-root, for
+    compose) must not be what runs there, whether or not Modal applies it."""
+    image = deployed_app.router_image if name == "router" else definition(getattr(deployed_app, BACKENDS[name][1]))["image"]
+    env, user = modal_environment(image, tmp_path)
+    assert user.split(":")[0] in ("root", "0")
+    assert env["CHORUS_CONFIGS_DIR"] == deployed_app.CONTAINER_CONFIGS_DIR
+    assert env["CHORUS_MODELS_DIR"] == deployed_app.MODELS_DIR
+
+
+#: Where each library a backend uses keeps what it reads, printed by code run in the image.
+CACHE_PROBE = '''
+import json, os, sys
+backend = sys.argv[1]
+paths = {"xdg cache": os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")}
+if backend != "piper":
+    import huggingface_hub.constants as hf
+    import torch.hub
+    paths.update({"hugging face hub": hf.HF_HUB_CACHE, "hugging face": hf.HF_HOME,
+                  "torch hub": torch.hub.get_dir()})
+if backend == "coqui":
+    from TTS.utils.manage import ModelManager
+    paths["coqui models"] = str(ModelManager(progress_bar=False).output_prefix)
+if backend == "vall-e-x":
+    import functions.valle as valle
+    paths["cloning prompts"] = str(valle._cache_dir())
+    paths["whisper"] = os.path.join(os.getenv("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "whisper")
+print(json.dumps(paths))
+'''
+
+#: Importing a backend with every CUDA query made to fail: on Modal it is imported before the
+#: memory snapshot, where no GPU is attached.
+CUDA_PROBE = '''
+import sys
+try:
+    import torch
+except ImportError:  # Piper's image has none: nothing there can ask CUDA
+    torch = None
+
+def refuse(*args, **kwargs):
+    raise AssertionError("CUDA was queried at import")
+
+if torch is not None:
+    for name in ("is_available", "device_count", "init", "_lazy_init", "get_device_capability",
+                 "get_device_name", "current_device", "mem_get_info"):
+        setattr(torch.cuda, name, refuse)
+    torch._C._cuda_getDeviceCount = refuse
+import functions
+functions.backend_class(sys.argv[1])
+print("imported")
+'''
+
+
+def run_as_modal(deployed_app, name: str, tmp_path: Path, code: str) -> str:
+    """`code` run in the backend's image as Modal runs it: root, the Modal image's variables."""
+    image = built_image(name)
+    env, _ = modal_environment(definition(getattr(deployed_app, BACKENDS[name][1]))["image"], tmp_path)
+    env_args = [arg for key, value in env.items() for arg in ("-e", f"{key}={value}")]
+    result = subprocess.run(
+        ["docker", "run", "--rm", "--network", "none", "--user", "0:0", "-e", "HOME=/root", *env_args,
+         "-w", "/app", image, "python", "-c", code, name],
+        capture_output=True, text=True, timeout=600,
     )
-    from router.errors import BackendUnavailable, InvalidRequest, SynthesisFailed
-    from router.runners.modal import ModalRunner
-
-    runner = ModalRunner("chorus")
-    cases = [
-        (InvalidRequestError("no such speaker", param="voice"), InvalidRequest, "no such speaker"),
-        (BackendUnavailableError("not installed"), BackendUnavailable, "backend 'coqui'"),
-        (BackendError("out of memory"), SynthesisFailed, "out of memory"),
-        (modal_errors.NotFoundError("no such class"), BackendUnavailable, "modal deploy"),
-        (modal_errors.ConnectionError("lost"), BackendUnavailable, "lost"),
-        (modal_errors.FunctionTimeoutError("too slow"), SynthesisFailed, "too slow"),
-        (RuntimeError("boom"), SynthesisFailed, "boom"),
-    ]
-    for raised, expected, text in cases:
-        translated = runner._translate("coqui", raised)
-        assert isinstance(translated, expected), raised
-        assert text in translated.message, translated.message
-    assert runner._translate("coqui", cases[0][0]).param == "voice"
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout.strip().splitlines()[-1]
 
 
-def test_the_router_endpoint_is_the_app_the_router_factory_builds(piper_app, monkeypatch):
-    """The asgi_app body, run here: mode modal, the Modal runner, the deployed app's name."""
-    from router.runners.modal import ModalRunner
+@pytest.mark.parametrize("name", list(BACKENDS))
+def test_every_cache_a_backend_reads_lies_in_the_volume(deployed_app, tmp_path, name):
+    paths = json.loads(run_as_modal(deployed_app, name, tmp_path, CACHE_PROBE))
+    outside = {what: path for what, path in paths.items() if not path.startswith(deployed_app.MODELS_DIR + "/")}
+    assert not outside, f"{name} reads caches outside the models Volume: {outside}"
 
-    web = piper_app.web.local()
-    assert isinstance(web.state.speech.runner, ModalRunner)
-    assert web.state.speech.runner.app_name == piper_app.APP_NAME
-    assert web.state.speech.settings.mode == "modal"
 
+@pytest.mark.parametrize("name", list(BACKENDS))
+def test_no_backend_queries_cuda_at_import(deployed_app, tmp_path, name):
+    assert run_as_modal(deployed_app, name, tmp_path, CUDA_PROBE) == "imported"

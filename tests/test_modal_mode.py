@@ -1,0 +1,308 @@
+"""The router in modal mode, against the app's real classes run through a fake Modal that holds
+to Modal's rules (tests/modal_fake.py): real Piper audio through the class the deploy defines,
+each model's own settings reaching its calls, a listing that starts no container, a client that
+leaves cancelling its calls, and a cold start longer than Modal lets a response wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+import textwrap
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from functions.config import load_configs
+from router.api.openai import OPENAI_FORMATS
+from router.app import create_app
+from router.runners.modal import ModalRunner
+from router.settings import Settings
+from tests.conftest import MP3, decode
+from tests.modal_fake import FakeDict, FakeModal
+from tests.modal_offline import load_app, write_configs
+from tests.processes import REPO, serving
+
+pytestmark = pytest.mark.filterwarnings("ignore:The .* function is executing locally")
+README = REPO / "README.md"
+
+
+def router(app_module, fake: FakeModal, tmp_path: Path, configs: Path = REPO / "configs",
+           voices: FakeDict | None = None, start_wait: float = 120.0, **settings):
+    settings = Settings(mode="modal", configs_dir=configs, models_dir=tmp_path / "models", **settings)
+    runner = ModalRunner(app_module.APP_NAME, lookup=fake.lookup, voices_dict=voices or FakeDict(),
+                         start_wait=start_wait)
+    return create_app(settings, runner=runner)
+
+
+async def in_client(app, scenario):
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://chorus", timeout=60) as client,
+    ):
+        return await scenario(client)
+
+
+@pytest.fixture
+def shipped(monkeypatch, tmp_path, no_network, no_token):
+    """The app as `make deploy` would deploy it, with the example configs."""
+    return load_app(monkeypatch, REPO / "configs", tmp_path / "models")
+
+
+def speech(model: str = "tts-1", text: str = "Hello from Modal. Two sentences here.", **fields) -> dict:
+    return {"model": model, "input": text, "voice": "alloy", "response_format": "wav", **fields}
+
+
+def test_the_router_serves_real_speech_through_the_deployed_class(shipped, tmp_path):
+    fake = FakeModal(shipped)
+
+    async def scenario(client):
+        good = await client.post("/v1/audio/speech", json=speech())
+        bad_voice = await client.post("/v1/audio/speech", json=speech(text="Hi.", voice="nobody"))
+        return good, bad_voice
+
+    good, bad_voice = asyncio.run(in_client(router(shipped, fake, tmp_path), scenario))
+    assert good.status_code == 200, good.text
+    audio = decode(good.content)
+    assert audio.sample_rate == 22050 and 1.5 < audio.duration < 5.0
+    assert abs(audio.samples).max() > 0.1  # speech, not silence
+    # The container's enter hooks put the bundled voice in the models directory (the Volume).
+    assert (tmp_path / "models" / "en_US-joe-medium.onnx").is_file()
+    assert fake.looked_up and set(fake.looked_up) == {("chorus", "PiperBackend")}
+    assert len(fake.started()) == 1  # one container, reused by every call
+    # The backend's own error comes back as the API's 400, naming the field.
+    assert bad_voice.status_code == 400, bad_voice.text
+    assert bad_voice.json()["error"]["param"] == "voice"
+
+
+def test_each_model_reaches_its_class_with_its_own_settings(shipped, tmp_path):
+    """Every example config's GPU, resources, windows, time-out, ceiling and concurrency arrive
+    with its calls (Modal's own with_options signature checks the names), so no model gets
+    another's; the router admits as many requests as its containers take."""
+    fake = FakeModal(shipped)
+    app = router(shipped, fake, tmp_path)
+    configs = load_configs(REPO / "configs", REPO / "models")
+
+    async def scenario(client):
+        for config in configs:
+            # Only Piper is installed here: the others fail in their container, after the call.
+            answer = await client.post("/tts", json={"model": config.name, "input": "Hello there."})
+            assert answer.status_code in (200, 503), answer.text
+
+    asyncio.run(in_client(app, scenario))
+    reached = fake.variant_settings()
+    for config in configs:
+        expected = {**config.deploy.modal_options(), "max_inputs": config.deploy.max_concurrent_inputs,
+                    "target_inputs": None}
+        assert reached[config.name] == expected, config.name
+        gate = app.state.speech.admission.gates[(config.name, config.backend)]
+        assert gate.limit == config.deploy.max_concurrent_inputs * config.deploy.max_containers
+    assert reached["tts-1"]["cpu"] == 2 and "gpu" not in reached["tts-1"]
+    assert {reached[c.name]["gpu"] for c in configs if c.backend != "piper"} == {"T4"}
+
+
+def test_a_voice_listing_starts_no_container(shipped, tmp_path):
+    fake = FakeModal(shipped)
+    voices = FakeDict()
+
+    async def listings(client) -> tuple[dict, dict, dict]:
+        openai = (await client.get("/v1/audio/voices")).json()
+        eleven = (await client.get("/v1/voices")).json()
+        search = (await client.get("/v2/voices")).json()
+        await client.get("/")  # the playground page
+        return openai, eleven, search
+
+    async def scenario(client):
+        before = await listings(client)
+        started_by_listing = (len(fake.started()), len(fake.calls))
+        await client.post("/v1/audio/speech", json=speech())
+        return before, started_by_listing, await listings(client)
+
+    before, started_by_listing, after = asyncio.run(
+        in_client(router(shipped, fake, tmp_path, voices=voices), scenario))
+    assert started_by_listing == (0, 0)
+    listed = {(v["model"], v["id"]): v["confirmed"] for v in before[0]["voices"]}
+    # What the configs say, unconfirmed: the cold models' default voices are still offered.
+    assert listed[("xtts_v2", "Ana Florence")] is False
+    assert listed[("bark", "v2/en_speaker_6")] is False
+    assert not any(model == "tts-1" for model, _ in listed)
+    eleven = {v["voice_id"]: v for v in before[1]["voices"]}
+    assert eleven["Ana Florence"]["labels"] == {"confirmed": "false"}
+    assert before[2]["total_count"] == len(before[1]["voices"])
+
+    # Once tts-1's container ran, its voices are listed, confirmed, in this router ...
+    listed = {(v["model"], v["id"]): v["confirmed"] for v in after[0]["voices"]}
+    assert listed[("tts-1", "en_US-joe-medium")] is True
+    assert len(fake.started()) == 1
+    # ... and in every other router container, which reads them from the Dict.
+    other = FakeModal(shipped)
+    fresh = asyncio.run(in_client(router(shipped, other, tmp_path, voices=voices), listings))
+    listed = {(v["model"], v["id"]): v["confirmed"] for v in fresh[0]["voices"]}
+    assert listed[("tts-1", "en_US-joe-medium")] is True
+    assert not other.started()
+
+
+def test_a_client_that_leaves_cancels_its_calls_on_modal(monkeypatch, tmp_path, no_network, no_token):
+    configs = write_configs(tmp_path / "configs", [{
+        "name": "tts-1", "backend": "piper", "parameters": {"model": "en_US-joe-medium.onnx"},
+        "deploy": {"max_concurrent_inputs": 3, "fan_out": 3},
+    }])
+    app_module = load_app(monkeypatch, configs, tmp_path / "models")
+    fake = FakeModal(app_module)
+    app = router(app_module, fake, tmp_path, configs=configs, chunk_chars=40)
+    text = "The first sentence is here. The second one follows it. The third one is last."
+
+    async def scenario(client):
+        service = app.state.speech
+        # A container that is up, so the calls below wait on synthesis alone.
+        assert (await client.post("/v1/audio/speech", json=speech(text="Warm up."))).status_code == 200
+        job = service.prepare(text=text, text_param="input", model="tts-1")
+        # The later chunks' calls are still on the GPU when the client leaves.
+        fake.stalls = lambda call: "first" not in call.args[0]["text"]
+        stream = await service.audio(job, OPENAI_FORMATS["pcm"])
+        assert stream.first
+        # What the response does when its client disconnects.
+        await stream.aclose()
+        await asyncio.sleep(0.2)
+
+    asyncio.run(in_client(app, scenario))
+    later = [call for call in fake.calls if "first" not in call.args[0]["text"] and "Warm" not in call.args[0]["text"]]
+    assert len(later) == 2
+    assert all(call.cancelled for call in later), "a call of a client that left ran on"
+    assert not any(call.cancelled for call in fake.calls if call not in later)
+    assert all(container.busy == 0 for container in fake.started())
+
+
+def test_a_cold_start_past_the_wait_answers_503_and_the_retry_finds_it_warm(shipped, tmp_path):
+    fake = FakeModal(shipped, cold_start=1.5)
+    app = router(shipped, fake, tmp_path, start_wait=0.5)
+
+    async def scenario(client):
+        first = await client.post("/v1/audio/speech", json=speech())
+        eleven = await client.post("/v1/text-to-speech/tts-1", json={"text": "Hi there.", "model_id": "tts-1"},
+                                   headers={"xi-api-key": "x"})
+        await asyncio.sleep(2.0)
+        return first, eleven, await client.post("/v1/audio/speech", json=speech())
+
+    first, eleven, retry = asyncio.run(in_client(app, scenario))
+    assert first.status_code == 503, first.text
+    assert first.headers["Retry-After"] == "1"
+    assert first.json()["error"]["code"] == "model_starting"
+    assert "starting" in first.json()["error"]["message"]
+    assert eleven.status_code == 503 and eleven.json()["detail"]["status"] == "model_starting"
+    assert retry.status_code == 200 and decode(retry.content).duration > 1.0
+    # The call the first client gave up on went on, and its container served the retry.
+    assert len(fake.started()) == 1
+    assert not any(call.cancelled for call in fake.calls)
+
+
+def readme_modal_command() -> str:
+    text = README.read_text(encoding="utf-8")
+    section = re.search(r"^## Deploy on Modal\n(.*?)(?=^## )", text, re.S | re.M).group(1)
+    blocks = [code for code in re.findall(r"^ *```sh\n(.*?)^ *```", section, re.S | re.M) if "modal.run" in code]
+    assert len(blocks) == 1, "the Modal section shows one curl command"
+    return blocks[0]
+
+
+def test_the_readmes_modal_command_gets_its_audio_through_a_long_cold_start(shipped, tmp_path):
+    fake = FakeModal(shipped, cold_start=2.0)
+    app = router(shipped, fake, tmp_path, start_wait=1.0, api_keys=["your-secret-key"])
+    command = re.sub(r"https://<workspace>--chorus-web\.modal\.run", "{url}", readme_modal_command())
+    folder = tmp_path / "client"
+    folder.mkdir()
+    with serving(app, ready_path="/healthz") as url:
+        result = subprocess.run(["bash", "-euo", "pipefail", "-c", command.replace("{url}", url)],
+                                cwd=folder, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    audio = decode(folder / "hello.mp3")
+    assert audio.codec in MP3 and audio.duration > 0.5
+    # It was told to retry at least once, and the retry found the one container warm.
+    assert len(fake.calls) >= 2 and len(fake.started()) == 1
+
+
+def test_make_deploy_keeps_warm_only_the_models_that_ask(monkeypatch, tmp_path, no_network, no_token):
+    configs = write_configs(tmp_path / "configs", [
+        {"name": "tts-1", "backend": "piper", "deploy": {"min_containers": 1, "max_containers": 2}},
+        {"name": "other", "backend": "piper"},
+    ])
+    app_module = load_app(monkeypatch, configs, tmp_path / "models")
+    fake = FakeModal(app_module)
+    assert app_module.keep_models_warm(lookup=fake.lookup) == {"tts-1": 1}
+    (variant, settings), = fake.autoscaler.items()
+    assert settings["min_containers"] == 1
+    # The same variant the router's calls for the model reach, or the warm one would idle unused.
+    asyncio.run(in_client(router(app_module, fake, tmp_path, configs=configs),
+                          lambda client: client.post("/tts", json={"model": "tts-1", "input": "Hi."})))
+    assert {call.variant for call in fake.calls} == {variant}
+
+
+def test_the_fake_holds_to_modals_calling_rules(shipped):
+    from modal.exception import InvalidError
+
+    instance = FakeModal(shipped).lookup("chorus", "PiperBackend")(model="tts-1")
+    with pytest.raises(InvalidError, match="remote_gen"):
+        asyncio.run(instance.synthesize.remote_gen.aio({}).__anext__())
+    with pytest.raises(AssertionError, match="aio"):
+        instance.synthesize.spawn({})
+    with pytest.raises(TypeError):
+        FakeModal(shipped).lookup("chorus", "PiperBackend").with_options(min_containers=1)
+    with pytest.raises(AttributeError):
+        instance.describe  # noqa: B018 - no such method on the deployed class
+
+
+def test_without_a_token_the_modal_runner_answers_503_naming_the_backend(no_network, no_token):
+    from functions.config import ModelConfig
+    from functions.protocol import SynthesisRequest
+    from router.errors import BackendUnavailable
+
+    runner = ModalRunner("chorus", voices_dict=FakeDict())  # the real modal.Cls.from_name
+    config = ModelConfig(name="tts-1", backend="piper")
+    with pytest.raises(BackendUnavailable) as error:
+        asyncio.run(runner.stream(config, SynthesisRequest(model="tts-1", text="Hi.")))
+    assert error.value.status == 503
+    assert "piper" in error.value.message and "Token missing" in error.value.message
+    assert "modal token new" in error.value.message
+
+
+def test_modal_errors_map_to_the_routers_errors():
+    from modal import exception as modal_errors
+
+    from functions.protocol import BackendError, BackendUnavailableError, InvalidRequestError
+    from router.errors import BackendUnavailable, InvalidRequest, SynthesisFailed
+
+    runner = ModalRunner("chorus")
+    cases = [
+        (InvalidRequestError("no such speaker", param="voice"), InvalidRequest, "no such speaker"),
+        (BackendUnavailableError("not installed"), BackendUnavailable, "backend 'coqui'"),
+        (BackendError("out of memory"), SynthesisFailed, "out of memory"),
+        (modal_errors.NotFoundError("no such class"), BackendUnavailable, "modal deploy"),
+        (modal_errors.ConnectionError("lost"), BackendUnavailable, "lost"),
+        (modal_errors.FunctionTimeoutError("too slow"), SynthesisFailed, "too slow"),
+        (RuntimeError("boom"), SynthesisFailed, "boom"),
+    ]
+    for raised, expected, text in cases:
+        translated = runner._translate("coqui", raised)
+        assert isinstance(translated, expected), raised
+        assert text in translated.message, translated.message
+    assert runner._translate("coqui", cases[0][0]).param == "voice"
+
+
+def test_the_router_endpoint_is_the_app_the_router_factory_builds(shipped):
+    """The asgi_app body, run here: mode modal, the Modal runner, the deployed app's name."""
+    web = shipped.web.local()
+    runner = web.state.speech.runner
+    assert isinstance(runner, ModalRunner)
+    assert runner.app_name == shipped.APP_NAME and runner.start_wait == Settings().modal_start_wait
+    assert web.state.speech.settings.mode == "modal"
+
+
+def test_the_example_configs_name_every_new_deploy_field():
+    """The README's config example shows each deploy field the config schema has."""
+    from functions.config import DeploySettings
+
+    example = re.search(r"^deploy: .*?\n((?:  .*\n)+)", README.read_text(encoding="utf-8"), re.M).group(1)
+    assert set(yaml.safe_load(textwrap.dedent(example))) == set(DeploySettings.model_fields)
