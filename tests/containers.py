@@ -23,8 +23,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = REPO / "infra" / "compose.yaml"
-#: Every container a test starts carries it, so that none outlives the session.
-TEST_LABEL = "chorus.test=true"
+#: Every container a test session starts carries it, so that none outlives the session; its own
+#: value, so that a session ending removes no other session's containers.
+TEST_LABEL = f"chorus.test={os.getpid()}"
 #: Environment variables a test sets for the code in the image; the rest of this host's (PATH, the
 #: test's virtualenv) has no business there.
 PASSED_ENV = ("CHORUS_", "HF_", "TRANSFORMERS_", "TTS_", "COQUI_", "TORCH_", "XDG_", "OMP_", "HOST", "PORT",
