@@ -29,6 +29,7 @@ from functions.protocol import (
     Backend,
     BackendError,
     InvalidRequestError,
+    ModelNotFoundError,
     SynthesisRequest,
     pcm16,
 )
@@ -101,7 +102,7 @@ class CoquiBackend(Backend):
         for part in parts:
             item = item.get(part) if isinstance(item, dict) else None
         if len(parts) != 4 or not isinstance(item, dict):
-            raise BackendError(
+            raise ModelNotFoundError(
                 f"model '{self.config.name}': '{name}' is neither a file in the models directory "
                 "nor a released Coqui model name (tts_models/<language>/<dataset>/<model>)"
             )
@@ -114,16 +115,30 @@ class CoquiBackend(Backend):
                 "set COQUI_TOS_AGREED=1 to accept it"
             )
         if "repo_id" in item:
-            # Loaded from the Hugging Face cache (HF_HOME); offline, a miss fails inside TTS().
+            self._check_hugging_face_cache(name, item)
             return
         missing = [n for n in (name, item.get("default_vocoder")) if n
                    and not (manager.output_prefix / "--".join(n.split("/"))).is_dir()]
         if missing:
-            raise BackendError(
+            raise ModelNotFoundError(
                 f"model '{self.config.name}': {', '.join(missing)} not found under "
                 f"{manager.output_prefix} (TTS_HOME); fill the cache when building the image or "
                 "volume, nothing is downloaded at run time"
             )
+
+    def _check_hugging_face_cache(self, name: str, item: dict) -> None:
+        """Models such as XTTS v2 load from the Hugging Face cache (HF_HOME)."""
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            snapshot_download(item["repo_id"], revision=item.get("revision"), local_files_only=True)
+        except LocalEntryNotFoundError:
+            raise ModelNotFoundError(
+                f"model '{self.config.name}': '{name}' ({item['repo_id']}) is not in the Hugging "
+                "Face cache (HF_HOME); fill it when building the image or volume, nothing is "
+                "downloaded at run time"
+            ) from None
 
     @property
     def tts(self) -> TTS:

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from functions.config import ModelConfig, resolve_in
-from functions.protocol import BackendError
+from functions.protocol import BackendError, ModelNotFoundError
 
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -30,6 +30,8 @@ def pretrained_source(config: ModelConfig, models_dir: Path, name: str | None = 
 
 
 def load_error(config: ModelConfig, source: str, exc: Exception) -> BackendError:
+    """`from_pretrained`'s OSError: a folder that holds no loadable checkpoint, or an id that is
+    neither a folder nor in the Hugging Face cache."""
     if Path(source).is_absolute():
         return BackendError(
             f"model '{config.name}': cannot load the checkpoint in its folder "
@@ -41,7 +43,7 @@ def load_error(config: ModelConfig, source: str, exc: Exception) -> BackendError
         if offline()
         else ""
     )
-    return BackendError(
+    return ModelNotFoundError(
         f"model '{config.name}': '{source}' is not a folder of the models directory and cannot be "
         f"loaded from the Hugging Face hub{hint}: {exc}"
     )

@@ -16,7 +16,13 @@ from piper import PiperVoice, SynthesisConfig
 from piper.config import PiperConfig
 
 from functions.config import ModelConfig, resolve_in
-from functions.protocol import Backend, BackendError, InvalidRequestError, SynthesisRequest
+from functions.protocol import (
+    Backend,
+    BackendError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    SynthesisRequest,
+)
 
 log = logging.getLogger("chorus")
 
@@ -47,7 +53,7 @@ class PiperBackend(Backend):
             self._install_bundled_voice_as(model_path)
         for path in (model_path, config_path):
             if not path.is_file():
-                raise BackendError(
+                raise ModelNotFoundError(
                     f"model '{self.config.name}': {path.name} is missing from the models directory"
                 )
         self._model_path = model_path

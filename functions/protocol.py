@@ -67,6 +67,10 @@ class BackendUnavailableError(BackendError):
     """The backend's library is not installed in this environment."""
 
 
+class ModelNotFoundError(BackendError):
+    """The model's files are not where the backend looks for them (nothing is downloaded)."""
+
+
 class Backend(ABC):
     """Load once with `load()` and `to_device()`, then `synthesize()` any number of requests,
     possibly from several threads at once."""

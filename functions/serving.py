@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -19,12 +21,13 @@ from typing import Any, Literal, TypeVar
 from anyio import CapacityLimiter, to_thread
 
 from functions import create_backend
-from functions.config import ModelConfig, redact
+from functions.config import CONFIGLESS_MODELS, ModelConfig, redact
 from functions.protocol import (
     Backend,
     BackendError,
     BackendUnavailableError,
     InvalidRequestError,
+    ModelNotFoundError,
     SynthesisRequest,
 )
 
@@ -32,7 +35,7 @@ log = logging.getLogger("chorus")
 T = TypeVar("T")
 
 #: What went wrong, as the worker protocol's error codes (and the router's) spell it.
-FailureKind = Literal["invalid_request", "backend_unavailable", "synthesis_failed"]
+FailureKind = Literal["invalid_request", "model_not_found", "backend_unavailable", "synthesis_failed"]
 
 
 class ServingError(Exception):
@@ -47,6 +50,8 @@ class ServingError(Exception):
 def _load_failure(config: ModelConfig, exc: Exception, models_dir: Path) -> ServingError:
     if isinstance(exc, BackendUnavailableError):
         return ServingError("backend_unavailable", str(exc))
+    if isinstance(exc, ModelNotFoundError):
+        return ServingError("model_not_found", redact(str(exc), models_dir), "model")
     if isinstance(exc, BackendError):
         return ServingError("synthesis_failed", str(exc))
     # A corrupt weights file raises the library's own error: it fails this model's requests
@@ -124,13 +129,23 @@ def _closed(closing: asyncio.Future[Any]) -> None:
         log.warning("closing a backend stream failed: %s", closing.exception())
 
 
-class BackendPool:
-    """Backends by model config, each loaded on first use (or by `get` at start-up)."""
+def configless_limit() -> int:
+    """CHORUS_CONFIGLESS_MODELS, for a worker (the router reads it into its settings)."""
+    raw = os.environ.get("CHORUS_CONFIGLESS_MODELS", "").strip()
+    return int(raw) if raw else CONFIGLESS_MODELS
 
-    def __init__(self, models_dir: Path):
+
+class BackendPool:
+    """Backends by model config, each loaded on first use (or by `get` at start-up). Config-less
+    models are kept up to `configless` at once, the least recently used unloaded first."""
+
+    def __init__(self, models_dir: Path, configless: int = CONFIGLESS_MODELS):
         self.models_dir = models_dir
+        self.configless = configless
         self._loaded: dict[str, LoadedBackend] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        #: Keys of the loaded config-less models, least recently used first.
+        self._configless: OrderedDict[str, None] = OrderedDict()
 
     @staticmethod
     def _key(config: ModelConfig) -> str:
@@ -145,6 +160,12 @@ class BackendPool:
         """The loaded backend for `config`. A failure to import or load it is a `ServingError`,
         and the next call tries again."""
         key = self._key(config)
+        if config.configless:
+            if not self.configless:
+                raise ServingError("model_not_found", f"model '{config.name}' is no config, and "
+                                   "config-less models are switched off (CHORUS_CONFIGLESS_MODELS=0)", "model")
+            if key in self._configless:
+                self._configless.move_to_end(key)
         if key in self._loaded:
             return self._loaded[key]
         async with self._locks.setdefault(key, asyncio.Lock()):
@@ -158,7 +179,19 @@ class BackendPool:
                 # Past this many concurrent requests, more threads only fight over the cores.
                 limiter = CapacityLimiter(config.deploy.max_concurrent_inputs)
                 self._loaded[key] = LoadedBackend(backend, limiter)
+                if config.configless:
+                    self._keep_configless(key)
         return self._loaded[key]
+
+    def _keep_configless(self, key: str) -> None:
+        self._configless[key] = None
+        while len(self._configless) > self.configless:
+            evicted, _ = self._configless.popitem(last=False)
+            # Requests still streaming from it keep it until they end; the pool lets it go.
+            unloaded = self._loaded.pop(evicted)
+            self._locks.pop(evicted, None)
+            log.info("unloaded config-less model '%s' (%d kept at most)", unloaded.backend.config.name,
+                     self.configless)
 
 
 def _create_and_load(config: ModelConfig, models_dir: Path) -> Backend:

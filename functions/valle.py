@@ -38,6 +38,7 @@ from functions.protocol import (
     Backend,
     BackendError,
     InvalidRequestError,
+    ModelNotFoundError,
     SynthesisRequest,
     pcm16,
 )
@@ -80,7 +81,7 @@ class ValleBackend(Backend):
         checkpoint = self._checkpoint()
         encodec = Path(torch.hub.get_dir()) / "checkpoints" / ENCODEC_CHECKPOINT
         if not encodec.is_file():
-            raise BackendError(
+            raise ModelNotFoundError(
                 f"model '{self.config.name}': EnCodec weights are missing: expected {encodec} "
                 "(TORCH_HOME); nothing is downloaded at run time"
             )
@@ -125,7 +126,7 @@ class ValleBackend(Backend):
         # LocalAI's configs give a voice name here, not a file: use the standard place.
         path = resolve_in(self.models_dir, str(CHECKPOINT))
         if not path.is_file():
-            raise BackendError(
+            raise ModelNotFoundError(
                 f"model '{self.config.name}': the VALL-E X checkpoint is missing: put "
                 f"vallex-checkpoint.pt in the models directory under {CHECKPOINT.parent}/"
             )

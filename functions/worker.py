@@ -38,14 +38,14 @@ from starlette.routing import Route
 
 from functions.config import BackendName, ConfigError, ModelConfig, load_configs
 from functions.protocol import SAMPLE_FORMAT, SynthesisRequest
-from functions.serving import BackendPool, LoadedBackend, ServingError
+from functions.serving import BackendPool, LoadedBackend, ServingError, configless_limit
 
 log = logging.getLogger("chorus.worker")
 
 DEFAULT_PORT = 9000
 
 #: The status each kind of backend failure is answered with.
-STATUS = {"invalid_request": 400, "backend_unavailable": 503, "synthesis_failed": 500}
+STATUS = {"invalid_request": 400, "model_not_found": 404, "backend_unavailable": 503, "synthesis_failed": 500}
 
 
 class SynthesizeBody(BaseModel):
@@ -87,7 +87,7 @@ class Worker:
         self.backend = backend
         self.configs_dir = configs_dir
         self.models_dir = models_dir
-        self.pool = BackendPool(models_dir)
+        self.pool = BackendPool(models_dir, configless_limit())
         self.ready = False
         self.failures: dict[str, str] = {}
 

@@ -64,7 +64,7 @@ def test_a_preset_named_as_the_model_is_the_voice_localai_style(bark_worker: str
     # which this offline machine does not have: the load fails at once, naming both.
     config = {"name": "preset-model", "backend": "bark", "parameters": {"model": "v2/en_speaker_4"}}
     response = synthesize(bark_worker, config, text=TEXT)
-    assert response.status_code == 500
+    assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
     message = response.json()["error"]["message"]
     assert "suno/bark" in message and "HF_HUB_OFFLINE=1" in message
 

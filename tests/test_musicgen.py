@@ -74,7 +74,7 @@ def test_a_hub_id_absent_offline_fails_at_load_with_a_clear_error(music_worker: 
     assert "facebook/musicgen-small" in failed["hub-music"]
     assert "HF_HUB_OFFLINE=1" in failed["hub-music"] and "models directory" in failed["hub-music"]
     response = synthesize(music_worker, HUB, text="Calm piano", duration_seconds=0.2)
-    assert response.status_code == 500
+    assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
     assert "HF_HUB_OFFLINE=1" in response.json()["error"]["message"]
 
 

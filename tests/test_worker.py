@@ -116,9 +116,9 @@ def test_malformed_requests_are_400(client: TestClient) -> None:
     assert payload["param"] == "request.speed"
 
 
-def test_missing_model_file_is_a_500_naming_it(client: TestClient) -> None:
+def test_missing_model_file_is_a_404_naming_it(client: TestClient) -> None:
     broken = {"name": "broken", "backend": "piper", "parameters": {"model": "absent.onnx"}}
-    payload = error(client.post("/synthesize", json=body(config=broken)), 500, "synthesis_failed")
+    payload = error(client.post("/synthesize", json=body(config=broken)), 404, "model_not_found")
     assert "absent.onnx" in payload["message"]
 
 

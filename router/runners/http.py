@@ -18,7 +18,7 @@ import httpx
 
 from functions.config import BackendName, ConfigError, ModelConfig
 from functions.protocol import SAMPLE_FORMAT, SynthesisRequest
-from router.errors import BackendUnavailable, InvalidRequest, SynthesisFailed
+from router.errors import BackendUnavailable, InvalidRequest, ModelNotFound, SynthesisFailed
 from router.runners import PcmStream, Runner
 from router.settings import Settings
 
@@ -176,6 +176,8 @@ class HttpRunner(Runner):
         message = _error_message(response)
         if response.status_code == 400:
             raise InvalidRequest(message, param=_error_param(response))
+        if response.status_code == 404 and _error_field(response, "code") == "model_not_found":
+            raise ModelNotFound(message, param="model")
         if response.status_code == 503:
             raise BackendUnavailable(f"backend '{backend}' is unavailable: {message}")
         raise SynthesisFailed(f"backend '{backend}' failed: {message}")

@@ -7,17 +7,17 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from pathlib import Path
 
-from functions.config import ModelConfig
+from functions.config import CONFIGLESS_MODELS, ModelConfig
 from functions.protocol import SynthesisRequest
 from functions.serving import BackendPool, LoadedBackend, ServingError
-from router.errors import BackendUnavailable, ChorusError, InvalidRequest, SynthesisFailed
+from router.errors import BackendUnavailable, ChorusError, InvalidRequest, ModelNotFound, SynthesisFailed
 from router.runners import PcmStream, Runner
 
 log = logging.getLogger("chorus")
 
 #: The router's error for each kind of backend failure: the one whose code it is.
 _ERRORS: dict[str, type[ChorusError]] = {
-    error.code: error for error in (InvalidRequest, BackendUnavailable, SynthesisFailed)
+    error.code: error for error in (InvalidRequest, ModelNotFound, BackendUnavailable, SynthesisFailed)
 }
 
 
@@ -29,8 +29,8 @@ class InProcessRunner(Runner):
     """Local mode: backends live in this process; their blocking calls run in worker threads
     so the event loop (and /healthz) stays responsive during synthesis."""
 
-    def __init__(self, models_dir: Path):
-        self._pool = BackendPool(models_dir)
+    def __init__(self, models_dir: Path, configless: int = CONFIGLESS_MODELS):
+        self._pool = BackendPool(models_dir, configless)
         self._ready = False
 
     async def start(self, preload: list[ModelConfig]) -> None:

@@ -30,12 +30,14 @@ from functions.protocol import (
     BackendError,
     BackendUnavailableError,
     InvalidRequestError,
+    ModelNotFoundError,
     SynthesisRequest,
 )
 from router.errors import (
     BackendUnavailable,
     ChorusError,
     InvalidRequest,
+    ModelNotFound,
     ModelStarting,
     SynthesisFailed,
 )
@@ -191,6 +193,8 @@ class ModalRunner(Runner):
             return exc
         if isinstance(exc, InvalidRequestError):
             return InvalidRequest(str(exc), param=exc.param)
+        if isinstance(exc, ModelNotFoundError):
+            return ModelNotFound(str(exc), param="model")
         if isinstance(exc, BackendUnavailableError):
             return BackendUnavailable(f"backend '{backend}' is unavailable: {exc}")
         if isinstance(exc, BackendError):
