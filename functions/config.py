@@ -25,8 +25,12 @@ BackendName = Literal[
     "piper", "coqui", "bark", "parler-tts", "transformers-musicgen", "vall-e-x"
 ]
 
-# Names travel in URLs, file names and Modal parameters: keep them to a safe alphabet.
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$"
+# Names travel in URLs, file names and Modal parameters: keep them to a safe alphabet. A name may
+# be a path inside the models directory or a backend's own model id (`tts_models/en/ljspeech/
+# glow-tts`, `facebook/musicgen-small`, `v2/en_speaker_4`), LocalAI's way: parts joined by `/`,
+# none starting with a dot (so no `..`), no backslash, no percent sign, no control character.
+NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9._\-]*(?:/[A-Za-z0-9_][A-Za-z0-9._\-]*)*$"
+NAME_MAX_LENGTH = 256
 
 
 class Parameters(BaseModel):
@@ -49,6 +53,10 @@ class TTSSettings(BaseModel):
     voice: str | None = None
     vall_e: ValleSettings = Field(default_factory=ValleSettings, alias="vall-e")
 
+
+#: Config-less models (LocalAI's way: a request names a file or a backend's model id) that one
+#: process or worker keeps loaded at once; CHORUS_CONFIGLESS_MODELS sets it, 0 refuses them.
+CONFIGLESS_MODELS = 4
 
 #: Modal's GPU types (modal.com/docs/guide/gpu), weakest first.
 GPU_TYPES = ("T4", "L4", "A10G", "L40S", "A100", "A100-40GB", "A100-80GB", "H100", "H200", "B200")
@@ -130,7 +138,7 @@ class DeploySettings(BaseModel):
 class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    name: str = Field(pattern=NAME_PATTERN)
+    name: str = Field(pattern=NAME_PATTERN, max_length=NAME_MAX_LENGTH)
     backend: BackendName
     parameters: Parameters = Field(default_factory=Parameters)
     tts: TTSSettings = Field(default_factory=TTSSettings)
@@ -138,6 +146,8 @@ class ModelConfig(BaseModel):
     #: Chorus's own: public voice names (OpenAI's `alloy`, an ElevenLabs voice id...) mapped to
     #: this model's voices or speakers.
     voices: dict[str, str] = Field(default_factory=dict)
+    #: Chorus's own: made from a request's model name (no config file names it), LocalAI's way.
+    configless: bool = False
 
     @model_validator(mode="before")
     @classmethod

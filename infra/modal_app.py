@@ -112,8 +112,10 @@ class BackendService:
     def _config(self) -> ModelConfig:
         config = CONFIGS.get(self.model)
         if config is None:
-            # LocalAI's way: a model that is no config is a file in the models directory.
-            return ModelConfig(name=self.model, backend=self.BACKEND, parameters={"model": self.model})
+            # LocalAI's way: a model that is no config is a file in the models directory or the
+            # backend's own model id (router/registry.py makes the same config).
+            return ModelConfig(name=self.model, backend=self.BACKEND, parameters={"model": self.model},
+                               configless=True)
         if config.backend != self.BACKEND:
             # A request may override a config's backend; this class's backend is the one asked.
             return config.model_copy(update={"backend": self.BACKEND})

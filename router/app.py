@@ -52,7 +52,7 @@ def build_runner(settings: Settings) -> Runner:
         return ModalRunner.from_settings(settings)
     from router.runners.local import InProcessRunner
 
-    return InProcessRunner(settings.models_dir)
+    return InProcessRunner(settings.models_dir, settings.configless_models)
 
 
 def create_app(
@@ -61,7 +61,9 @@ def create_app(
     runner: Runner | None = None,
 ) -> FastAPI:
     settings = settings or Settings.from_env()
-    registry = registry or ModelRegistry.from_dir(settings.configs_dir, settings.models_dir)
+    registry = registry or ModelRegistry.from_dir(
+        settings.configs_dir, settings.models_dir, settings.configless_models
+    )
     runner = runner or build_runner(settings)
     cache = None
     if settings.cache_dir is not None and settings.cache_max_mb > 0:

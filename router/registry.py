@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import re
+from collections import OrderedDict
 from pathlib import Path
 from typing import get_args
 
-from pydantic import ValidationError
-
 from functions.config import (
+    CONFIGLESS_MODELS,
+    NAME_MAX_LENGTH,
+    NAME_PATTERN,
     BackendName,
+    DeploySettings,
     ModelConfig,
     UnsafePathError,
     check_paths,
@@ -25,35 +29,40 @@ OPENAI_VOICES = frozenset(
 
 
 class ModelRegistry:
-    def __init__(self, configs: list[ModelConfig], models_dir: Path):
+    def __init__(self, configs: list[ModelConfig], models_dir: Path, configless: int = CONFIGLESS_MODELS):
         for config in configs:
             check_paths(config, models_dir)
         self._configs = {config.name: config for config in configs}
         self.models_dir = models_dir
+        #: How many config-less models are listed at once (as many as a pool keeps); 0 refuses
+        #: them.
+        self.configless = configless
+        #: Config-less models that have served a request, least recently used first.
+        self._served: OrderedDict[tuple[str, str], ModelConfig] = OrderedDict()
 
     @classmethod
-    def from_dir(cls, configs_dir: Path, models_dir: Path) -> ModelRegistry:
-        return cls(load_configs(configs_dir, models_dir), models_dir)
+    def from_dir(cls, configs_dir: Path, models_dir: Path, configless: int = CONFIGLESS_MODELS) -> ModelRegistry:
+        return cls(load_configs(configs_dir, models_dir), models_dir, configless)
 
     def all(self) -> list[ModelConfig]:
-        return list(self._configs.values())
+        """The configs, then the config-less models loaded now (they are listed nowhere else)."""
+        return [*self._configs.values(), *self._served.values()]
 
-    def get(self, name: str | None, backend: str | None = None) -> ModelConfig:
-        """The config for `name` (the first config when none is given), LocalAI-style: with a
-        `backend`, a name that is no config is taken as a model file in the models directory."""
+    def get(self, name: str | None, backend: str | None = None, configless: bool = False) -> ModelConfig:
+        """The config for `name` (the first config when none is given; the first of `backend`'s
+        when one is). With `configless` (LocalAI's route), a name that is no config is still
+        served, LocalAI's way: see `_configless`."""
         if backend is not None and backend not in get_args(BackendName):
             raise InvalidRequest(
                 f"unknown backend '{backend}'; known: {', '.join(get_args(BackendName))}",
                 param="backend",
             )
-        if not name:
-            if not self._configs:
-                raise ModelNotFound("no model is configured", param="model")
-            config = next(iter(self._configs.values()))
-        elif name in self._configs:
+        if name in self._configs:
             config = self._configs[name]
-        elif backend is not None:
-            return self._file_model(name, backend)
+        elif not name:
+            config = self._default(backend, configless)
+        elif configless and self.configless:
+            return self._configless(name, backend or "piper")
         else:
             raise ModelNotFound(
                 f"model '{name}' does not exist; available: {', '.join(self._configs)}",
@@ -63,18 +72,50 @@ class ModelRegistry:
             config = config.model_copy(update={"backend": backend})
         return config
 
-    def _file_model(self, name: str, backend: str) -> ModelConfig:
-        try:
-            path = resolve_in(self.models_dir, name)
-            config = ModelConfig(name=name, backend=backend, parameters={"model": name})
-        except (UnsafePathError, ValidationError):
-            raise InvalidRequest(
-                f"model '{name}' is not a valid model name or file inside the models directory",
-                param="model",
-            ) from None
-        if not path.is_file():
-            raise ModelNotFound(f"model '{name}' does not exist", param="model")
-        return config
+    def _default(self, backend: str | None, configless: bool) -> ModelConfig:
+        for config in self._configs.values():
+            if backend is None or config.backend == backend:
+                return config
+        if backend is not None and configless and self.configless:
+            # LocalAI's `{"backend": "vall-e-x", "input": ...}`: the backend's own default model.
+            return self._configless(None, backend)
+        raise ModelNotFound(
+            f"no model of backend '{backend}' is configured" if backend else "no model is configured",
+            param="model",
+        )
+
+    def _configless(self, name: str | None, backend: str) -> ModelConfig:
+        """LocalAI's bare config: named after the model, which is a file in the models directory
+        or else the backend's own model id; the backend's first config lends its deploy block
+        (its GPU and limits), so the model runs where that backend's configured models do."""
+        if name is not None:
+            if len(name) > NAME_MAX_LENGTH or not re.match(NAME_PATTERN, name):
+                raise InvalidRequest(
+                    f"model '{name[:80]}' is not a valid model name or file inside the models "
+                    f"directory: parts of letters, digits, '.', '_' and '-' joined by '/', none "
+                    f"starting with '.', at most {NAME_MAX_LENGTH} characters",
+                    param="model",
+                )
+            try:
+                resolve_in(self.models_dir, name)
+            except UnsafePathError as exc:
+                raise InvalidRequest(f"model '{name}': {exc}", param="model") from None
+        lender = next((c for c in self._configs.values() if c.backend == backend), None)
+        return ModelConfig(
+            name=name or backend,
+            backend=backend,
+            parameters={"model": name},
+            deploy=lender.deploy if lender is not None else DeploySettings(),
+            configless=True,
+        )
+
+    def served(self, config: ModelConfig) -> None:
+        """`config` (a config-less model) has served a request: list it, within the bound."""
+        key = (config.name, config.backend)
+        self._served[key] = config
+        self._served.move_to_end(key)
+        while len(self._served) > self.configless:
+            self._served.popitem(last=False)
 
     @staticmethod
     def voice_for(config: ModelConfig, voice: str | None) -> str | None:

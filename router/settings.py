@@ -8,6 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
+from functions.config import CONFIGLESS_MODELS
+
 Mode = Literal["local", "http", "modal"]
 #: The API families an input limit can be set for (the `route` SpeechService.prepare is given).
 Route = Literal["openai", "localai", "elevenlabs", "sound-generation"]
@@ -39,6 +41,10 @@ class Settings(BaseModel):
     #: is told to retry (503, Retry-After). Modal's web endpoints give up on a response that
     #: has not begun within 150 s (they answer 303), so this stays below that.
     modal_start_wait: float = Field(120.0, gt=0, le=140)
+
+    #: Models a LocalAI request may name without a config (a file in the models directory, or a
+    #: backend's own model id), kept loaded at once per process or worker; 0 refuses them (404).
+    configless_models: int = Field(CONFIGLESS_MODELS, ge=0)
 
     #: API keys a client must present (Bearer, x-api-key or xi-api-key); none = an open server.
     api_keys: list[str] = Field(default_factory=list)
@@ -118,6 +124,7 @@ _ENV_NAMES = {
     "backend_health_interval": "CHORUS_BACKEND_HEALTH_INTERVAL",
     "modal_app": "CHORUS_MODAL_APP",
     "modal_start_wait": "CHORUS_MODAL_START_WAIT",
+    "configless_models": "CHORUS_CONFIGLESS_MODELS",
     "api_keys": "CHORUS_API_KEYS",
     "max_body_bytes": "CHORUS_MAX_BODY_BYTES",
     "max_input_chars_by_route": "CHORUS_MAX_INPUT_CHARS_BY_ROUTE",

@@ -124,7 +124,8 @@ class SpeechService:
                 f"'{text_param}' is {len(text)} characters long; the limit is {limit}",
                 param=text_param,
             )
-        config = self.registry.get(model, backend)
+        # LocalAI's route (or any request naming a backend) serves models that no config names.
+        config = self.registry.get(model, backend, configless=route == "localai" or backend is not None)
         note_model(config.name)
         request = SynthesisRequest(
             model=config.name,
@@ -163,6 +164,8 @@ class SpeechService:
         except BaseException:
             place.leave()
             raise
+        if config.configless:
+            self.registry.served(config)
         chunks = self._all_chunks(job, texts, first, place, on_chunk)
         # Started here, so that its clean-up (the place, the backend streams) runs on close
         # even if nobody ever reads on; the first chunk's errors surface here too.

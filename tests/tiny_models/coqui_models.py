@@ -6,6 +6,8 @@ Run with the Coqui environment's python: `python coqui_models.py <kind> <folder>
            hand-made BPE vocabulary and one preset speaker.
   xtts-hf <hf_home> -> the same XTTS placed in a Hugging Face cache as the released
            tts_models/multilingual/multi-dataset/xtts_v2 is, so it loads by name offline.
+  glow-tts <tts_home> -> a Glow-TTS and its Multi-band MelGAN vocoder in Coqui's model cache,
+           as tts_models/en/ljspeech/glow-tts (LocalAI's config-less example) is downloaded.
 The weights are random: the audio is noise-like, but every layer of the real model runs.
 """
 
@@ -17,6 +19,7 @@ import sys
 from pathlib import Path
 
 import torch
+from hf_cache import snapshot
 
 VITS_SPEAKERS = ["alice", "bob"]
 VITS_LANGUAGES = ["en", "fr"]
@@ -114,17 +117,59 @@ def build_xtts(folder: Path) -> Path:
     return folder / "model.pth"
 
 
+#: LocalAI's documented config-less Coqui model, and the vocoder its entry in Coqui's list names.
+GLOW_TTS = "tts_models/en/ljspeech/glow-tts"
+GLOW_TTS_VOCODER = "vocoder_models/en/ljspeech/multiband-melgan"
+
+
+def build_glow_tts(tts_home: Path) -> Path:
+    """A tiny Glow-TTS and a tiny Multi-band MelGAN in Coqui's model cache ($TTS_HOME/tts), in the
+    folders the released glow-tts and its default vocoder are downloaded to, so that
+    `TTS("tts_models/en/ljspeech/glow-tts")` loads both offline through Coqui's own code."""
+    from TTS.tts.configs.glow_tts_config import GlowTTSConfig
+    from TTS.tts.models.glow_tts import GlowTTS
+    from TTS.tts.utils.text.characters import CharactersConfig
+    from TTS.vocoder.configs import MultibandMelganConfig
+    from TTS.vocoder.models.gan import GAN
+
+    torch.manual_seed(0)
+    cache = tts_home / "tts"
+    tts_folder = cache / "--".join(GLOW_TTS.split("/"))
+    vocoder_folder = cache / "--".join(GLOW_TTS_VOCODER.split("/"))
+    tts_folder.mkdir(parents=True, exist_ok=True)
+    vocoder_folder.mkdir(parents=True, exist_ok=True)
+    config = GlowTTSConfig(
+        hidden_channels_enc=16, hidden_channels_dec=16, hidden_channels_dp=16, num_flow_blocks_dec=2,
+        num_block_layers=1, use_phonemes=False, text_cleaner="basic_cleaners",
+        characters=CharactersConfig(
+            characters_class="TTS.tts.utils.text.characters.Graphemes", pad="_", eos="~", bos="^",
+            blank=None, characters=string.ascii_lowercase, punctuations="!'(),-.:;? ", phonemes=None,
+        ),
+    )
+    config.encoder_params = {"kernel_size": 3, "dropout_p": 0.1, "num_layers": 1, "num_heads": 2,
+                             "hidden_channels_ffn": 32}
+    config.audio.sample_rate = 16000
+    model = GlowTTS(config).eval()
+    torch.save({"model": model.state_dict(), "config": config.to_dict()}, tts_folder / "model_file.pth")
+    config.save_json(str(tts_folder / "config.json"))
+
+    vocoder_config = MultibandMelganConfig()
+    vocoder_config.generator_model_params = {"upsample_factors": [8, 4, 2], "num_res_blocks": 1}
+    vocoder_config.audio = config.audio
+    vocoder = GAN(vocoder_config).eval()
+    torch.save({"model": vocoder.state_dict(), "config": vocoder_config.to_dict()},
+               vocoder_folder / "model_file.pth")
+    vocoder_config.save_json(str(vocoder_folder / "config.json"))
+    return tts_folder
+
+
 def build_xtts_hf(hf_home: Path) -> Path:
-    repo = hf_home / "hub" / ("models--" + XTTS_REPO.replace("/", "--"))
-    revision = "0" * 40
-    snapshot = repo / "snapshots" / revision
-    build_xtts(snapshot)
-    (repo / "refs").mkdir(parents=True, exist_ok=True)
-    (repo / "refs" / "main").write_text(revision)
-    return snapshot
+    folder = snapshot(hf_home, XTTS_REPO)
+    build_xtts(folder)
+    return folder
 
 
 if __name__ == "__main__":
     kind, target = sys.argv[1], Path(sys.argv[2])
-    builders = {"vits": build_vits, "xtts": build_xtts, "xtts-hf": build_xtts_hf}
+    builders = {"vits": build_vits, "xtts": build_xtts, "xtts-hf": build_xtts_hf, "glow-tts": build_glow_tts}
     print(builders[kind](target))
