@@ -247,8 +247,8 @@ HEAVY = {
         {"name": "tiny-music", "backend": "transformers-musicgen", "parameters": {"model": "tiny-musicgen"}},
         ("/v1/sound-generation", {"text": "Rain on a tin roof.", "duration_seconds": 0.5, "output_format": "wav_32000"}),
     ),
-    # A tiny random VALL-E X may stop after a few frames: a seed (ElevenLabs' request carries one)
-    # makes its length the one seen to last (test_valle.py seeds it too).
+    # A tiny random VALL-E X ends a clip at a random frame: seeded (ElevenLabs' request carries a
+    # seed) so that a run is repeatable, and any whole EnCodec frame counts (as in test_valle.py).
     "vall-e-x": ({"name": "tiny-valle", "backend": "vall-e-x",
                   "tts": {"vall-e": {"audio_path": "reference.wav", "transcript": "Hello there, how are you?"}}},
                  ("/v1/text-to-speech/tiny-valle", {"text": "Hello there, friend.", "model_id": "tiny-valle",
@@ -323,6 +323,7 @@ def test_each_heavy_backend_speaks_through_the_router_container_on_cpu(heavy_sta
                           timeout=600)
     assert response.status_code == 200, response.text
     audio = decode(response.content)
-    assert audio.container == "wav" and audio.duration > 0.2
+    shortest = 320 / 24000 if backend == "vall-e-x" else 0.2
+    assert audio.container == "wav" and audio.duration >= shortest
     assert np.abs(audio.samples).max() > 0, "silence"
     assert heavy_stack.compose("logs", backend).stdout.count("POST /synthesize") >= 1

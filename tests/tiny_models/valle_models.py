@@ -63,18 +63,15 @@ def build(models_dir: Path, torch_home: Path, hf_home: Path) -> None:
     torch.save(EncodecModel.encodec_model_24khz(pretrained=False).state_dict(),
                hub / "encodec_24khz-d7cc33bc.th")
 
+    from hf_cache import snapshot  # beside this file; the worker's hook copy never builds
     from vocos import Vocos
 
-    revision = "0" * 40
-    repo = hf_home / "hub" / ("models--" + VOCOS_REPO.replace("/", "--"))
-    snapshot = repo / "snapshots" / revision
-    snapshot.mkdir(parents=True, exist_ok=True)
-    (snapshot / "config.yaml").write_text(VOCOS_CONFIG)
-    vocos = Vocos.from_hparams(str(snapshot / "config.yaml"))
+    folder = snapshot(hf_home, VOCOS_REPO)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text(VOCOS_CONFIG)
+    vocos = Vocos.from_hparams(str(folder / "config.yaml"))
     state = {k: v for k, v in vocos.state_dict().items() if not k.startswith("feature_extractor.encodec.")}
-    torch.save(state, snapshot / "pytorch_model.bin")
-    (repo / "refs").mkdir(parents=True, exist_ok=True)
-    (repo / "refs" / "main").write_text(revision)
+    torch.save(state, folder / "pytorch_model.bin")
 
     shrink()
     from valle_x.models.vallex import VALLE
