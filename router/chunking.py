@@ -8,8 +8,10 @@ together up to `max_chars`.
 
 from __future__ import annotations
 
+import asyncio
 import re
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
 
 # A sentence ends after terminal punctuation and any closing quotes or brackets: ASCII marks only
 # where whitespace follows (so "3.14" stays whole), CJK marks anywhere (CJK puts no space after
@@ -70,3 +72,107 @@ def chunk_text(text: str, max_chars: int = 250) -> list[str]:
     if not sentences:
         return []
     return [sentences[0], *_pack(sentences[1:], max_chars)]
+
+
+#: In a stream of text pieces: cut now what is buffered, even mid-sentence (ElevenLabs' `flush`).
+FLUSH = object()
+
+
+class StreamedChunks:
+    """Chunks of text that arrives as an async stream of pieces, each handed out as soon as its
+    sentences are complete, while later text is still arriving: the first chunk is the first
+    sentence alone, each later one every complete sentence there is, packed up to `max_chars`.
+    A `FLUSH` piece, or the end of the stream, completes what is buffered. The pieces are read
+    as they come (by a task of their own), so text that arrives in one piece is cut exactly as
+    `chunk_text` cuts it. With `split` false (a prompt, not prose) the whole text is one chunk.
+    `scrub` is applied to each piece, and `check` to the text so far (an input limit: what it
+    raises comes out of `next`). `aclose` stops reading."""
+
+    def __init__(self, pieces: AsyncIterator[object], max_chars: int, split: bool = True,
+                 scrub: Callable[[str], str] = lambda piece: piece,
+                 check: Callable[[str], None] = lambda text: None):
+        self._pieces = pieces
+        self._max_chars = max_chars
+        self._split = split
+        self._scrub, self._check = scrub, check
+        #: Every piece so far, scrubbed: the whole text once the stream has ended.
+        self.text = ""
+        self._ready: deque[str] = deque()  # complete sentences (long ones already cut)
+        self._tail = ""  # text whose sentence has not ended yet
+        self._ended = False
+        self._error: BaseException | None = None
+        self._given = 0
+        self._arrived = asyncio.Event()
+        self._reader: asyncio.Task[None] | None = None
+
+    async def next(self) -> str | None:
+        """The next chunk, waiting for text as long as none is complete; None at the end."""
+        if self._reader is None:
+            self._reader = asyncio.ensure_future(self._read())
+        while not self._ready and not self._ended:
+            self._arrived.clear()
+            await self._arrived.wait()
+        if self._error is not None:
+            raise self._error
+        return self.ready_now()
+
+    def ready_now(self) -> str | None:
+        """The next chunk if one can be cut from the text already here, else None."""
+        if not self._ready:
+            return None
+        self._given += 1
+        if self._given == 1:
+            return self._ready.popleft()
+        chunk = self._ready.popleft()
+        while self._ready and len(chunk) + 1 + len(self._ready[0]) <= self._max_chars:
+            chunk = f"{chunk} {self._ready.popleft()}"
+        return chunk
+
+    async def aclose(self) -> None:
+        if self._reader is not None and not self._reader.done():
+            self._reader.cancel()
+        closing = getattr(self._pieces, "aclose", None)
+        if closing is not None:
+            await closing()
+
+    async def _read(self) -> None:
+        try:
+            async for piece in self._pieces:
+                if piece is FLUSH:
+                    self._complete(len(self._tail))
+                else:
+                    self._add(self._scrub(str(piece)))
+                self._arrived.set()
+            self._complete(len(self._tail))
+        except Exception as exc:
+            self._error = exc
+        finally:
+            self._ended = True
+            self._arrived.set()
+
+    def _add(self, piece: str) -> None:
+        self.text += piece
+        self._check(self.text)
+        self._tail += piece
+        if not self._split:
+            return
+        ends = [match.end() for match in _SENTENCE_END.finditer(self._tail)]
+        self._complete(ends[-1] if ends else 0)
+        if len(self._tail) > self._max_chars:
+            # A sentence longer than a chunk: what fits leaves now; its last part waits for more.
+            *whole, last = _split_long(self._tail, self._max_chars)
+            self._ready.extend(whole)
+            self._tail = last
+
+    def _complete(self, end: int) -> None:
+        """Move the sentences of `_tail[:end]` into the ready queue."""
+        done, self._tail = self._tail[:end], self._tail[end:]
+        if not self._split:
+            if done.strip():
+                self._ready.append(done)
+            return
+        for sentence in split_sentences(done):
+            if len(sentence) > self._max_chars:
+                self._ready.extend(_split_long(sentence, self._max_chars))
+            else:
+                self._ready.append(sentence)

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import re
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
@@ -17,7 +18,7 @@ from functions import PROMPT_BACKENDS
 from functions.config import ModelConfig
 from functions.protocol import SynthesisRequest
 from router.cache import SynthesisCache
-from router.chunking import chunk_text
+from router.chunking import StreamedChunks, chunk_text
 from router.encoding import AudioFormat, StreamEncoder
 from router.errors import BackendTimeout, ChorusError, InvalidRequest, Overloaded, SynthesisFailed
 from router.limits import Admission, Place, timed
@@ -37,6 +38,14 @@ class SpeechJob:
     request: SynthesisRequest
     #: The wire field that carried the text (`input`, `text`), for errors about it.
     text_param: str = "input"
+    #: The text as it arrives, in pieces (a WebSocket's messages); None when the request gave
+    #: it whole, as `request.text` (an HTTP route: one piece).
+    pieces: AsyncIterator[object] | None = None
+    #: The input limit for text that arrives in pieces.
+    limit: int = 0
+
+    def text_pieces(self) -> AsyncIterator[object]:
+        return self.pieces if self.pieces is not None else _one_piece(self.request.text)
 
     def no_audio(self) -> ChorusError:
         """The error for a backend that made no sound of the whole text. Without one letter or
@@ -112,18 +121,18 @@ class SpeechService:
         seed: int | None = None,
         backend: str | None = None,
         route: Route | None = None,
+        pieces: AsyncIterator[object] | None = None,
     ) -> SpeechJob:
-        """`route` (the API family) picks the input limit."""
-        # Control characters carry no speech and break phonemisers (a NUL ends espeak's input).
-        text = _CONTROL.sub(" ", text)
-        if not text.strip():
-            raise InvalidRequest(f"'{text_param}' must not be empty", param=text_param)
+        """`route` (the API family) picks the input limit. With `pieces` the text arrives as
+        they come (`text` is then ignored): it is checked as it arrives."""
         limit = self.settings.input_limit(route)
-        if len(text) > limit:
-            raise InvalidRequest(
-                f"'{text_param}' is {len(text)} characters long; the limit is {limit}",
-                param=text_param,
-            )
+        if pieces is None:
+            text = _scrub(text)
+            if not text.strip():
+                raise InvalidRequest(f"'{text_param}' must not be empty", param=text_param)
+            _check_length(text, limit, text_param)
+        else:
+            text = ""
         # LocalAI's route (or any request naming a backend) serves models that no config names.
         config = self.registry.get(model, backend, configless=route == "localai" or backend is not None)
         note_model(config.name)
@@ -136,37 +145,53 @@ class SpeechService:
             instructions=instructions,
             seed=seed,
         )
-        return SpeechJob(config, request, text_param)
+        return SpeechJob(config, request, text_param, pieces, limit)
 
     async def pcm(self, job: SpeechJob, on_chunk: ChunkDone | None = None) -> PcmStream:
-        """PCM for the whole text, in order. Up to `deploy.fan_out` chunks are synthesised at
-        once (later ones while the current one streams); the request holds one of its model's
-        places from here until the stream is closed."""
-        if job.config.backend in PROMPT_BACKENDS:
-            texts = [job.request.text]  # a prompt cut in two would describe two other sounds
-        else:
-            texts = chunk_text(job.request.text, self.settings.chunk_chars)
+        """PCM for the whole text, in order, each chunk sent to the backend as soon as its
+        sentences have arrived. Up to `deploy.fan_out` chunks are synthesised at once (later
+        ones while the current one streams); the request holds one of its model's places from
+        its first chunk until the stream is closed."""
         config = job.config
-        # A request holds as many of the model's inputs as chunks it synthesises at once.
-        places = max(1, self.runner.capacity(config) // config.deploy.fan_out)
-        gate = self.admission.gate(config.name, config.backend, places)
+        source = StreamedChunks(
+            job.text_pieces(),
+            self.settings.chunk_chars,
+            # A prompt cut in two would describe two other sounds.
+            split=config.backend not in PROMPT_BACKENDS,
+            scrub=_scrub,
+            check=lambda text: _check_length(text, job.limit, job.text_param),
+        )
         try:
-            place = await gate.enter()
-        except Overloaded:
-            self.metrics.rejected.labels(config.name).inc()
+            first_text = await source.next()
+            if first_text is None:
+                job.request = job.request.model_copy(update={"text": source.text})
+                raise job.no_audio()
+            # A request holds as many of the model's inputs as chunks it synthesises at once.
+            places = max(1, self.runner.capacity(config) // config.deploy.fan_out)
+            gate = self.admission.gate(config.name, config.backend, places)
+            try:
+                place = await gate.enter()
+            except Overloaded:
+                self.metrics.rejected.labels(config.name).inc()
+                raise
+        except BaseException:
+            await source.aclose()
             raise
         try:
-            first = await self._open(config, job.request.model_copy(update={"text": texts[0]}))
+            first = await self._open(config, job.request.model_copy(update={"text": first_text}))
         except ChorusError as exc:
             place.leave()
+            await source.aclose()
             self.metrics.backend_errors.labels(config.name, exc.code).inc()
             raise
         except BaseException:
             place.leave()
+            await source.aclose()
             raise
         if config.configless:
             self.registry.served(config)
-        chunks = self._all_chunks(job, texts, first, place, on_chunk)
+        total = len(chunk_text(job.request.text, self.settings.chunk_chars)) if job.pieces is None else 0
+        chunks = self._all_chunks(job, source, first, place, on_chunk, total)
         # Started here, so that its clean-up (the place, the backend streams) runs on close
         # even if nobody ever reads on; the first chunk's errors surface here too.
         head = await anext(chunks, None)
@@ -184,28 +209,23 @@ class SpeechService:
     async def _all_chunks(
         self,
         job: SpeechJob,
-        texts: list[str],
+        source: StreamedChunks,
         first: PcmStream,
         place: Place,
         on_chunk: ChunkDone | None,
+        total: int,
     ) -> AsyncIterator[bytes]:
         config = job.config
-        fan_out = config.deploy.fan_out
-        ahead: dict[int, _Prefetch] = {}
+        ahead: deque[_Prefetch] = deque()
         started = time.perf_counter()
         samples = 0
+        done = 0
+        stream: PcmStream | None = first
         try:
-            for index, text in enumerate(texts):
-                for later in range(index + 1, min(index + fan_out, len(texts))):
-                    if later not in ahead:
-                        request = job.request.model_copy(update={"text": texts[later]})
-                        ahead[later] = _Prefetch(self._open(config, request))
-                if index == 0:
-                    stream = first
-                elif index in ahead:
-                    stream = await ahead.pop(index).stream()
-                else:
-                    stream = await self._open(config, job.request.model_copy(update={"text": text}))
+            while stream is not None:
+                # Later chunks whose text is already here start while this one streams.
+                while len(ahead) < config.deploy.fan_out - 1 and (text := source.ready_now()) is not None:
+                    ahead.append(_Prefetch(self._open(config, job.request.model_copy(update={"text": text}))))
                 if stream.sample_rate != first.sample_rate:
                     raise SynthesisFailed("the backend changed its sample rate mid-stream")
                 size = 0
@@ -216,8 +236,17 @@ class SpeechService:
                 samples += size // 2
                 seconds = size / 2 / first.sample_rate
                 self.metrics.audio_seconds.labels(config.name).inc(seconds)
+                done += 1
                 if on_chunk is not None:
-                    on_chunk(index + 1, len(texts), seconds)
+                    on_chunk(done, total, seconds)
+                if ahead:
+                    stream = await ahead.popleft().stream()
+                elif (text := await source.next()) is not None:
+                    stream = await self._open(config, job.request.model_copy(update={"text": text}))
+                else:
+                    stream = None
+            if job.pieces is not None:
+                job.request = job.request.model_copy(update={"text": source.text})
             if samples:
                 rtf = (time.perf_counter() - started) / (samples / first.sample_rate)
                 self.metrics.real_time_factor.labels(config.name).observe(rtf)
@@ -226,8 +255,9 @@ class SpeechService:
             raise
         finally:
             place.leave()
-            for prefetch in ahead.values():
+            for prefetch in ahead:
                 prefetch.cancel()
+            await source.aclose()
 
     def refresh_gauges(self) -> None:
         for gate in self.admission.gates.values():
@@ -307,6 +337,20 @@ class SpeechService:
         except StopAsyncIteration:
             raise job.no_audio() from None
         return AudioStream(fmt.media_type, encoder.output_rate, first, stream)
+
+
+def _scrub(text: str) -> str:
+    # Control characters carry no speech and break phonemisers (a NUL ends espeak's input).
+    return _CONTROL.sub(" ", text)
+
+
+def _check_length(text: str, limit: int, param: str) -> None:
+    if len(text) > limit:
+        raise InvalidRequest(f"'{param}' is {len(text)} characters long; the limit is {limit}", param=param)
+
+
+async def _one_piece(text: str) -> AsyncIterator[object]:
+    yield text
 
 
 class _Primed:

@@ -1,0 +1,138 @@
+"""Text that arrives in pieces (as ElevenLabs' WebSocket and Wyoming clients send it): the speech
+service sends each chunk to the backend as soon as its sentences are complete, while later text
+is still arriving, and checks streamed text as it checks whole text. Real Piper, in process."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from _live import piper_setup
+from conftest import PIPER_RATE
+
+from router.chunking import FLUSH, StreamedChunks, chunk_text
+from router.encoding import AudioFormat
+from router.errors import InvalidRequest
+from router.registry import ModelRegistry
+from router.runners.local import InProcessRunner
+from router.settings import Settings
+from router.speech import SpeechService
+
+pytestmark = pytest.mark.anyio
+
+THREE_SENTENCES = "Hello there, friend. This sentence arrives word by word. The last one ends it."
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.fixture
+async def service(tmp_path):
+    configs, models = piper_setup(tmp_path)
+    settings = Settings(configs_dir=configs, models_dir=models, max_input_chars=200)
+    runner = InProcessRunner(models)
+    registry = ModelRegistry.from_dir(configs, models)
+    await runner.start(registry.all())
+    yield SpeechService(registry, runner, settings)
+    await runner.close()
+
+
+async def words(text: str, every: float, fed: list[float]):
+    """`text` a word at a time, `every` seconds apart, noting when each word was handed over."""
+    for word in text.split(" "):
+        await asyncio.sleep(every)
+        fed.append(time.perf_counter())
+        yield word + " "
+
+
+def streamed_job(service: SpeechService, pieces):
+    return service.prepare(text="", text_param="text", model=None, pieces=pieces, route="elevenlabs")
+
+
+async def all_pcm(stream) -> tuple[bytes, float]:
+    """The PCM and when its first byte came."""
+    first_at, pcm = None, b""
+    async for piece in stream.chunks:
+        first_at = first_at or time.perf_counter()
+        pcm += piece
+    return pcm, first_at
+
+
+async def test_the_first_sentence_is_spoken_while_the_rest_is_still_being_written(service):
+    fed: list[float] = []
+    job = streamed_job(service, words(THREE_SENTENCES, 0.1, fed))
+    stream = await service.pcm(job)
+    pcm, first_audio = await all_pcm(stream)
+    assert first_audio < fed[-1], "the first audio waited for the whole text"
+    seconds = len(pcm) / 2 / PIPER_RATE
+    whole = await all_pcm(await service.pcm(service.prepare(text=THREE_SENTENCES, text_param="text", model=None)))
+    # Cut at the same sentences, so about the same audio as the text given whole.
+    assert abs(seconds - len(whole[0]) / 2 / PIPER_RATE) < 0.5
+    assert job.request.text.strip() == THREE_SENTENCES
+
+
+async def test_a_flush_sends_an_unfinished_sentence_at_once(service):
+    spoken = asyncio.Event()
+
+    async def pieces():
+        yield "Hello there my friend"  # no full stop: a sentence not ended
+        yield FLUSH
+        await asyncio.wait_for(spoken.wait(), 30)  # more text only once the first audio came
+        yield " and goodbye."
+
+    stream = await service.pcm(streamed_job(service, pieces()))
+    first = await anext(stream.chunks)
+    spoken.set()
+    rest = b"".join([piece async for piece in stream.chunks])
+    assert first and rest
+
+
+async def test_streamed_text_past_the_limit_is_refused_naming_the_field(service):
+    async def pieces():
+        for _ in range(30):
+            yield "Ten chars. "
+
+    # Refused as soon as the limit is passed: before the first audio here, or later in a
+    # slower stream.
+    with pytest.raises(InvalidRequest) as refused:
+        stream = await service.pcm(streamed_job(service, pieces()))
+        async for _ in stream.chunks:
+            pass
+    assert refused.value.param == "text" and "limit is 200" in refused.value.message
+
+
+async def test_streamed_text_with_nothing_to_speak_is_a_400(service):
+    async def pieces():
+        yield "... "
+        yield "\x00?!"
+
+    with pytest.raises(InvalidRequest) as refused:
+        await service.audio(streamed_job(service, pieces()), AudioFormat("wav"))
+    assert refused.value.param == "text" and "letters or digits" in refused.value.message
+
+
+async def test_control_characters_in_a_piece_are_scrubbed(service):
+    async def pieces():
+        yield "Hello\x00 there."
+
+    pcm, _ = await all_pcm(await service.pcm(streamed_job(service, pieces())))
+    assert len(pcm) / 2 / PIPER_RATE > 0.3
+
+
+@pytest.mark.parametrize("text", [
+    "A. B. C.", "First sentence here. Second one! Third one? Fourth one.", "x" * 300,
+    "Hello world. " * 40, "3.14 is pi. 中文。好的！ end", "word " * 120 + "end.", "a, b; " * 100, "",
+])
+@pytest.mark.parametrize("max_chars", [20, 60, 250])
+async def test_text_in_one_piece_is_cut_as_chunk_text_cuts_it(text, max_chars):
+    async def one():
+        yield text
+
+    chunks = StreamedChunks(one(), max_chars)
+    cut = []
+    while (chunk := await chunks.next()) is not None:
+        cut.append(chunk)
+    assert cut == chunk_text(text, max_chars)
