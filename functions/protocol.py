@@ -71,6 +71,23 @@ class ModelNotFoundError(BackendError):
     """The model's files are not where the backend looks for them (nothing is downloaded)."""
 
 
+#: Each backend failure's one code and HTTP status, most specific first. The worker answers
+#: with them; every runner turns a code back into the router's error of that code
+#: (router/errors.py), so no host or runner keeps a mapping of its own.
+FAILURES: tuple[tuple[type[Exception], str, int], ...] = (
+    (InvalidRequestError, "invalid_request", 400),
+    (ModelNotFoundError, "model_not_found", 404),
+    (BackendUnavailableError, "backend_unavailable", 503),
+    (BackendError, "synthesis_failed", 500),
+)
+STATUS: dict[str, int] = {code: status for _, code, status in FAILURES}
+
+
+def failure_code(exc: BaseException) -> str:
+    """The code of what a backend raised; anything else (a library's own error) failed synthesis."""
+    return next((code for kind, code, _ in FAILURES if isinstance(exc, kind)), "synthesis_failed")
+
+
 class Backend(ABC):
     """Load once with `load()` and `to_device()`, then `synthesize()` any number of requests,
     possibly from several threads at once."""

@@ -16,49 +16,36 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 from anyio import CapacityLimiter, to_thread
 
 from functions import create_backend
 from functions.config import CONFIGLESS_MODELS, ModelConfig, redact
-from functions.protocol import (
-    Backend,
-    BackendError,
-    BackendUnavailableError,
-    InvalidRequestError,
-    ModelNotFoundError,
-    SynthesisRequest,
-)
+from functions.protocol import Backend, BackendError, InvalidRequestError, SynthesisRequest, failure_code
 
 log = logging.getLogger("chorus")
 T = TypeVar("T")
 
-#: What went wrong, as the worker protocol's error codes (and the router's) spell it.
-FailureKind = Literal["invalid_request", "model_not_found", "backend_unavailable", "synthesis_failed"]
 
 
 class ServingError(Exception):
     """A backend's failure, as the worker answers it (400, 503 or 500 with `kind` as its code)
     and as the router's local mode raises it (its error of the same code)."""
 
-    def __init__(self, kind: FailureKind, message: str, param: str | None = None):
+    def __init__(self, code: str, message: str, param: str | None = None):
         super().__init__(message)
-        self.kind, self.message, self.param = kind, message, param
+        self.code, self.message, self.param = code, message, param
 
 
 def _load_failure(config: ModelConfig, exc: Exception, models_dir: Path) -> ServingError:
-    if isinstance(exc, BackendUnavailableError):
-        return ServingError("backend_unavailable", str(exc))
-    if isinstance(exc, ModelNotFoundError):
-        return ServingError("model_not_found", redact(str(exc), models_dir), "model")
-    if isinstance(exc, BackendError):
-        return ServingError("synthesis_failed", str(exc))
-    # A corrupt weights file raises the library's own error: it fails this model's requests
-    # clearly, without the machine's paths, and keeps the other models loading.
-    return ServingError(
-        "synthesis_failed", f"model '{config.name}' failed to load: {redact(str(exc), models_dir)}"
-    )
+    message = redact(str(exc), models_dir)
+    if not isinstance(exc, BackendError):
+        # A corrupt weights file raises the library's own error: it fails this model's requests
+        # clearly, without the machine's paths, and keeps the other models loading.
+        message = f"model '{config.name}' failed to load: {message}"
+    code = failure_code(exc)
+    return ServingError(code, message, "model" if code == "model_not_found" else None)
 
 
 @dataclass
@@ -75,11 +62,9 @@ class LoadedBackend:
                     if chunk:
                         yield chunk
         except InvalidRequestError as exc:
-            raise ServingError("invalid_request", str(exc), exc.param) from exc
+            raise ServingError(failure_code(exc), str(exc), exc.param) from exc
         except Exception as exc:
-            raise ServingError(
-                "synthesis_failed", f"backend '{self.backend.name}' failed: {exc}"
-            ) from exc
+            raise ServingError(failure_code(exc), f"backend '{self.backend.name}' failed: {exc}") from exc
 
 
 _END = object()

@@ -37,7 +37,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from functions.config import BackendName, ConfigError, ModelConfig, load_configs
-from functions.protocol import SAMPLE_FORMAT, SynthesisRequest
+from functions.protocol import SAMPLE_FORMAT, STATUS, SynthesisRequest
 from functions.serving import BackendPool, LoadedBackend, ServingError, configless_limit
 
 log = logging.getLogger("chorus.worker")
@@ -45,7 +45,6 @@ log = logging.getLogger("chorus.worker")
 DEFAULT_PORT = 9000
 
 #: The status each kind of backend failure is answered with.
-STATUS = {"invalid_request": 400, "model_not_found": 404, "backend_unavailable": 503, "synthesis_failed": 500}
 
 
 class SynthesizeBody(BaseModel):
@@ -74,7 +73,7 @@ class WorkerError(Exception):
 
     @classmethod
     def of(cls, failure: ServingError) -> WorkerError:
-        return cls(STATUS[failure.kind], failure.kind, failure.message, failure.param)
+        return cls(STATUS[failure.code], failure.code, failure.message, failure.param)
 
 
 class Worker:

@@ -17,8 +17,8 @@ from typing import Any, get_args
 import httpx
 
 from functions.config import BackendName, ConfigError, ModelConfig
-from functions.protocol import SAMPLE_FORMAT, SynthesisRequest
-from router.errors import BackendUnavailable, InvalidRequest, ModelNotFound, SynthesisFailed
+from functions.protocol import SAMPLE_FORMAT, STATUS, SynthesisRequest
+from router.errors import BackendUnavailable, SynthesisFailed, remote_backend_error
 from router.runners import PcmStream, Runner
 from router.settings import Settings
 
@@ -174,13 +174,11 @@ class HttpRunner(Runner):
         finally:
             await response.aclose()
         message = _error_message(response)
-        if response.status_code == 400:
-            raise InvalidRequest(message, param=_error_param(response))
-        if response.status_code == 404 and _error_field(response, "code") == "model_not_found":
-            raise ModelNotFound(message, param="model")
-        if response.status_code == 503:
-            raise BackendUnavailable(f"backend '{backend}' is unavailable: {message}")
-        raise SynthesisFailed(f"backend '{backend}' failed: {message}")
+        code = _error_field(response, "code")
+        if STATUS.get(code) != response.status_code:
+            # Not the worker's own answer (a proxy's, or no body): its status says what it is.
+            code = {400: "invalid_request", 503: "backend_unavailable"}.get(response.status_code, "synthesis_failed")
+        raise remote_backend_error(backend, code, message, _error_param(response))
 
     async def stream(self, config: ModelConfig, request: SynthesisRequest) -> PcmStream:
         response = await self._post(

@@ -10,19 +10,13 @@ from pathlib import Path
 from functions.config import CONFIGLESS_MODELS, ModelConfig
 from functions.protocol import SynthesisRequest
 from functions.serving import BackendPool, LoadedBackend, ServingError
-from router.errors import BackendUnavailable, ChorusError, InvalidRequest, ModelNotFound, SynthesisFailed
+from router.errors import ChorusError, backend_error
 from router.runners import PcmStream, Runner
 
 log = logging.getLogger("chorus")
 
-#: The router's error for each kind of backend failure: the one whose code it is.
-_ERRORS: dict[str, type[ChorusError]] = {
-    error.code: error for error in (InvalidRequest, ModelNotFound, BackendUnavailable, SynthesisFailed)
-}
-
-
 def _error(failure: ServingError) -> ChorusError:
-    return _ERRORS[failure.kind](failure.message, param=failure.param)
+    return backend_error(failure.code, failure.message, failure.param)
 
 
 class InProcessRunner(Runner):

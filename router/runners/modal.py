@@ -26,20 +26,13 @@ from typing import Any
 
 from functions import modal_class_name
 from functions.config import ModelConfig
-from functions.protocol import (
-    BackendError,
-    BackendUnavailableError,
-    InvalidRequestError,
-    ModelNotFoundError,
-    SynthesisRequest,
-)
+from functions.protocol import BackendError, InvalidRequestError, SynthesisRequest, failure_code
 from router.errors import (
     BackendUnavailable,
     ChorusError,
-    InvalidRequest,
-    ModelNotFound,
     ModelStarting,
     SynthesisFailed,
+    remote_backend_error,
 )
 from router.runners import PcmStream, Runner
 from router.settings import Settings
@@ -191,14 +184,8 @@ class ModalRunner(Runner):
         as themselves; Modal's are about reaching the class."""
         if isinstance(exc, ChorusError):
             return exc
-        if isinstance(exc, InvalidRequestError):
-            return InvalidRequest(str(exc), param=exc.param)
-        if isinstance(exc, ModelNotFoundError):
-            return ModelNotFound(str(exc), param="model")
-        if isinstance(exc, BackendUnavailableError):
-            return BackendUnavailable(f"backend '{backend}' is unavailable: {exc}")
-        if isinstance(exc, BackendError):
-            return SynthesisFailed(f"backend '{backend}' failed: {exc}")
+        if isinstance(exc, (InvalidRequestError, BackendError)):
+            return remote_backend_error(backend, failure_code(exc), str(exc), getattr(exc, "param", None))
         problem = _modal_problem(self.app_name, backend, exc)
         if problem is not None:
             return BackendUnavailable(f"backend '{backend}' is unavailable on Modal: {problem}")
