@@ -5,19 +5,10 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from functions.config import ModelConfig
+from functions.config import BACKENDS, ModelConfig
 from functions.protocol import Backend, BackendUnavailableError
 
-# backend name -> (module, class). The module is imported lazily: each backend's libraries exist
-# only in its own image, images/<backend name>/.
-BACKENDS: dict[str, tuple[str, str]] = {
-    "piper": ("functions.piper", "PiperBackend"),
-    "coqui": ("functions.coqui", "CoquiBackend"),
-    "bark": ("functions.bark", "BarkBackend"),
-    "parler-tts": ("functions.parler", "ParlerBackend"),
-    "transformers-musicgen": ("functions.musicgen", "MusicgenBackend"),
-    "vall-e-x": ("functions.valle", "ValleBackend"),
-}
+__all__ = ["BACKENDS", "PROMPT_BACKENDS", "backend_class", "create_backend", "modal_class_name"]
 
 #: Backends whose input is one prompt describing a sound, not prose: the router sends it whole
 #: (never sentence by sentence) and serves them on the sound-generation route. Kept here, not on

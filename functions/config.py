@@ -21,9 +21,18 @@ from pydantic import (
     model_validator,
 )
 
-BackendName = Literal[
-    "piper", "coqui", "bark", "parler-tts", "transformers-musicgen", "vall-e-x"
-]
+# backend name (as configs spell it) -> (module, class). The module is imported lazily: each
+# backend's libraries exist only in its own image, images/<backend name>/.
+BACKENDS: dict[str, tuple[str, str]] = {
+    "piper": ("functions.piper", "PiperBackend"),
+    "coqui": ("functions.coqui", "CoquiBackend"),
+    "bark": ("functions.bark", "BarkBackend"),
+    "parler-tts": ("functions.parler", "ParlerBackend"),
+    "transformers-musicgen": ("functions.musicgen", "MusicgenBackend"),
+    "vall-e-x": ("functions.valle", "ValleBackend"),
+}
+#: The backend names, as a type: the keys of BACKENDS.
+BackendName = Literal[tuple(BACKENDS)]
 
 # Names travel in URLs, file names and Modal parameters: keep them to a safe alphabet. A name may
 # be a path inside the models directory or a backend's own model id (`tts_models/en/ljspeech/
@@ -176,6 +185,15 @@ class ModelConfig(BaseModel):
             if not alias or not target:
                 raise ValueError("voice names and their targets must not be empty")
         return value
+
+
+def configless_config(model: str | None, backend: str, deploy: DeploySettings | None = None) -> ModelConfig:
+    """LocalAI's bare config for a model that no config names: named after the model (a file in
+    the models directory, else the backend's own model id; None: the backend's default model),
+    run with `deploy` (the router lends the backend's first config's). The router and the Modal
+    class make it the same way."""
+    return ModelConfig(name=model or backend, backend=backend, parameters={"model": model},
+                       deploy=deploy or DeploySettings(), configless=True)
 
 
 class ConfigError(Exception):

@@ -26,7 +26,7 @@ from typing import Any
 import modal
 
 from functions import BACKENDS, modal_class_name
-from functions.config import ConfigError, ModelConfig, validate_configs
+from functions.config import ConfigError, ModelConfig, configless_config, validate_configs
 from functions.images import ROUTER_DOCKERFILE, WORKER_DOCKERFILE, worker_build_args
 
 #: The repository on the machine that deploys; in a container this file is /root/modal_app.py.
@@ -113,9 +113,8 @@ class BackendService:
         config = CONFIGS.get(self.model)
         if config is None:
             # LocalAI's way: a model that is no config is a file in the models directory or the
-            # backend's own model id (router/registry.py makes the same config).
-            return ModelConfig(name=self.model, backend=self.BACKEND, parameters={"model": self.model},
-                               configless=True)
+            # backend's own model id.
+            return configless_config(self.model, self.BACKEND)
         if config.backend != self.BACKEND:
             # A request may override a config's backend; this class's backend is the one asked.
             return config.model_copy(update={"backend": self.BACKEND})

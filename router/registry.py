@@ -12,10 +12,10 @@ from functions.config import (
     NAME_MAX_LENGTH,
     NAME_PATTERN,
     BackendName,
-    DeploySettings,
     ModelConfig,
     UnsafePathError,
     check_paths,
+    configless_config,
     load_configs,
     resolve_in,
 )
@@ -101,13 +101,7 @@ class ModelRegistry:
             except UnsafePathError as exc:
                 raise InvalidRequest(f"model '{name}': {exc}", param="model") from None
         lender = next((c for c in self._configs.values() if c.backend == backend), None)
-        return ModelConfig(
-            name=name or backend,
-            backend=backend,
-            parameters={"model": name},
-            deploy=lender.deploy if lender is not None else DeploySettings(),
-            configless=True,
-        )
+        return configless_config(name, backend, lender.deploy if lender is not None else None)
 
     def served(self, config: ModelConfig) -> None:
         """`config` (a config-less model) has served a request: list it, within the bound."""
