@@ -13,8 +13,8 @@ from starlette.exceptions import HTTPException
 from router.api import elevenlabs, localai, metrics, openai, playground, sound, system
 from router.api.common import is_elevenlabs_client
 from router.auth import ApiKeys
+from router.body_limit import BodyLimit
 from router.cache import SynthesisCache
-from router.limits import BodyLimit
 from router.metrics import Metrics, MetricsMiddleware
 from router.registry import ModelRegistry
 from router.runners import Runner

@@ -14,7 +14,7 @@ import hmac
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from router.limits import ErrorRender
+from router.body_limit import ErrorRender
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/", "/playground", "/openapi.json", "/docs", "/redoc"})
 OPEN_PREFIXES = ("/playground/static/", "/docs/")

@@ -17,15 +17,16 @@ from anyio import to_thread
 from functions import PROMPT_BACKENDS
 from functions.config import ModelConfig
 from functions.protocol import SynthesisRequest
+from router.admission import Admission, Slot
 from router.cache import SynthesisCache
 from router.chunking import StreamedChunks, chunk_text
 from router.encoding import AudioFormat, StreamEncoder
 from router.errors import BackendTimeout, ChorusError, InvalidRequest, Overloaded, SynthesisFailed
-from router.limits import Admission, Place, timed
 from router.metrics import Metrics, note_model
 from router.registry import ModelRegistry
 from router.runners import PcmStream, Runner
 from router.settings import Route, Settings
+from router.stalls import with_stall_timeout
 
 log = logging.getLogger("chorus")
 
@@ -204,14 +205,14 @@ class SpeechService:
             stream = await asyncio.wait_for(self.runner.stream(config, request), seconds)
         except TimeoutError:
             raise BackendTimeout(f"model '{config.name}' did not start within {seconds} s") from None
-        return PcmStream(stream.sample_rate, timed(stream.chunks, seconds, config.name))
+        return PcmStream(stream.sample_rate, with_stall_timeout(stream.chunks, seconds, config.name))
 
     async def _all_chunks(
         self,
         job: SpeechJob,
         source: StreamedChunks,
         first: PcmStream,
-        place: Place,
+        place: Slot,
         on_chunk: ChunkDone | None,
         total: int,
     ) -> AsyncIterator[bytes]:
