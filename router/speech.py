@@ -7,8 +7,7 @@ import asyncio
 import logging
 import re
 import time
-from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 
@@ -22,6 +21,7 @@ from router.cache import SynthesisCache
 from router.chunking import StreamedChunks, chunk_text
 from router.encoding import AudioFormat, StreamEncoder
 from router.errors import BackendTimeout, ChorusError, InvalidRequest, Overloaded, SynthesisFailed
+from router.fan_out import FanOut
 from router.metrics import Metrics, note_model
 from router.registry import ModelRegistry
 from router.runners import PcmStream, Runner
@@ -217,35 +217,27 @@ class SpeechService:
         total: int,
     ) -> AsyncIterator[bytes]:
         config = job.config
-        ahead: deque[_Prefetch] = deque()
+        fan_out = FanOut(source, first, config.deploy.fan_out,
+                         lambda text: self._open(config, job.request.model_copy(update={"text": text})))
         started = time.perf_counter()
         samples = 0
         done = 0
-        stream: PcmStream | None = first
         try:
-            while stream is not None:
-                # Later chunks whose text is already here start while this one streams.
-                while len(ahead) < config.deploy.fan_out - 1 and (text := source.ready_now()) is not None:
-                    ahead.append(_Prefetch(self._open(config, job.request.model_copy(update={"text": text}))))
-                if stream.sample_rate != first.sample_rate:
-                    raise SynthesisFailed("the backend changed its sample rate mid-stream")
-                size = 0
-                async with aclosing(stream.chunks) as chunks:  # type: ignore[type-var]
-                    async for pcm in chunks:
-                        size += len(pcm)
-                        yield pcm
-                samples += size // 2
-                seconds = size / 2 / first.sample_rate
-                self.metrics.audio_seconds.labels(config.name).inc(seconds)
-                done += 1
-                if on_chunk is not None:
-                    on_chunk(done, total, seconds)
-                if ahead:
-                    stream = await ahead.popleft().stream()
-                elif (text := await source.next()) is not None:
-                    stream = await self._open(config, job.request.model_copy(update={"text": text}))
-                else:
-                    stream = None
+            async with aclosing(fan_out.streams()) as streams:
+                async for stream in streams:
+                    if stream.sample_rate != first.sample_rate:
+                        raise SynthesisFailed("the backend changed its sample rate mid-stream")
+                    size = 0
+                    async with aclosing(stream.chunks) as chunks:  # type: ignore[type-var]
+                        async for pcm in chunks:
+                            size += len(pcm)
+                            yield pcm
+                    samples += size // 2
+                    seconds = size / 2 / first.sample_rate
+                    self.metrics.audio_seconds.labels(config.name).inc(seconds)
+                    done += 1
+                    if on_chunk is not None:
+                        on_chunk(done, total, seconds)
             if job.pieces is not None:
                 job.request = job.request.model_copy(update={"text": source.text})
             if samples:
@@ -256,8 +248,7 @@ class SpeechService:
             raise
         finally:
             place.leave()
-            for prefetch in ahead:
-                prefetch.cancel()
+            fan_out.close()
             await source.aclose()
 
     def refresh_gauges(self) -> None:
@@ -373,42 +364,6 @@ class _Primed:
     async def aclose(self) -> None:
         self._head = None
         await self._rest.aclose()  # type: ignore[attr-defined]
-
-
-class _Prefetch:
-    """One later chunk, synthesised in its own task while earlier ones stream; its PCM waits in
-    a queue (one chunk of text: a few hundred kB at most) until the consumer gets to it."""
-
-    def __init__(self, opening: Awaitable[PcmStream]):
-        #: first the sample rate, then PCM pieces, then None; or an exception at any point
-        self._queue: asyncio.Queue[int | bytes | BaseException | None] = asyncio.Queue()
-        self._task = asyncio.ensure_future(self._run(opening))
-
-    async def _run(self, opening: Awaitable[PcmStream]) -> None:
-        try:
-            stream = await opening
-            self._queue.put_nowait(stream.sample_rate)
-            async with aclosing(stream.chunks) as chunks:  # type: ignore[type-var]
-                async for pcm in chunks:
-                    self._queue.put_nowait(pcm)
-            self._queue.put_nowait(None)
-        except Exception as exc:
-            self._queue.put_nowait(exc)
-
-    async def stream(self) -> PcmStream:
-        rate = await self._queue.get()
-        if isinstance(rate, BaseException):
-            raise rate
-        return PcmStream(rate, self._drain())  # type: ignore[arg-type]
-
-    async def _drain(self) -> AsyncIterator[bytes]:
-        while (item := await self._queue.get()) is not None:
-            if isinstance(item, BaseException):
-                raise item
-            yield item  # type: ignore[misc]
-
-    def cancel(self) -> None:
-        self._task.cancel()
 
 
 @dataclass
