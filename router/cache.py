@@ -23,7 +23,7 @@ import os
 import struct
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -59,7 +59,7 @@ class SynthesisCache:
         self._partial = directory / "partial"
         self._partial.mkdir(parents=True, exist_ok=True)
         #: responses being made now, by key: an identical request follows one of these
-        self._takes: dict[str, Take] = {}
+        self._takes: dict[str, Recording] = {}
         #: requests that will make a take, until their first bytes (or their error) are known
         self._starting: dict[str, asyncio.Future[None]] = {}
         # Leftovers of a crash: never complete, never served. Recent ones may belong to
@@ -117,14 +117,36 @@ class SynthesisCache:
         first = await anext(rest, b"")
         return CachedAudio(media_type, sample_rate, first, rest)
 
-    def take(
+    async def serve(self, key: str, make: Callable[[], Awaitable[CachedAudio]]) -> tuple[str, CachedAudio]:
+        """The response for `key` and how it came: from disk ("hit"); following an identical
+        response that is being made right now, from its first byte, at no backend cost
+        ("shared"); or made by `make` and recorded as it is sent ("miss"). A cache whose disk
+        fails still serves what `make` made, unrecorded."""
+        hit = await self.get(key)
+        if hit is not None:
+            return "hit", hit
+        recording = await self._follow(key)
+        if recording is not None:
+            first = recording.first()
+            return "shared", CachedAudio(recording.media_type, recording.sample_rate, first,
+                                         recording.reader(len(first)))
+        with self._making(key):
+            made = await make()
+        try:
+            recording = self.record(key, made.media_type, made.sample_rate, made.first, made.rest)
+        except OSError as exc:
+            log.warning("the synthesis cache cannot record a response: %s", exc)
+            return "miss", made
+        return "miss", CachedAudio(made.media_type, made.sample_rate, made.first, recording.reader(len(made.first)))
+
+    def record(
         self, key: str, media_type: str, sample_rate: int, first: bytes, source: AsyncIterator[bytes]
-    ) -> Take:
+    ) -> Recording:
         """Start recording a response whose first bytes are `first` and the rest `source`."""
-        take = self._takes[key] = Take(self, key, media_type, sample_rate, first, source)
+        take = self._takes[key] = Recording(self, key, media_type, sample_rate, first, source)
         return take
 
-    async def following(self, key: str) -> Take | None:
+    async def _follow(self, key: str) -> Recording | None:
         """The response for `key` being made now, if an identical request may follow it. One
         still starting is waited for, and an error it meets is raised here too: an identical
         request would meet it as well. One that was abandoned while starting leaves the way
@@ -135,8 +157,8 @@ class SynthesisCache:
         return take if take is not None and take.joinable() else None
 
     @contextlib.contextmanager
-    def starting(self, key: str) -> Iterator[None]:
-        """Around the making of `key`'s first bytes, which `take()` then records: identical
+    def _making(self, key: str) -> Iterator[None]:
+        """Around the making of `key`'s first bytes, which `record()` then records: identical
         requests arriving meanwhile wait in `following()` instead of starting a synthesis."""
         started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._starting[key] = started
@@ -189,7 +211,7 @@ def _open_entry(path: Path) -> tuple[BinaryIO, str, int, int]:
 
 
 class EntryReader:
-    """A stored entry's audio from `offset` on, in pieces, by offset like a Take's readers (the
+    """A stored entry's audio from `offset` on, in pieces, by offset like a Recording's readers (the
     file stays readable if it is evicted meanwhile). Class-based so that closing it closes the
     file even if it was never iterated."""
 
@@ -212,7 +234,7 @@ class EntryReader:
         self._file.close()
 
 
-class Take:
+class Recording:
     """A response on its way out, written to a partial file as it goes, and shared: an identical
     request that arrives meanwhile follows it (reading what is written, then waiting for more)
     instead of being synthesised again. The entry is published when the source ends, and
@@ -267,11 +289,11 @@ class Take:
     def joinable(self) -> bool:
         return self._whole and self._error is None
 
-    def reader(self, offset: int) -> TakeReader:
+    def reader(self, offset: int) -> RecordingReader:
         """The response's audio from `offset` on; the caller must close it."""
         self._readers += 1
         self._shared = self._shared or self._readers > 1
-        return TakeReader(self, offset)
+        return RecordingReader(self, offset)
 
     def first(self) -> bytes:
         return self._read(0)
@@ -360,15 +382,15 @@ class _Abandoned(Exception):
     """Every reader of a take left before its end."""
 
 
-class TakeReader:
+class RecordingReader:
     """One request's view of a take. Class-based (not a generator) so that closing it counts
     even if it was never iterated."""
 
-    def __init__(self, take: Take, offset: int):
-        self._take: Take | None = take
+    def __init__(self, take: Recording, offset: int):
+        self._take: Recording | None = take
         self._offset = offset
 
-    def __aiter__(self) -> TakeReader:
+    def __aiter__(self) -> RecordingReader:
         return self
 
     async def __anext__(self) -> bytes:

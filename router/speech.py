@@ -9,7 +9,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from anyio import to_thread
 
@@ -17,7 +17,7 @@ from functions import PROMPT_BACKENDS
 from functions.config import ModelConfig
 from functions.protocol import SynthesisRequest
 from router.admission import Admission, Slot
-from router.cache import SynthesisCache
+from router.cache import CachedAudio, SynthesisCache
 from router.chunking import StreamedChunks, chunk_text
 from router.encoding import AudioFormat, StreamEncoder
 from router.errors import BackendTimeout, ChorusError, InvalidRequest, Overloaded, SynthesisFailed
@@ -261,37 +261,18 @@ class SpeechService:
     async def audio(
         self, job: SpeechJob, fmt: AudioFormat, on_chunk: ChunkDone | None = None
     ) -> AudioStream:
-        cache = self.cache
-        if cache is None:
+        if self.cache is None or job.pieces is not None:
+            # Text that arrives in pieces has no key until it has all arrived.
             return await self._encoded(job, fmt, on_chunk)
-        key = cache.key(job.config, job.request, fmt)
-        hit = await cache.get(key)
-        if hit is not None:
-            self.metrics.cache.labels("hit").inc()
-            return AudioStream(
-                hit.media_type, hit.sample_rate, hit.first, hit.rest, headers={"X-Chorus-Cache": "hit"}
-            )
-        take = await cache.following(key)
-        if take is not None:
-            # The same audio is being made for another request right now: follow it from its
-            # first byte, at no backend cost.
-            self.metrics.cache.labels("shared").inc()
-            first = take.first()
-            return AudioStream(
-                take.media_type, take.sample_rate, first, take.reader(len(first)),
-                headers={"X-Chorus-Cache": "shared"},
-            )
-        self.metrics.cache.labels("miss").inc()
-        with cache.starting(key):
+
+        async def make() -> CachedAudio:
             made = await self._encoded(job, fmt, on_chunk)
-        made.headers["X-Chorus-Cache"] = "miss"
-        try:
-            take = cache.take(key, made.media_type, made.sample_rate, made.first, made.rest)
-        except OSError as exc:
-            # The cache's disk is full or gone: the client still gets its audio, unrecorded.
-            log.warning("the synthesis cache cannot record a response: %s", exc)
-            return made
-        return replace(made, rest=take.reader(len(made.first)))
+            return CachedAudio(made.media_type, made.sample_rate, made.first, made.rest)
+
+        how, audio = await self.cache.serve(self.cache.key(job.config, job.request, fmt), make)
+        self.metrics.cache.labels(how).inc()
+        return AudioStream(audio.media_type, audio.sample_rate, audio.first, audio.rest,
+                           headers={"X-Chorus-Cache": how})
 
     async def _encoded(
         self, job: SpeechJob, fmt: AudioFormat, on_chunk: ChunkDone | None

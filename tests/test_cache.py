@@ -337,7 +337,7 @@ def test_a_full_disk_mid_response_costs_the_entry_not_a_lone_clients_audio(tmp_p
                 stopped.append("closed")
                 raise
 
-        take = cache.take("key", "audio/wav", 22050, b"a" * 10, source())
+        take = cache.record("key", "audio/wav", 22050, b"a" * 10, source())
         take._file = FullDisk(take._file)
 
         async def read(reader) -> bytes | str:

@@ -136,3 +136,19 @@ async def test_text_in_one_piece_is_cut_as_chunk_text_cuts_it(text, max_chars):
     while (chunk := await chunks.next()) is not None:
         cut.append(chunk)
     assert cut == chunk_text(text, max_chars)
+
+
+async def test_streamed_text_is_never_answered_from_the_cache(tmp_path, service):
+    from router.cache import SynthesisCache
+
+    service.cache = SynthesisCache(tmp_path / "cache", 10_000_000, service.registry.models_dir)
+
+    async def pieces(text: str):
+        yield text
+
+    heard = []
+    for text in ("Hi.", "A much longer sentence than the first one, with many more words in it."):
+        stream = await service.audio(streamed_job(service, pieces(text)), AudioFormat("wav"))
+        assert "X-Chorus-Cache" not in stream.headers
+        heard.append(stream.first + b"".join([chunk async for chunk in stream.rest]))
+    assert len(heard[1]) > 2 * len(heard[0])
