@@ -95,7 +95,7 @@ async def _one_call(instance) -> None:
 
 def heavy_hooks(root: Path) -> dict[str, dict[str, float]]:
     from containers import image_python
-    from test_containers import HEAVY, place_tiny_models
+    from tiny_models.volume import HEAVY, place_tiny_models
 
     seed = root / "seed"
     place_tiny_models(seed)

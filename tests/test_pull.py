@@ -13,8 +13,8 @@ import pytest
 
 from functions.config import ModelConfig
 from router.pull import PullError, pull
+from tests.modal_offline import NO_NETWORK
 from tests.processes import REPO
-from tests.test_modal_app import NO_NETWORK
 
 
 def run_chorus(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
