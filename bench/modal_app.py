@@ -29,6 +29,7 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,17 +67,8 @@ print(json.dumps({"before": loaded - started, "import": imported - started, "aft
 '''
 
 
-class MonkeyEnv:
-    """Just enough of pytest's monkeypatch for load_app."""
-
-    def setenv(self, name: str, value: str) -> None:
-        import os
-
-        os.environ[name] = value
-
-
 def piper_hooks(models: Path, runs: int) -> dict[str, float]:
-    app = load_app(MonkeyEnv(), REPO / "configs", models)
+    app = load_app(pytest.MonkeyPatch(), REPO / "configs", models)
     befores, afters = [], []
     for _ in range(runs):
         fake = FakeModal(app)
@@ -136,7 +128,7 @@ def containers_started(models: Path, burst: int, max_containers: int) -> dict[st
         if data["name"] == "tts-1":
             data["deploy"]["max_containers"] = max_containers
         (configs / path.name).write_text(yaml.safe_dump(data))
-    app_module = load_app(MonkeyEnv(), configs, models)
+    app_module = load_app(pytest.MonkeyPatch(), configs, models)
     fake = FakeModal(app_module, cold_start=0.5)
     settings = Settings(mode="modal", configs_dir=configs, models_dir=models)
     app = create_app(settings, runner=ModalRunner(app_module.APP_NAME, lookup=fake.lookup, voices_dict=FakeDict()))

@@ -63,15 +63,65 @@ def chunk_text(text: str, max_chars: int = 250) -> list[str]:
     """Chunks of at most `max_chars` characters, in order, covering every word of `text`."""
     if max_chars < 1:
         raise ValueError("max_chars must be positive")
-    sentences: list[str] = []
-    for sentence in split_sentences(text):
-        if len(sentence) > max_chars:
-            sentences.extend(_split_long(sentence, max_chars))
-        else:
-            sentences.append(sentence)
-    if not sentences:
-        return []
-    return [sentences[0], *_pack(sentences[1:], max_chars)]
+    cutter = ChunkCutter(max_chars)
+    cutter.add(text)
+    cutter.complete()
+    return list(iter(cutter.take, None))
+
+
+class ChunkCutter:
+    """Text added piece by piece, cut into chunks as its sentences complete: the first chunk is
+    the first sentence alone (the first audio leaves early), each later one every complete
+    sentence there is, packed up to `max_chars`. `complete()` ends the sentence being written
+    (a flush, or the end of the text). With `split` false (a prompt, not prose) the whole text
+    is one chunk."""
+
+    def __init__(self, max_chars: int, split: bool = True):
+        self._max_chars = max_chars
+        self._split = split
+        self._ready: deque[str] = deque()  # complete sentences (long ones already cut)
+        self._tail = ""  # text whose sentence has not ended yet
+        self._given = 0
+
+    def add(self, piece: str) -> None:
+        self._tail += piece
+        if not self._split:
+            return
+        ends = [match.end() for match in _SENTENCE_END.finditer(self._tail)]
+        self._move(ends[-1] if ends else 0)
+        if len(self._tail) > self._max_chars:
+            # A sentence longer than a chunk: what fits leaves now; its last part waits for more.
+            # (Split without its spaces at either end; the trailing ones still part the next word.)
+            trailing = self._tail[len(self._tail.rstrip()):]
+            *whole, last = _split_long(self._tail.strip(), self._max_chars)
+            self._ready.extend(whole)
+            self._tail = last + trailing
+
+    def complete(self) -> None:
+        self._move(len(self._tail))
+
+    def take(self) -> str | None:
+        """The next chunk if one can be cut from the text added so far, else None."""
+        if not self._ready:
+            return None
+        self._given += 1
+        chunk = self._ready.popleft()
+        while self._given > 1 and self._ready and len(chunk) + 1 + len(self._ready[0]) <= self._max_chars:
+            chunk = f"{chunk} {self._ready.popleft()}"
+        return chunk
+
+    def _move(self, end: int) -> None:
+        """Move the sentences of the tail's first `end` characters into the ready queue."""
+        done, self._tail = self._tail[:end], self._tail[end:]
+        if not self._split:
+            if done.strip():
+                self._ready.append(done)
+            return
+        for sentence in split_sentences(done):
+            if len(sentence) > self._max_chars:
+                self._ready.extend(_split_long(sentence, self._max_chars))
+            else:
+                self._ready.append(sentence)
 
 
 #: In a stream of text pieces: cut now what is buffered, even mid-sentence (ElevenLabs' `flush`).
@@ -79,29 +129,23 @@ FLUSH = object()
 
 
 class StreamedChunks:
-    """Chunks of text that arrives as an async stream of pieces, each handed out as soon as its
-    sentences are complete, while later text is still arriving: the first chunk is the first
-    sentence alone, each later one every complete sentence there is, packed up to `max_chars`.
-    A `FLUSH` piece, or the end of the stream, completes what is buffered. The pieces are read
-    as they come (by a task of their own), so text that arrives in one piece is cut exactly as
-    `chunk_text` cuts it. With `split` false (a prompt, not prose) the whole text is one chunk.
-    `scrub` is applied to each piece, and `check` to the text so far (an input limit: what it
-    raises comes out of `next`). `aclose` stops reading."""
+    """The chunks of text that arrives as an async stream of pieces (`ChunkCutter`'s), each handed
+    out as soon as its sentences are complete, while later text is still arriving. A `FLUSH`
+    piece, or the end of the stream, completes what is buffered. The pieces are read as they
+    come (by a task of their own), so text that arrives in one piece is cut exactly as
+    `chunk_text` cuts it. `scrub` is applied to each piece, and `check` to the text so far (an
+    input limit: what it raises comes out of `next`). `aclose` stops reading."""
 
     def __init__(self, pieces: AsyncIterator[object], max_chars: int, split: bool = True,
                  scrub: Callable[[str], str] = lambda piece: piece,
                  check: Callable[[str], None] = lambda text: None):
         self._pieces = pieces
-        self._max_chars = max_chars
-        self._split = split
+        self._cutter = ChunkCutter(max_chars, split)
         self._scrub, self._check = scrub, check
         #: Every piece so far, scrubbed: the whole text once the stream has ended.
         self.text = ""
-        self._ready: deque[str] = deque()  # complete sentences (long ones already cut)
-        self._tail = ""  # text whose sentence has not ended yet
         self._ended = False
         self._error: BaseException | None = None
-        self._given = 0
         self._arrived = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
 
@@ -109,24 +153,16 @@ class StreamedChunks:
         """The next chunk, waiting for text as long as none is complete; None at the end."""
         if self._reader is None:
             self._reader = asyncio.ensure_future(self._read())
-        while not self._ready and not self._ended:
+        while (chunk := self._cutter.take()) is None and not self._ended:
             self._arrived.clear()
             await self._arrived.wait()
         if self._error is not None:
             raise self._error
-        return self.ready_now()
+        return chunk
 
     def ready_now(self) -> str | None:
         """The next chunk if one can be cut from the text already here, else None."""
-        if not self._ready:
-            return None
-        self._given += 1
-        if self._given == 1:
-            return self._ready.popleft()
-        chunk = self._ready.popleft()
-        while self._ready and len(chunk) + 1 + len(self._ready[0]) <= self._max_chars:
-            chunk = f"{chunk} {self._ready.popleft()}"
-        return chunk
+        return self._cutter.take()
 
     async def aclose(self) -> None:
         if self._reader is not None and not self._reader.done():
@@ -139,40 +175,16 @@ class StreamedChunks:
         try:
             async for piece in self._pieces:
                 if piece is FLUSH:
-                    self._complete(len(self._tail))
+                    self._cutter.complete()
                 else:
-                    self._add(self._scrub(str(piece)))
+                    piece = self._scrub(str(piece))
+                    self.text += piece
+                    self._check(self.text)
+                    self._cutter.add(piece)
                 self._arrived.set()
-            self._complete(len(self._tail))
+            self._cutter.complete()
         except Exception as exc:
             self._error = exc
         finally:
             self._ended = True
             self._arrived.set()
-
-    def _add(self, piece: str) -> None:
-        self.text += piece
-        self._check(self.text)
-        self._tail += piece
-        if not self._split:
-            return
-        ends = [match.end() for match in _SENTENCE_END.finditer(self._tail)]
-        self._complete(ends[-1] if ends else 0)
-        if len(self._tail) > self._max_chars:
-            # A sentence longer than a chunk: what fits leaves now; its last part waits for more.
-            *whole, last = _split_long(self._tail, self._max_chars)
-            self._ready.extend(whole)
-            self._tail = last
-
-    def _complete(self, end: int) -> None:
-        """Move the sentences of `_tail[:end]` into the ready queue."""
-        done, self._tail = self._tail[:end], self._tail[end:]
-        if not self._split:
-            if done.strip():
-                self._ready.append(done)
-            return
-        for sentence in split_sentences(done):
-            if len(sentence) > self._max_chars:
-                self._ready.extend(_split_long(sentence, self._max_chars))
-            else:
-                self._ready.append(sentence)

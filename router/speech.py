@@ -191,7 +191,11 @@ class SpeechService:
             raise
         if config.configless:
             self.registry.served(config)
-        total = len(chunk_text(job.request.text, self.settings.chunk_chars)) if job.pieces is None else 0
+        # For progress bars (the CLI): known only for text given whole, and counted only when asked.
+        total = 0
+        if on_chunk is not None and job.pieces is None:
+            split = config.backend not in PROMPT_BACKENDS
+            total = len(chunk_text(job.request.text, self.settings.chunk_chars)) if split else 1
         chunks = self._all_chunks(job, source, first, place, on_chunk, total)
         # Started here, so that its clean-up (the place, the backend streams) runs on close
         # even if nobody ever reads on; the first chunk's errors surface here too.

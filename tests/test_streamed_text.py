@@ -152,3 +152,18 @@ async def test_streamed_text_is_never_answered_from_the_cache(tmp_path, service)
         assert "X-Chorus-Cache" not in stream.headers
         heard.append(stream.first + b"".join([chunk async for chunk in stream.rest]))
     assert len(heard[1]) > 2 * len(heard[0])
+
+
+async def test_a_sentence_longer_than_a_chunk_leaves_in_parts_with_every_word_whole():
+    text = " ".join(f"word{n}" for n in range(40)) + ". The end."
+
+    async def pieces():
+        for word in text.split(" "):
+            yield word + " "
+
+    chunks = StreamedChunks(pieces(), 40)
+    cut = []
+    while (chunk := await chunks.next()) is not None:
+        cut.append(chunk)
+    assert len(cut) > 3 and all(len(chunk) <= 40 for chunk in cut)
+    assert " ".join(cut).split() == text.split()
