@@ -89,7 +89,7 @@ class ChunkCutter:
             return
         ends = [match.end() for match in _SENTENCE_END.finditer(self._tail)]
         self._move(ends[-1] if ends else 0)
-        if len(self._tail) > self._max_chars:
+        if len(self._tail.strip()) > self._max_chars:
             # A sentence longer than a chunk: what fits leaves now; its last part waits for more.
             # (Split without its spaces at either end; the trailing ones still part the next word.)
             trailing = self._tail[len(self._tail.rstrip()):]

@@ -125,6 +125,7 @@ async def test_control_characters_in_a_piece_are_scrubbed(service):
 @pytest.mark.parametrize("text", [
     "A. B. C.", "First sentence here. Second one! Third one? Fourth one.", "x" * 300,
     "Hello world. " * 40, "3.14 is pi. 中文。好的！ end", "word " * 120 + "end.", "a, b; " * 100, "",
+    "Hi there." + " " * 400,
 ])
 @pytest.mark.parametrize("max_chars", [20, 60, 250])
 async def test_text_in_one_piece_is_cut_as_chunk_text_cuts_it(text, max_chars):
