@@ -19,16 +19,16 @@ PROMPT_BACKENDS: frozenset[str] = frozenset({"transformers-musicgen"})
 def modal_class_name(backend: str) -> str:
     """The Modal class serving `backend` is named after its backend class (PiperBackend, ...):
     infra/modal_app.py defines it and the router's Modal runner looks it up by this name."""
-    return BACKENDS[backend][1]
+    return BACKENDS[backend]
 
 
 def backend_class(name: str) -> type[Backend]:
     try:
-        module_name, class_name = BACKENDS[name]
+        class_name = BACKENDS[name]
     except KeyError:
         raise BackendUnavailableError(f"backend '{name}' is not implemented") from None
     try:
-        module = importlib.import_module(module_name)
+        module = importlib.import_module("functions." + name.replace("-", "_"))
     except ModuleNotFoundError as exc:
         raise BackendUnavailableError(
             f"backend '{name}' is not installed in this environment ({exc.name or exc} is "

@@ -21,15 +21,16 @@ from pydantic import (
     model_validator,
 )
 
-# backend name (as configs spell it) -> (module, class). The module is imported lazily: each
-# backend's libraries exist only in its own image, images/<backend name>/.
-BACKENDS: dict[str, tuple[str, str]] = {
-    "piper": ("functions.piper", "PiperBackend"),
-    "coqui": ("functions.coqui", "CoquiBackend"),
-    "bark": ("functions.bark", "BarkBackend"),
-    "parler-tts": ("functions.parler", "ParlerBackend"),
-    "transformers-musicgen": ("functions.musicgen", "MusicgenBackend"),
-    "vall-e-x": ("functions.valle", "ValleBackend"),
+# backend name (as configs spell it) -> its class, in the module named after it
+# (functions/vall_e_x.py for `vall-e-x`). The module is imported lazily: each backend's libraries
+# exist only in its own image, images/<backend name>/.
+BACKENDS: dict[str, str] = {
+    "piper": "PiperBackend",
+    "coqui": "CoquiBackend",
+    "bark": "BarkBackend",
+    "parler-tts": "ParlerBackend",
+    "transformers-musicgen": "MusicgenBackend",
+    "vall-e-x": "ValleBackend",
 }
 #: The backend names, as a type: the keys of BACKENDS.
 BackendName = Literal[tuple(BACKENDS)]

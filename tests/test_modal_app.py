@@ -64,7 +64,7 @@ def test_every_backend_gets_a_class_built_as_compose_builds_it(monkeypatch, tmp_
     monkeypatch.setattr(modal.Image, "from_dockerfile", recording)
     app = load_app(monkeypatch, write_configs(tmp_path / "configs", ALL_BACKENDS))
 
-    for backend, (_, class_name) in BACKENDS.items():
+    for backend, class_name in BACKENDS.items():
         cls = getattr(app, class_name)
         info = cls._get_class_service_function().info()
         # No GPU, windows or concurrency of the class's own: each model's come with its calls
@@ -247,7 +247,7 @@ def deployed_app(tmp_path_factory):
 def test_a_modal_container_runs_as_root_with_the_apps_settings(deployed_app, tmp_path, name):
     """Modal mounts the app file and the packages under /root: the image's USER (non-root, for
     compose) must not be what runs there, whether or not Modal applies it."""
-    image = deployed_app.router_image if name == "router" else definition(getattr(deployed_app, BACKENDS[name][1]))["image"]
+    image = deployed_app.router_image if name == "router" else definition(getattr(deployed_app, BACKENDS[name]))["image"]
     env, user = modal_environment(image, tmp_path)
     assert user.split(":")[0] in ("root", "0")
     assert env["CHORUS_CONFIGS_DIR"] == deployed_app.CONTAINER_CONFIGS_DIR
@@ -268,8 +268,8 @@ if backend == "coqui":
     from TTS.utils.manage import ModelManager
     paths["coqui models"] = str(ModelManager(progress_bar=False).output_prefix)
 if backend == "vall-e-x":
-    import functions.valle as valle
-    paths["cloning prompts"] = str(valle._cache_dir())
+    import functions.vall_e_x as vall_e_x
+    paths["cloning prompts"] = str(vall_e_x._cache_dir())
     paths["whisper"] = os.path.join(os.getenv("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "whisper")
 print(json.dumps(paths))
 '''
@@ -300,7 +300,7 @@ print("imported")
 def run_as_modal(deployed_app, name: str, tmp_path: Path, code: str) -> str:
     """`code` run in the backend's image as Modal runs it: root, the Modal image's variables."""
     image = built_image(name)
-    env, _ = modal_environment(definition(getattr(deployed_app, BACKENDS[name][1]))["image"], tmp_path)
+    env, _ = modal_environment(definition(getattr(deployed_app, BACKENDS[name]))["image"], tmp_path)
     env_args = [arg for key, value in env.items() for arg in ("-e", f"{key}={value}")]
     result = subprocess.run(
         ["docker", "run", "--rm", "--network", "none", "--user", "0:0", "-e", "HOME=/root", *env_args,

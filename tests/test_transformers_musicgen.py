@@ -1,4 +1,4 @@
-"""MusicGen (functions/musicgen.py) in an environment built from images/transformers-musicgen: a
+"""MusicGen (functions/transformers_musicgen.py) in an environment built from images/transformers-musicgen: a
 tiny random model saved to disk, loaded back offline by the worker, driven over the worker
 protocol. Also: every heavy backend, asked for in an environment without its library, answers
 a clear 503 through the router."""

@@ -1,4 +1,4 @@
-"""Parler-TTS (functions/parler.py) in an environment built from images/parler-tts (parler-tts
+"""Parler-TTS (functions/parler_tts.py) in an environment built from images/parler-tts (parler-tts
 pins transformers 4.46.1): a tiny random model saved to disk, loaded back offline by the worker,
 driven over the worker protocol."""
 
