@@ -43,7 +43,7 @@ async def first_audio_after_first_sentence(service: SpeechService, every: float)
                 ended.append(time.perf_counter())
             yield word + " "
 
-    job = service.prepare(text="", text_param="text", model=None, pieces=words(), route="elevenlabs")
+    job = service.prepare(text="", text_param="text", model=None, pieces=words(), family="elevenlabs")
     stream = await service.pcm(job)
     first = await anext(stream.chunks)
     heard = time.perf_counter()

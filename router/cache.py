@@ -9,7 +9,7 @@ when the stream fails or every client has left. An identical request that arrive
 is being made follows that one (X-Chorus-Cache: shared) rather than paying for a second synthesis.
 The size is capped; the least recently used entries go first. A cache that cannot write (a full
 or vanished disk) costs the entry, never the client's audio. Backends that sample (Bark,
-MusicGen) return the cached take of a request that names no seed.
+MusicGen) return the cached recording of a request that names no seed.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from anyio import to_thread
 
 from functions.config import ModelConfig, UnsafePathError, resolve_in
 from functions.protocol import SynthesisRequest
+from functions.streams import Stream, released_by
 from router.encoding import AudioFormat
 
 log = logging.getLogger("chorus")
@@ -48,7 +49,7 @@ class CachedAudio:
     sample_rate: int
     first: bytes
     #: The rest of the entry, read piece by piece as it is sent; must be closed.
-    rest: EntryReader
+    rest: Stream[bytes]
 
 
 class SynthesisCache:
@@ -59,9 +60,9 @@ class SynthesisCache:
         self._partial = directory / "partial"
         self._partial.mkdir(parents=True, exist_ok=True)
         #: responses being made now, by key: an identical request follows one of these
-        self._takes: dict[str, Recording] = {}
-        #: requests that will make a take, until their first bytes (or their error) are known
-        self._starting: dict[str, asyncio.Future[None]] = {}
+        self._recordings: dict[str, Recording] = {}
+        #: requests that will make a recording, until their first bytes (or their error) are known
+        self._first_bytes_pending: dict[str, asyncio.Future[None]] = {}
         # Leftovers of a crash: never complete, never served. Recent ones may belong to
         # another router sharing the directory.
         for stale in self._partial.iterdir():
@@ -113,7 +114,7 @@ class SynthesisCache:
             return None
         size, _ = self._entries[key]
         self._entries[key] = (size, time.time())
-        rest = EntryReader(file, start)
+        rest = _entry_pieces(file, start)
         first = await anext(rest, b"")
         return CachedAudio(media_type, sample_rate, first, rest)
 
@@ -140,28 +141,28 @@ class SynthesisCache:
         return "miss", CachedAudio(made.media_type, made.sample_rate, made.first, recording.reader(len(made.first)))
 
     def record(
-        self, key: str, media_type: str, sample_rate: int, first: bytes, source: AsyncIterator[bytes]
+        self, key: str, media_type: str, sample_rate: int, first: bytes, source: Stream[bytes]
     ) -> Recording:
         """Start recording a response whose first bytes are `first` and the rest `source`."""
-        take = self._takes[key] = Recording(self, key, media_type, sample_rate, first, source)
-        return take
+        recording = self._recordings[key] = Recording(self, key, media_type, sample_rate, first, source)
+        return recording
 
     async def _follow(self, key: str) -> Recording | None:
         """The response for `key` being made now, if an identical request may follow it. One
         still starting is waited for, and an error it meets is raised here too: an identical
         request would meet it as well. One that was abandoned while starting leaves the way
         open to the next request."""
-        while (starting := self._starting.get(key)) is not None:
-            await asyncio.shield(starting)
-        take = self._takes.get(key)
-        return take if take is not None and take.joinable() else None
+        while (pending := self._first_bytes_pending.get(key)) is not None:
+            await asyncio.shield(pending)
+        recording = self._recordings.get(key)
+        return recording if recording is not None and recording.joinable() else None
 
     @contextlib.contextmanager
     def _making(self, key: str) -> Iterator[None]:
         """Around the making of `key`'s first bytes, which `record()` then records: identical
-        requests arriving meanwhile wait in `following()` instead of starting a synthesis."""
+        requests arriving meanwhile wait in `_follow()` instead of starting a synthesis."""
         started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._starting[key] = started
+        self._first_bytes_pending[key] = started
         try:
             yield
         except Exception as exc:
@@ -169,8 +170,8 @@ class SynthesisCache:
             started.exception()  # retrieved: nobody may have been waiting
             raise
         finally:
-            if self._starting.get(key) is started:
-                del self._starting[key]
+            if self._first_bytes_pending.get(key) is started:
+                del self._first_bytes_pending[key]
             if not started.done():
                 started.set_result(None)
 
@@ -210,28 +211,20 @@ def _open_entry(path: Path) -> tuple[BinaryIO, str, int, int]:
         raise
 
 
-class EntryReader:
-    """A stored entry's audio from `offset` on, in pieces, by offset like a Recording's readers (the
-    file stays readable if it is evicted meanwhile). Class-based so that closing it closes the
-    file even if it was never iterated."""
+def _entry_pieces(file: BinaryIO, offset: int) -> Stream[bytes]:
+    """A stored entry's audio from `offset` on, in pieces, by offset like a Recording's readers
+    (the file stays readable if it is evicted meanwhile); the file is closed with the stream."""
 
-    def __init__(self, file: BinaryIO, offset: int):
-        self._file = file
-        self._offset = offset
+    async def pieces() -> AsyncIterator[bytes]:
+        position = offset
+        while piece := os.pread(file.fileno(), _READ_PIECE, position):
+            position += len(piece)
+            yield piece
 
-    def __aiter__(self) -> EntryReader:
-        return self
+    async def close() -> None:
+        file.close()
 
-    async def __anext__(self) -> bytes:
-        piece = b"" if self._file.closed else os.pread(self._file.fileno(), _READ_PIECE, self._offset)
-        if not piece:
-            await self.aclose()
-            raise StopAsyncIteration
-        self._offset += len(piece)
-        return piece
-
-    async def aclose(self) -> None:
-        self._file.close()
+    return released_by(pieces(), close)
 
 
 class Recording:
@@ -254,7 +247,7 @@ class Recording:
         media_type: str,
         sample_rate: int,
         first: bytes,
-        source: AsyncIterator[bytes],
+        source: Stream[bytes],
     ):
         self.media_type = media_type
         self.sample_rate = sample_rate
@@ -276,7 +269,7 @@ class Recording:
         self._start = _HEADER.size + len(meta)
         #: audio bytes made so far; those in the file, unless `_whole` is False
         self._size = len(first)
-        #: every byte made is in the file (false once a take nobody followed passes the size
+        #: every byte made is in the file (false once a recording nobody followed passes the size
         #: cap: its one reader is always at the head, so it needs no file)
         self._whole = True
         #: followed at some point: from then on every byte is written, since a reader may lag
@@ -289,11 +282,19 @@ class Recording:
     def joinable(self) -> bool:
         return self._whole and self._error is None
 
-    def reader(self, offset: int) -> RecordingReader:
-        """The response's audio from `offset` on; the caller must close it."""
+    def reader(self, offset: int) -> Stream[bytes]:
+        """The response's audio from `offset` on; the caller must close it (that counts even
+        if it was never read)."""
         self._readers += 1
         self._shared = self._shared or self._readers > 1
-        return RecordingReader(self, offset)
+
+        async def pieces() -> AsyncIterator[bytes]:
+            position = offset
+            while (piece := await self._piece_after(position)) is not None:
+                position += len(piece)
+                yield piece
+
+        return released_by(pieces(), self._leave)
 
     def first(self) -> bytes:
         return self._read(0)
@@ -351,9 +352,9 @@ class Recording:
         return piece
 
     def _finish(self) -> None:
-        """Publish a complete take that fits the cache; drop anything else."""
-        if self._cache._takes.get(self._key) is self:
-            del self._cache._takes[self._key]
+        """Publish a complete recording that fits the cache; drop anything else."""
+        if self._cache._recordings.get(self._key) is self:
+            del self._cache._recordings[self._key]
         if self._partial.exists():
             if self._ended and self._whole and self._size <= self._cache.max_bytes:
                 self._cache._publish(self._key, self._partial)
@@ -372,38 +373,11 @@ class Recording:
             self._next.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._next
-        # Also after a failure of the take's own (its file), which leaves the source mid-way;
+        # Also after a failure of the recording's own (its file), which leaves the source mid-way;
         # a source that ended or raised is closed already, and this does nothing.
-        await self._source.aclose()  # type: ignore[attr-defined]
+        await self._source.aclose()
         self._file.close()
 
 
 class _Abandoned(Exception):
-    """Every reader of a take left before its end."""
-
-
-class RecordingReader:
-    """One request's view of a take. Class-based (not a generator) so that closing it counts
-    even if it was never iterated."""
-
-    def __init__(self, take: Recording, offset: int):
-        self._take: Recording | None = take
-        self._offset = offset
-
-    def __aiter__(self) -> RecordingReader:
-        return self
-
-    async def __anext__(self) -> bytes:
-        if self._take is None:
-            raise StopAsyncIteration
-        piece = await self._take._piece_after(self._offset)
-        if piece is None:
-            await self.aclose()
-            raise StopAsyncIteration
-        self._offset += len(piece)
-        return piece
-
-    async def aclose(self) -> None:
-        if self._take is not None:
-            take, self._take = self._take, None
-            await take._leave()
+    """Every reader of a recording left before its end."""

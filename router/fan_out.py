@@ -54,7 +54,7 @@ class _Prefetch:
         try:
             stream = await opening
             self._queue.put_nowait(stream.sample_rate)
-            async with aclosing(stream.chunks) as chunks:  # type: ignore[type-var]
+            async with aclosing(stream.chunks) as chunks:
                 async for pcm in chunks:
                     self._queue.put_nowait(pcm)
             self._queue.put_nowait(None)
@@ -65,13 +65,15 @@ class _Prefetch:
         rate = await self._queue.get()
         if isinstance(rate, BaseException):
             raise rate
-        return PcmStream(rate, self._drain())  # type: ignore[arg-type]
+        assert isinstance(rate, int)
+        return PcmStream(rate, self._drain())
 
     async def _drain(self) -> AsyncIterator[bytes]:
         while (item := await self._queue.get()) is not None:
             if isinstance(item, BaseException):
                 raise item
-            yield item  # type: ignore[misc]
+            assert isinstance(item, bytes)
+            yield item
 
     def cancel(self) -> None:
         self._task.cancel()

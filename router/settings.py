@@ -11,8 +11,8 @@ from pydantic import BaseModel, Field, ValidationError
 from functions.config import CONFIGLESS_MODELS
 
 Mode = Literal["local", "http", "modal"]
-#: The API families an input limit can be set for (the `route` SpeechService.prepare is given).
-Route = Literal["openai", "localai", "elevenlabs", "sound-generation"]
+#: The API families, each with its own input limit (the `family` SpeechService.prepare is given).
+ApiFamily = Literal["openai", "localai", "elevenlabs", "sound-generation"]
 
 
 class Settings(BaseModel):
@@ -51,7 +51,7 @@ class Settings(BaseModel):
     #: Largest request body accepted, in bytes (JSON text of max_input_chars fits many times).
     max_body_bytes: int = Field(1_048_576, ge=1024)
     #: Per-route overrides of max_input_chars: keys openai, localai, elevenlabs, sound-generation.
-    max_input_chars_by_route: dict[Route, int] = Field(default_factory=dict)
+    max_input_chars_by_route: dict[ApiFamily, int] = Field(default_factory=dict)
     #: Requests that may wait for a busy model (past its deploy.max_concurrent_inputs) before
     #: more are refused with 429, and how long one may wait before a 503.
     max_queue: int = Field(16, ge=0)
@@ -83,10 +83,10 @@ class Settings(BaseModel):
                 f"{_ENV_NAMES.get(field, field)}: {error['msg']} (got {error['input']!r})"
             ) from None
 
-    def input_limit(self, route: Route | None) -> int:
-        if route is None:
+    def input_limit(self, family: ApiFamily | None) -> int:
+        if family is None:
             return self.max_input_chars
-        return self.max_input_chars_by_route.get(route, self.max_input_chars)
+        return self.max_input_chars_by_route.get(family, self.max_input_chars)
 
 
 class SettingsError(ValueError):

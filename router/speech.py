@@ -16,6 +16,7 @@ from anyio import to_thread
 from functions import PROMPT_BACKENDS
 from functions.config import ModelConfig
 from functions.protocol import SynthesisRequest
+from functions.streams import Stream, primed
 from router.admission import Admission, Slot
 from router.cache import CachedAudio, SynthesisCache
 from router.chunking import StreamedChunks, chunk_text
@@ -25,7 +26,7 @@ from router.fan_out import FanOut
 from router.metrics import Metrics, note_model
 from router.registry import ModelRegistry
 from router.runners import PcmStream, Runner
-from router.settings import Route, Settings
+from router.settings import ApiFamily, Settings
 from router.stalls import with_stall_timeout
 
 log = logging.getLogger("chorus")
@@ -70,22 +71,17 @@ class AudioStream:
     media_type: str
     sample_rate: int
     first: bytes
-    rest: AsyncIterator[bytes]
+    rest: Stream[bytes]
     #: Response headers the service adds (X-Chorus-Cache).
     headers: dict[str, str] = field(default_factory=dict)
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        try:
-            yield self.first
-            async for chunk in self.rest:
-                yield chunk
-        finally:
-            await self.aclose()
+    def __aiter__(self) -> Stream[bytes]:
+        return primed(self.first, self.rest)
 
     async def aclose(self) -> None:
         """Stop synthesis and free the model's place; safe to call more than once, and needed
         when a response is dropped before it is iterated."""
-        await self.rest.aclose()  # type: ignore[attr-defined]
+        await self.rest.aclose()
 
 
 #: Called as each text chunk's audio is complete: (chunks done, chunks in all, its seconds of
@@ -121,12 +117,12 @@ class SpeechService:
         instructions: str | None = None,
         seed: int | None = None,
         backend: str | None = None,
-        route: Route | None = None,
+        family: ApiFamily | None = None,
         pieces: AsyncIterator[object] | None = None,
     ) -> SpeechJob:
-        """`route` (the API family) picks the input limit. With `pieces` the text arrives as
+        """`family` (the API family) picks the input limit. With `pieces` the text arrives as
         they come (`text` is then ignored): it is checked as it arrives."""
-        limit = self.settings.input_limit(route)
+        limit = self.settings.input_limit(family)
         if pieces is None:
             text = _scrub(text)
             if not text.strip():
@@ -135,7 +131,7 @@ class SpeechService:
         else:
             text = ""
         # LocalAI's route (or any request naming a backend) serves models that no config names.
-        config = self.registry.get(model, backend, configless=route == "localai" or backend is not None)
+        config = self.registry.get(model, backend, configless=family == "localai" or backend is not None)
         note_model(config.name)
         request = SynthesisRequest(
             model=config.name,
@@ -200,7 +196,7 @@ class SpeechService:
         # Started here, so that its clean-up (the place, the backend streams) runs on close
         # even if nobody ever reads on; the first chunk's errors surface here too.
         head = await anext(chunks, None)
-        return PcmStream(first.sample_rate, _Primed(head, chunks))
+        return PcmStream(first.sample_rate, chunks if head is None else primed(head, chunks))
 
     async def _open(self, config: ModelConfig, request: SynthesisRequest) -> PcmStream:
         """One chunk's PCM stream, failing if the backend stalls longer than deploy.timeout."""
@@ -232,7 +228,7 @@ class SpeechService:
                     if stream.sample_rate != first.sample_rate:
                         raise SynthesisFailed("the backend changed its sample rate mid-stream")
                     size = 0
-                    async with aclosing(stream.chunks) as chunks:  # type: ignore[type-var]
+                    async with aclosing(stream.chunks) as chunks:
                         async for pcm in chunks:
                             size += len(pcm)
                             yield pcm
@@ -286,7 +282,7 @@ class SpeechService:
         try:
             encoder = StreamEncoder(fmt, pcm.sample_rate)
         except ValueError as exc:
-            await pcm.chunks.aclose()  # type: ignore[attr-defined]
+            await pcm.chunks.aclose()
             raise InvalidRequest(str(exc), param="response_format") from exc
 
         async def encoded() -> AsyncIterator[bytes]:
@@ -306,7 +302,7 @@ class SpeechService:
                 if tail:
                     yield tail
             finally:
-                await source.aclose()  # type: ignore[attr-defined]
+                await source.aclose()
 
         stream = encoded()
         try:
@@ -328,27 +324,6 @@ def _check_length(text: str, limit: int, param: str) -> None:
 
 async def _one_piece(text: str) -> AsyncIterator[object]:
     yield text
-
-
-class _Primed:
-    """An async iterator that yields `head` (if any) before the rest of a started generator."""
-
-    def __init__(self, head: bytes | None, rest: AsyncIterator[bytes]):
-        self._head = head
-        self._rest = rest
-
-    def __aiter__(self) -> _Primed:
-        return self
-
-    async def __anext__(self) -> bytes:
-        if self._head is not None:
-            head, self._head = self._head, None
-            return head
-        return await anext(self._rest)
-
-    async def aclose(self) -> None:
-        self._head = None
-        await self._rest.aclose()  # type: ignore[attr-defined]
 
 
 @dataclass

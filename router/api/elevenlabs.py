@@ -119,7 +119,7 @@ async def text_to_speech(
         language=body.language_code,
         speed=speed or 1.0,
         seed=body.seed,
-        route="elevenlabs",
+        family="elevenlabs",
     )
     try:
         stream = await service.audio(job, fmt)

@@ -52,7 +52,7 @@ async def tts(body: TTSBody, service: SpeechService = Depends(speech_service)) -
         voice=body.voice,
         language=body.language,
         backend=body.backend,
-        route="localai",
+        family="localai",
     )
     fmt = LOCALAI_FORMATS.get((body.response_format or "wav").lower(), LOCALAI_FORMATS["wav"])
     return AudioResponse(await service.audio(job, fmt))

@@ -69,7 +69,7 @@ async def create_speech(
         voice=body.voice.id if isinstance(body.voice, VoiceRef) else body.voice,
         speed=body.speed,
         instructions=body.instructions,
-        route="openai",
+        family="openai",
     )
     stream = await service.audio(job, OPENAI_FORMATS[body.response_format])
     if body.stream_format == "audio":

@@ -71,7 +71,7 @@ async def sound_generation(
     if body.loop:
         raise InvalidRequest("looping sound generation is not supported", param="loop")
     config = _sound_model(service, body.model_id)
-    job = service.prepare(text=body.text, text_param="text", model=config.name, route="sound-generation")
+    job = service.prepare(text=body.text, text_param="text", model=config.name, family="sound-generation")
     request = job.request.model_copy(
         update={
             "duration_seconds": body.duration_seconds or DEFAULT_DURATION_SECONDS,

@@ -8,17 +8,18 @@ a backend runs. Each implementation is imported only in the mode that uses it.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from functions.config import ModelConfig
 from functions.protocol import SynthesisRequest
+from functions.streams import Stream
 
 
 @dataclass
 class PcmStream:
     sample_rate: int
-    chunks: AsyncIterator[bytes]
+    #: Closed by whoever holds it, read or not: that stops the synthesis behind it.
+    chunks: Stream[bytes]
 
 
 class Runner(ABC):

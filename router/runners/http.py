@@ -12,13 +12,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import AsyncIterator
 from typing import Any, get_args
 
 import httpx
 
 from functions.config import BackendName, ConfigError, ModelConfig
 from functions.protocol import SAMPLE_FORMAT, STATUS, SynthesisRequest
-from router.errors import BackendUnavailable, SynthesisFailed, remote_backend_error
+from functions.streams import released_by
+from router.errors import BackendUnavailable, SynthesisFailed, backend_error
 from router.runners import PcmStream, Runner
 from router.settings import Settings
 
@@ -178,7 +180,7 @@ class HttpRunner(Runner):
         if STATUS.get(code) != response.status_code:
             # Not the worker's own answer (a proxy's, or no body): its status says what it is.
             code = {400: "invalid_request", 503: "backend_unavailable"}.get(response.status_code, "synthesis_failed")
-        raise remote_backend_error(backend, code, message, _error_param(response))
+        raise backend_error(backend, code, message, _error_param(response))
 
     async def stream(self, config: ModelConfig, request: SynthesisRequest) -> PcmStream:
         response = await self._post(
@@ -201,7 +203,9 @@ class HttpRunner(Runner):
                 f"backend '{config.backend}' sent {sample_format} with {channels} channels; "
                 f"the router takes {SAMPLE_FORMAT} mono"
             )
-        return PcmStream(sample_rate, WorkerPcm(config.backend, response, self.read_timeout))
+        # Closing the stream before its end drops the connection, which tells the worker to stop.
+        pcm = _worker_pcm(config.backend, response, self.read_timeout)
+        return PcmStream(sample_rate, released_by(pcm, response.aclose))
 
     async def voices(self, config: ModelConfig) -> list[str]:
         payload = {"config": _config_json(config)}
@@ -229,59 +233,29 @@ class HttpRunner(Runner):
             self._client = None
 
 
-class WorkerPcm:
-    """A worker's PCM as it arrives, as an async iterator.
-
-    Not an async generator: `aclose()` must release the response (its connection, and with it
-    the worker's synthesis) even when iteration never started, as for a chunk fetched ahead
-    and then dropped; an async generator that never ran skips its `finally`.
-    """
-
-    def __init__(self, backend: str, response: httpx.Response, read_timeout: float):
-        self.backend = backend
-        self._response = response
-        self._reads = response.aiter_raw()
-        self._read_timeout = read_timeout
-        # Network reads split the stream anywhere; a half sample is held back until its other
-        # byte arrives, so that every chunk passed on is whole samples.
-        self._odd = b""
-
-    def __aiter__(self) -> WorkerPcm:
-        return self
-
-    async def __anext__(self) -> bytes:
-        while True:
-            try:
-                data = await anext(self._reads)
-            except StopAsyncIteration:
-                await self.aclose()
-                if self._odd:
-                    raise SynthesisFailed(
-                        f"backend '{self.backend}' sent a truncated sample; the audio is incomplete"
-                    ) from None
-                raise
-            except httpx.TimeoutException as exc:
-                await self.aclose()
-                raise SynthesisFailed(
-                    f"backend '{self.backend}' sent nothing for {self._read_timeout:g} s; "
-                    "the audio is incomplete"
-                ) from exc
-            except httpx.TransportError as exc:
-                await self.aclose()
-                raise SynthesisFailed(
-                    f"backend '{self.backend}' stopped mid-stream ({_describe(exc)}); "
-                    "the audio is incomplete"
-                ) from exc
-            if self._odd:
-                data, self._odd = self._odd + data, b""
+async def _worker_pcm(backend: str, response: httpx.Response, read_timeout: float) -> AsyncIterator[bytes]:
+    """A worker's PCM as it arrives, in whole samples."""
+    # Network reads split the stream anywhere; a half sample is held back until its other byte
+    # arrives, so that every chunk passed on is whole samples.
+    odd = b""
+    try:
+        async for data in response.aiter_raw():
+            if odd:
+                data, odd = odd + data, b""
             if len(data) % 2:
-                data, self._odd = data[:-1], data[-1:]
+                data, odd = data[:-1], data[-1:]
             if data:
-                return data
-
-    async def aclose(self) -> None:
-        # Closing before the end drops the connection, which tells the worker to stop.
-        await self._response.aclose()
+                yield data
+    except httpx.TimeoutException as exc:
+        raise SynthesisFailed(
+            f"backend '{backend}' sent nothing for {read_timeout:g} s; the audio is incomplete"
+        ) from exc
+    except httpx.TransportError as exc:
+        raise SynthesisFailed(
+            f"backend '{backend}' stopped mid-stream ({_describe(exc)}); the audio is incomplete"
+        ) from exc
+    if odd:
+        raise SynthesisFailed(f"backend '{backend}' sent a truncated sample; the audio is incomplete")
 
 
 def _config_json(config: ModelConfig) -> dict[str, Any]:
