@@ -12,30 +12,34 @@ import asyncio
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from anyio import CapacityLimiter, to_thread
 
 from functions import create_backend
 from functions.config import CONFIGLESS_MODELS, ModelConfig, redact
 from functions.protocol import Backend, BackendError, InvalidRequestError, SynthesisRequest, failure_code
+from functions.streams import END, one_by_one
 
 log = logging.getLogger("chorus")
 T = TypeVar("T")
 
 
-
 class ServingError(Exception):
-    """A backend's failure, as the worker answers it (400, 503 or 500 with `kind` as its code)
-    and as the router's local mode raises it (its error of the same code)."""
+    """A backend's failure with its code (functions.protocol.FAILURES), as every host reports
+    it: the worker answers it with the code's status, local mode and Modal raise it, and each
+    runner turns the code into the router's error of that code."""
 
     def __init__(self, code: str, message: str, param: str | None = None):
-        super().__init__(message)
+        super().__init__(code, message, param)
         self.code, self.message, self.param = code, message, param
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def _load_failure(config: ModelConfig, exc: Exception, models_dir: Path) -> ServingError:
@@ -67,51 +71,18 @@ class LoadedBackend:
             raise ServingError(failure_code(exc), f"backend '{self.backend.name}' failed: {exc}") from exc
 
 
-_END = object()
-#: Closes of iterators left mid-hop, kept referenced until they have run.
-_closing: set[asyncio.Future[None]] = set()
-
-
-async def in_threads(
-    items: Iterator[T], limiter: CapacityLimiter | None = None
-) -> AsyncIterator[T]:
+def in_threads(items: Iterator[T], limiter: CapacityLimiter | None = None) -> AsyncIterator[T]:
     """A blocking iterator's items, each fetched in a worker thread so the event loop stays
     free; closed (in a thread too: a backend's close may wait on a lock or the network) when the
     consumer stops. One item per hop: a consumer that is cancelled between hops (a client that
-    disconnected) asks for nothing more.
-
-    asyncio's cancellation does not wait for a hop's thread, which may still be inside the
-    iterator; closing a generator under its running thread crashed the interpreter. So an
-    iterator left mid-hop is closed once that thread is out."""
+    disconnected) asks for nothing more."""
     close = getattr(items, "close", None)
-    hop: asyncio.Future[Any] | None = None
-    try:
-        while True:
-            hop = asyncio.ensure_future(to_thread.run_sync(next, items, _END, limiter=limiter))
-            item = await asyncio.shield(hop)
-            if item is _END:
-                return
-            yield item
-    finally:
+
+    async def close_items() -> None:
         if close is not None:
-            if hop is None or hop.done():
-                await to_thread.run_sync(close)
-            else:
-                hop.add_done_callback(lambda done: _close_after(done, close))
+            await to_thread.run_sync(close)
 
-
-def _close_after(hop: asyncio.Future[Any], close: Callable[[], object]) -> None:
-    if not hop.cancelled():
-        hop.exception()  # retrieved: whoever wanted the item is gone
-    closing = asyncio.ensure_future(to_thread.run_sync(close))
-    _closing.add(closing)
-    closing.add_done_callback(_closed)
-
-
-def _closed(closing: asyncio.Future[Any]) -> None:
-    _closing.discard(closing)
-    if not closing.cancelled() and closing.exception() is not None:
-        log.warning("closing a backend stream failed: %s", closing.exception())
+    return one_by_one(lambda: to_thread.run_sync(next, items, END, limiter=limiter), close_items, interrupt=False)
 
 
 def configless_limit() -> int:
@@ -122,11 +93,16 @@ def configless_limit() -> int:
 
 class BackendPool:
     """Backends by model config, each loaded on first use (or by `get` at start-up). Config-less
-    models are kept up to `configless` at once, the least recently used unloaded first."""
+    models are kept up to `configless` at once, the least recently used unloaded first. Every
+    host serves its backends through one: local mode, the worker and each Modal container.
 
-    def __init__(self, models_dir: Path, configless: int = CONFIGLESS_MODELS):
+    With `on_device` False, backends stay in host memory until `to_device()` (a Modal container
+    loads before its memory snapshot, where no GPU is attached)."""
+
+    def __init__(self, models_dir: Path, configless: int = CONFIGLESS_MODELS, on_device: bool = True):
         self.models_dir = models_dir
         self.configless = configless
+        self.on_device = on_device
         self._loaded: dict[str, LoadedBackend] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         #: Keys of the loaded config-less models, least recently used first.
@@ -144,6 +120,30 @@ class BackendPool:
     async def get(self, config: ModelConfig) -> LoadedBackend:
         """The loaded backend for `config`. A failure to import or load it is a `ServingError`,
         and the next call tries again."""
+        key = self._use(config)
+        if key in self._loaded:
+            return self._loaded[key]
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            if key not in self._loaded:
+                # Off the event loop, importing the backend's libraries included: they can take
+                # seconds, during which health checks must still be answered.
+                self._add(key, config, await to_thread.run_sync(self._load, config))
+        return self._loaded[key]
+
+    def load(self, config: ModelConfig) -> LoadedBackend:
+        """`get` for a host with no event loop running yet (a Modal container's start): blocks."""
+        key = self._use(config)
+        if key not in self._loaded:
+            self._add(key, config, self._load(config))
+        return self._loaded[key]
+
+    def to_device(self) -> None:
+        """Move the loaded backends to the GPU where there is one; later loads go there at once."""
+        self.on_device = True
+        for entry in self._loaded.values():
+            entry.backend.to_device()
+
+    def _use(self, config: ModelConfig) -> str:
         key = self._key(config)
         if config.configless:
             if not self.configless:
@@ -151,22 +151,23 @@ class BackendPool:
                                    "config-less models are switched off (CHORUS_CONFIGLESS_MODELS=0)", "model")
             if key in self._configless:
                 self._configless.move_to_end(key)
-        if key in self._loaded:
-            return self._loaded[key]
-        async with self._locks.setdefault(key, asyncio.Lock()):
-            if key not in self._loaded:
-                # Off the event loop, importing the backend's libraries included: they can take
-                # seconds, during which health checks must still be answered.
-                try:
-                    backend = await to_thread.run_sync(_create_and_load, config, self.models_dir)
-                except Exception as exc:
-                    raise _load_failure(config, exc, self.models_dir) from exc
-                # Past this many concurrent requests, more threads only fight over the cores.
-                limiter = CapacityLimiter(config.deploy.max_concurrent_inputs)
-                self._loaded[key] = LoadedBackend(backend, limiter)
-                if config.configless:
-                    self._keep_configless(key)
-        return self._loaded[key]
+        return key
+
+    def _load(self, config: ModelConfig) -> Backend:
+        try:
+            backend = create_backend(config, self.models_dir)
+            backend.load()
+            if self.on_device:
+                backend.to_device()
+        except Exception as exc:
+            raise _load_failure(config, exc, self.models_dir) from exc
+        return backend
+
+    def _add(self, key: str, config: ModelConfig, backend: Backend) -> None:
+        # Past this many concurrent requests, more threads only fight over the cores.
+        self._loaded[key] = LoadedBackend(backend, CapacityLimiter(config.deploy.max_concurrent_inputs))
+        if config.configless:
+            self._keep_configless(key)
 
     def _keep_configless(self, key: str) -> None:
         self._configless[key] = None
@@ -177,10 +178,3 @@ class BackendPool:
             self._locks.pop(evicted, None)
             log.info("unloaded config-less model '%s' (%d kept at most)", unloaded.backend.config.name,
                      self.configless)
-
-
-def _create_and_load(config: ModelConfig, models_dir: Path) -> Backend:
-    backend = create_backend(config, models_dir)
-    backend.load()
-    backend.to_device()
-    return backend

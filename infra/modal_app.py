@@ -26,7 +26,7 @@ from typing import Any
 import modal
 
 from functions import BACKENDS, modal_class_name
-from functions.config import ConfigError, ModelConfig, configless_config, validate_configs
+from functions.config import ConfigError, ModelConfig, validate_configs
 from functions.images import ROUTER_DOCKERFILE, WORKER_DOCKERFILE, worker_build_args
 
 #: The repository on the machine that deploys; in a container this file is /root/modal_app.py.
@@ -88,7 +88,8 @@ def _image(
 
 
 class BackendService:
-    """The body every backend class shares: one model (the `model` parameter) per container."""
+    """The body every backend class shares: one model (the `model` parameter) per container,
+    looked up and served as the router's local mode and the worker serve it."""
 
     #: Set on each generated class.
     BACKEND = ""
@@ -99,43 +100,39 @@ class BackendService:
     def load(self) -> None:
         # Before the memory snapshot, where no GPU is attached: the libraries and the weights,
         # in host memory, are what each restored container starts from.
-        from functions import create_backend
+        from functions.catalog import ModelCatalog
+        from functions.serving import BackendPool, ServingError
 
         models_dir = Path(os.environ.get("CHORUS_MODELS_DIR") or MODELS_DIR)
-        self.backend = create_backend(self._config(), models_dir)
-        self.backend.load()
+        # As the router looked it up: this class's backend is the one the request asked for.
+        self.config = ModelCatalog(CONFIGS.values(), models_dir).get(self.model, self.BACKEND, configless=True)
+        self.pool = BackendPool(models_dir, on_device=False)
+        try:
+            self.pool.load(self.config)
+        except ServingError as exc:
+            # Each request tries again and answers this (a missing file: 404), as a worker does.
+            print(f"model '{self.model}' is not loaded: {exc}")
 
     @modal.enter(snap=False)
     def to_device(self) -> None:
-        self.backend.to_device()
-
-    def _config(self) -> ModelConfig:
-        config = CONFIGS.get(self.model)
-        if config is None:
-            # LocalAI's way: a model that is no config is a file in the models directory or the
-            # backend's own model id.
-            return configless_config(self.model, self.BACKEND)
-        if config.backend != self.BACKEND:
-            # A request may override a config's backend; this class's backend is the one asked.
-            return config.model_copy(update={"backend": self.BACKEND})
-        return config
+        self.pool.to_device()
 
     @modal.method()
     async def synthesize(self, request: dict[str, Any]) -> dict[str, Any]:
         """One chunk of text (`SynthesisRequest` JSON) as PCM: `pcm` (s16le mono bytes at
         `sample_rate`) and the model's `voices`. Async, so that cancelling the call (its client
-        left) stops this input alone, at the backend's next chunk."""
+        left) stops this input alone, at the backend's next chunk. A failure is raised as the
+        pool's `ServingError`, its code the one every host reports."""
         from contextlib import aclosing
 
         from functions.protocol import SynthesisRequest
-        from functions.serving import in_threads
 
+        loaded = await self.pool.get(self.config)
         pcm = bytearray()
-        chunks = self.backend.synthesize(SynthesisRequest.model_validate(request))
-        async with aclosing(in_threads(chunks)) as pieces:
-            async for piece in pieces:
+        async with aclosing(loaded.chunks(SynthesisRequest.model_validate(request))) as chunks:
+            async for piece in chunks:
                 pcm += piece
-        return {"sample_rate": self.backend.sample_rate, "pcm": bytes(pcm), "voices": self.backend.voices()}
+        return {"sample_rate": loaded.backend.sample_rate, "pcm": bytes(pcm), "voices": loaded.backend.voices()}
 
 
 def _backend_class(backend: str) -> Any:

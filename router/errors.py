@@ -69,22 +69,19 @@ class ModelStarting(ChorusError):
         self.headers = {"Retry-After": str(retry_after)}
 
 
-def backend_error(code: str, message: str, param: str | None = None) -> ChorusError:
-    """The router's error for a backend failure's code (functions.protocol.FAILURES)."""
+def backend_error(backend: str, code: str, message: str, param: str | None = None) -> ChorusError:
+    """The router's error for a backend failure's code (functions.protocol.FAILURES), wherever
+    the backend runs (this process, its worker, Modal). Where the backend is at fault the
+    message names it, once."""
+    if not message.startswith(f"backend '{backend}'"):
+        if code == "backend_unavailable":
+            message = f"backend '{backend}' is unavailable: {message}"
+        elif code == "synthesis_failed":
+            message = f"backend '{backend}' failed: {message}"
+    if code == "model_not_found":
+        param = "model"
     errors = {error.code: error for error in (InvalidRequest, ModelNotFound, BackendUnavailable, SynthesisFailed)}
     return errors.get(code, SynthesisFailed)(message, param=param)
-
-
-def remote_backend_error(backend: str, code: str, message: str, param: str | None = None) -> ChorusError:
-    """The same, for a failure reported from where the backend runs (its worker, Modal): the
-    message names the backend where the backend is at fault."""
-    if code == "backend_unavailable":
-        message = f"backend '{backend}' is unavailable: {message}"
-    elif code == "synthesis_failed":
-        message = f"backend '{backend}' failed: {message}"
-    elif code == "model_not_found":
-        param = "model"
-    return backend_error(code, message, param)
 
 
 class BackendTimeout(ChorusError):

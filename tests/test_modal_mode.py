@@ -272,14 +272,15 @@ def test_without_a_token_the_modal_runner_answers_503_naming_the_backend(no_netw
 def test_modal_errors_map_to_the_routers_errors():
     from modal import exception as modal_errors
 
-    from functions.protocol import BackendError, BackendUnavailableError, InvalidRequestError
-    from router.errors import BackendUnavailable, InvalidRequest, SynthesisFailed
+    from functions.serving import ServingError
+    from router.errors import BackendUnavailable, InvalidRequest, ModelNotFound, SynthesisFailed
 
     runner = ModalRunner("chorus")
     cases = [
-        (InvalidRequestError("no such speaker", param="voice"), InvalidRequest, "no such speaker"),
-        (BackendUnavailableError("not installed"), BackendUnavailable, "backend 'coqui'"),
-        (BackendError("out of memory"), SynthesisFailed, "out of memory"),
+        (ServingError("invalid_request", "no such speaker", "voice"), InvalidRequest, "no such speaker"),
+        (ServingError("backend_unavailable", "not installed"), BackendUnavailable, "backend 'coqui'"),
+        (ServingError("model_not_found", "no weights at voices/x.onnx"), ModelNotFound, "voices/x.onnx"),
+        (ServingError("synthesis_failed", "out of memory"), SynthesisFailed, "out of memory"),
         (modal_errors.NotFoundError("no such class"), BackendUnavailable, "modal deploy"),
         (modal_errors.ConnectionError("lost"), BackendUnavailable, "lost"),
         (modal_errors.FunctionTimeoutError("too slow"), SynthesisFailed, "too slow"),

@@ -15,8 +15,9 @@ from router.runners import PcmStream, Runner
 
 log = logging.getLogger("chorus")
 
-def _error(failure: ServingError) -> ChorusError:
-    return backend_error(failure.code, failure.message, failure.param)
+
+def _error(config: ModelConfig, failure: ServingError) -> ChorusError:
+    return backend_error(config.backend, failure.code, failure.message, failure.param)
 
 
 class InProcessRunner(Runner):
@@ -44,17 +45,17 @@ class InProcessRunner(Runner):
         try:
             return await self._pool.get(config)
         except ServingError as exc:
-            raise _error(exc) from exc
+            raise _error(config, exc) from exc
 
     async def voices(self, config: ModelConfig) -> list[str]:
         return (await self._backend(config)).backend.voices()
 
     async def stream(self, config: ModelConfig, request: SynthesisRequest) -> PcmStream:
         loaded = await self._backend(config)
-        return PcmStream(loaded.backend.sample_rate, self._chunks(loaded, request))
+        return PcmStream(loaded.backend.sample_rate, self._chunks(config, loaded, request))
 
     @staticmethod
-    async def _chunks(loaded: LoadedBackend, request: SynthesisRequest) -> AsyncIterator[bytes]:
+    async def _chunks(config: ModelConfig, loaded: LoadedBackend, request: SynthesisRequest) -> AsyncIterator[bytes]:
         try:
             # aclosing: a consumer that stops early closes the backend's generator now, not
             # whenever the garbage collector gets to it.
@@ -62,4 +63,4 @@ class InProcessRunner(Runner):
                 async for chunk in chunks:
                     yield chunk
         except ServingError as exc:
-            raise _error(exc) from exc
+            raise _error(config, exc) from exc

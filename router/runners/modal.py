@@ -26,13 +26,14 @@ from typing import Any
 
 from functions import modal_class_name
 from functions.config import ModelConfig
-from functions.protocol import BackendError, InvalidRequestError, SynthesisRequest, failure_code
+from functions.protocol import SynthesisRequest
+from functions.serving import ServingError
 from router.errors import (
     BackendUnavailable,
     ChorusError,
     ModelStarting,
     SynthesisFailed,
-    remote_backend_error,
+    backend_error,
 )
 from router.runners import PcmStream, Runner
 from router.settings import Settings
@@ -83,7 +84,7 @@ class ModalRunner(Runner):
         #: Voices by model, as the model's containers reported them.
         self._voices: dict[str, list[str]] = {}
         #: Calls left running after their client was told to retry, kept until they end.
-        self._starting: set[asyncio.Task[None]] = set()
+        self._left_running: set[asyncio.Task[None]] = set()
         self._ready = False
 
     @classmethod
@@ -147,8 +148,8 @@ class ModalRunner(Runner):
             done = await asyncio.wait_for(asyncio.shield(result), self.start_wait)
         except TimeoutError:
             # The call goes on, so the container it started stays up for the retry.
-            self._starting.add(result)
-            result.add_done_callback(self._started)
+            self._left_running.add(result)
+            result.add_done_callback(self._forget_left_running)
             raise ModelStarting(
                 f"model '{config.name}' is starting on Modal: its audio took over "
                 f"{self.start_wait:g} s (a cold start); retry shortly",
@@ -170,13 +171,13 @@ class ModalRunner(Runner):
         await self._remember(config, list(done["voices"]))
         return done
 
-    def _started(self, result: asyncio.Task[Any]) -> None:
-        self._starting.discard(result)
+    def _forget_left_running(self, result: asyncio.Task[Any]) -> None:
+        self._left_running.discard(result)
         if not result.cancelled() and result.exception() is not None:
             log.warning("a call left running for a retry failed: %s", result.exception())
 
     async def close(self) -> None:
-        for result in list(self._starting):
+        for result in list(self._left_running):
             result.cancel()
 
     def _translate(self, backend: str, exc: Exception) -> ChorusError:
@@ -184,8 +185,8 @@ class ModalRunner(Runner):
         as themselves; Modal's are about reaching the class."""
         if isinstance(exc, ChorusError):
             return exc
-        if isinstance(exc, (InvalidRequestError, BackendError)):
-            return remote_backend_error(backend, failure_code(exc), str(exc), getattr(exc, "param", None))
+        if isinstance(exc, ServingError):
+            return backend_error(backend, exc.code, exc.message, exc.param)
         problem = _modal_problem(self.app_name, backend, exc)
         if problem is not None:
             return BackendUnavailable(f"backend '{backend}' is unavailable on Modal: {problem}")
