@@ -28,9 +28,9 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-from containers import COMPOSE_FILE, compose_binary, compose_environment  # noqa: E402
-from processes import chorus_command, free_port, running  # noqa: E402
+sys.path.insert(0, str(REPO))
+from tests.containers import COMPOSE_FILE, compose_binary, compose_environment  # noqa: E402
+from tests.processes import chorus_command, free_port, running  # noqa: E402
 
 SENTENCE = "The quick brown fox jumps over the lazy dog."
 ALL_IMAGES = ["router", "piper", "bark", "transformers-musicgen", "parler-tts", "coqui", "vall-e-x"]

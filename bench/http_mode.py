@@ -24,8 +24,8 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-from processes import free_port, running  # noqa: E402  (the tests' way to start a server)
+sys.path.insert(0, str(REPO))
+from tests.processes import free_port, running  # noqa: E402  (the tests' way to start a server)
 
 SENTENCE = "The quick brown fox jumps over the lazy dog."
 PARAGRAPH = (

@@ -29,8 +29,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-from processes import free_port, running  # noqa: E402  (the tests' way to start a server)
+from tests.processes import free_port, running  # noqa: E402  (the tests' way to start a server)
 
 # Varied sentences, so that no two requests are alike (and a cache, if on, never answers).
 WORDS = ["river", "lantern", "copper", "meadow", "thunder", "violet", "harbor", "pepper", "falcon", "orchard", "marble", "winter"]

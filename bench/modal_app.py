@@ -34,7 +34,6 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 from tests.modal_fake import FakeDict, FakeModal  # noqa: E402
 from tests.modal_offline import load_app  # noqa: E402
 
@@ -86,8 +85,8 @@ async def _one_call(instance) -> None:
 
 
 def heavy_hooks(root: Path) -> dict[str, dict[str, float]]:
-    from containers import image_python
-    from tiny_models.volume import HEAVY, place_tiny_models
+    from tests.containers import image_python
+    from tests.tiny_models.volume import HEAVY, place_tiny_models
 
     seed = root / "seed"
     place_tiny_models(seed)

@@ -20,8 +20,8 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-from processes import free_port, running  # noqa: E402  (the tests' way to start a server)
+sys.path.insert(0, str(ROOT))
+from tests.processes import free_port, running  # noqa: E402  (the tests' way to start a server)
 
 SENTENCE = "The quick brown fox jumps over the lazy dog near the quiet river bank."
 PARAGRAPH = (

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from contextlib import asynccontextmanager
+from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -27,17 +29,24 @@ _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 _ELEVENLABS_PREFIXES = ("/v1/text-to-speech", "/v1/voices", "/v2/voices", "/v1/sound-generation")
 
 
+def error_family(path: str, headers: Mapping[str, str]) -> Literal["openai", "localai", "elevenlabs"]:
+    """The API family whose error shape a request to `path` gets. /v1/models is the one path
+    both OpenAI and ElevenLabs own: ElevenLabs' clients (known by their headers) get theirs."""
+    if path.startswith(_ELEVENLABS_PREFIXES) or (path == "/v1/models" and is_elevenlabs_client(headers)):
+        return "elevenlabs"
+    if path.startswith("/tts"):
+        return "localai"
+    return "openai"
+
+
 def _fallback_error(
     request: Request, status: int, message: str, code: str = "not_found"
 ) -> JSONResponse:
     """Errors no route saw (unknown path, wrong method, missing API key, body too large), in
     the shape of the family the path belongs to."""
-    path = request.url.path
-    if path.startswith(_ELEVENLABS_PREFIXES) or (path == "/v1/models" and is_elevenlabs_client(request.headers)):
-        return elevenlabs.elevenlabs_error(status, message, None, code)
-    if path.startswith("/tts"):
-        return localai.localai_error(status, message, None, code)
-    return openai.openai_error(status, message, None, code)
+    render = {"elevenlabs": elevenlabs.elevenlabs_error, "localai": localai.localai_error,
+              "openai": openai.openai_error}[error_family(request.url.path, request.headers)]
+    return render(status, message, None, code)
 
 
 def build_runner(settings: Settings) -> Runner:

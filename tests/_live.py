@@ -10,6 +10,7 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Literal
 
 import httpx
 import yaml
@@ -18,8 +19,8 @@ from anyio import to_thread
 from functions.config import ModelConfig
 from functions.piper import install_bundled_voice
 from functions.protocol import SynthesisRequest
-from router.api.common import is_elevenlabs_client
-from router.app import create_app
+from functions.streams import Stream
+from router.app import create_app, error_family
 from router.errors import SynthesisFailed
 from router.registry import ModelRegistry
 from router.runners import PcmStream, Runner
@@ -88,7 +89,7 @@ class ScriptedRunner(Runner):
         real = await self.inner.stream(config, request)
         return PcmStream(real.sample_rate, self._chunks(real.chunks, request.text))
 
-    async def _chunks(self, chunks: AsyncIterator[bytes], text: str) -> AsyncIterator[bytes]:
+    async def _chunks(self, chunks: Stream[bytes], text: str) -> AsyncIterator[bytes]:
         self.open += 1
         self.most_open = max(self.most_open, self.open)
         try:
@@ -106,7 +107,7 @@ class ScriptedRunner(Runner):
                 raise SynthesisFailed("backend 'piper' failed: the worker died mid-stream")
         finally:
             self.open -= 1
-            await chunks.aclose()  # type: ignore[attr-defined]
+            await chunks.aclose()
 
 
 @contextmanager
@@ -128,35 +129,55 @@ def live_app(
                 runner.release.set()
 
 
-def family_of(request: httpx.Request) -> str:
-    path = request.url.path
-    if path == "/v1/models" and is_elevenlabs_client(request.headers):
-        return "elevenlabs"  # the one path both APIs own: ElevenLabs clients get their shape
-    if path.startswith(("/v1/text-to-speech", "/v1/voices", "/v2/voices", "/v1/sound-generation")):
-        return "elevenlabs"
-    if path.startswith("/tts"):
-        return "localai"
-    return "openai"
+#: The API families, each with its own error shape.
+Family = Literal["openai", "localai", "elevenlabs"]
+#: `param` left unchecked.
+_ANY: Any = object()
 
 
-def assert_family_error(response: httpx.Response, status: int | None = None) -> dict:
-    """`response` is an error (of `status` if given) in the shape its API family uses."""
+def family_of(request: httpx.Request) -> Family:
+    """The family whose error shape the router gives `request` (the router's own rule)."""
+    return error_family(request.url.path, request.headers)
+
+
+def assert_family_error(
+    response: httpx.Response,
+    status: int | None = None,
+    *,
+    family: Family | None = None,
+    code: str | None = None,
+    param: str | None = _ANY,
+) -> dict:
+    """`response` is an error (of `status` if given) in the shape of `family` (by default the
+    family the request's path belongs to); returns its error object (ElevenLabs: its detail).
+
+    OpenAI: `{"error": {"message", "type", "param", "code"}}`, type invalid_request_error or
+    server_error; LocalAI: `{"error": {"code": <the status>, "message", "type"}}`; ElevenLabs:
+    `{"detail": {"status", "message"}}`. `code`, if given, is the router's error code, which
+    OpenAI puts in `code`, LocalAI in `type` and ElevenLabs in `status`; `param`, if given (None
+    included), is the field an OpenAI error names."""
     if status is not None:
         assert response.status_code == status, response.text
     assert response.status_code >= 400, response.text
-    assert response.headers["content-type"].startswith("application/json"), response.text
+    assert response.headers["content-type"] == "application/json", response.text
     body = response.json()
-    family = family_of(response.request)
+    family = family or family_of(response.request)
+    assert param is _ANY or family == "openai", "only OpenAI's errors name the param"
     if family == "elevenlabs":
         assert list(body) == ["detail"], body
-        assert set(body["detail"]) == {"status", "message"} and body["detail"]["message"], body
-        return body["detail"]
+        detail = body["detail"]
+        assert set(detail) == {"status", "message"} and detail["message"], body
+        assert code is None or detail["status"] == code, body
+        return detail
     assert list(body) == ["error"], body
     error = body["error"]
+    assert error["message"], body
     if family == "localai":
         assert set(error) == {"code", "message", "type"} and error["code"] == response.status_code, body
+        assert code is None or error["type"] == code, body
     else:
         assert set(error) == {"message", "type", "param", "code"}, body
-        assert error["type"] == ("invalid_request_error" if response.status_code < 500 else "server_error")
-    assert error["message"], body
+        assert error["type"] == ("invalid_request_error" if response.status_code < 500 else "server_error"), body
+        assert code is None or error["code"] == code, body
+        assert param is _ANY or error["param"] == param, body
     return error

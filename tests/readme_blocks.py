@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import audio_seconds
+from tests.audio import audio_seconds
 from tests.processes import REPO
 
 README = REPO / "README.md"

@@ -9,7 +9,8 @@ import time
 
 import httpx
 import pytest
-from conftest import (
+
+from tests.audio import (
     LONGER_TEXT,
     MP3,
     OPUS,

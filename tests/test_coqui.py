@@ -15,9 +15,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from containers import image_python
 
-from tests.conftest import audio_seconds, write_voice_like_wav
+from tests.audio import audio_seconds, write_voice_like_wav
+from tests.containers import image_python
 from tests.processes import REPO, backend_worker, chorus_server
 
 BUILDER = REPO / "tests" / "tiny_models" / "coqui_models.py"

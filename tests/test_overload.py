@@ -11,9 +11,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import decode
 
 from tests._live import assert_family_error, live_app, piper_setup
+from tests.audio import decode
 
 TEXT = "The server is busy today. Some of you will have to come back later, and that is fine."
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 import httpx
 import numpy as np
 import pytest
-from conftest import audio_seconds
-from tiny_models.harness import pcm as worker_pcm
-from tiny_models.harness import router, synthesize, tiny_worker
+
+from tests.audio import audio_seconds
+from tests.tiny_models.harness import pcm as worker_pcm
+from tests.tiny_models.harness import router, synthesize, tiny_worker
 
 RATE = 24000
 PARLER = {"name": "tiny-parler", "backend": "parler-tts", "parameters": {"model": "tiny-parler"}}

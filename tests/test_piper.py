@@ -14,7 +14,7 @@ from functions.protocol import BackendError, InvalidRequestError, SynthesisReque
 
 piper = pytest.importorskip("functions.piper")
 
-from conftest import SHORT_SECONDS, SHORT_TEXT  # noqa: E402
+from tests.audio import SHORT_SECONDS, SHORT_TEXT  # noqa: E402
 
 VOICE = "en_US-joe-medium"
 

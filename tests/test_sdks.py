@@ -6,7 +6,8 @@ from __future__ import annotations
 import base64
 
 import pytest
-from conftest import SHORT_TEXT, assert_speech, decode, parse_sse, pcm_seconds
+
+from tests.audio import SHORT_TEXT, assert_speech, decode, parse_sse, pcm_seconds
 
 openai = pytest.importorskip("openai")
 elevenlabs = pytest.importorskip("elevenlabs")

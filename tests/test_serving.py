@@ -10,6 +10,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from anyio import CapacityLimiter
 
 from functions.config import ModelConfig
@@ -50,7 +51,8 @@ class Blocking(Backend):
             raise
 
 
-def test_a_cancelled_hop_closes_the_generator_once_the_thread_is_out():
+@pytest.mark.anyio
+async def test_a_cancelled_hop_closes_the_generator_once_the_thread_is_out():
     async def scenario() -> tuple[BaseException | None, list[str], list[str]]:
         backend = Blocking()
         loaded = LoadedBackend(backend, CapacityLimiter(1))
@@ -71,7 +73,7 @@ def test_a_cancelled_hop_closes_the_generator_once_the_thread_is_out():
             await asyncio.sleep(0.02)
         return outcome, before_release, backend.ended
 
-    outcome, before_release, ended = asyncio.run(scenario())
+    outcome, before_release, ended = await scenario()
     # The request is cancelled cleanly, not failed by closing a generator that was running.
     assert isinstance(outcome, asyncio.CancelledError), outcome
     assert before_release == [], "the generator was touched while its thread was inside it"

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import decode
-from processes import chorus_command, chorus_server
 
 from functions.piper import install_bundled_voice
 from tests._live import assert_family_error
+from tests.audio import decode
+from tests.processes import chorus_command, chorus_server
 
 BODY_LIMIT = 2048
 #: One request per API family, with a field long enough to pass the body limit.

@@ -7,10 +7,11 @@ from __future__ import annotations
 import httpx
 import numpy as np
 import pytest
-from conftest import audio_seconds, decode
 from elevenlabs import ElevenLabs
-from processes import chorus_server
-from tiny_models.harness import offline_env, tiny_worker
+
+from tests.audio import audio_seconds, decode
+from tests.processes import chorus_server
+from tests.tiny_models.harness import offline_env, tiny_worker
 
 RATE = 32000
 PROMPT = "Rain on a tin roof. Distant thunder. A dog barks twice."

@@ -8,8 +8,6 @@ import asyncio
 import time
 
 import pytest
-from _live import piper_setup
-from conftest import PIPER_RATE
 
 from router.chunking import FLUSH, StreamedChunks, chunk_text
 from router.encoding import AudioFormat
@@ -18,15 +16,12 @@ from router.registry import ModelRegistry
 from router.runners.local import InProcessRunner
 from router.settings import Settings
 from router.speech import SpeechService
+from tests._live import piper_setup
+from tests.audio import PIPER_RATE
 
 pytestmark = pytest.mark.anyio
 
 THREE_SENTENCES = "Hello there, friend. This sentence arrives word by word. The last one ends it."
-
-
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
 
 
 @pytest.fixture
@@ -49,7 +44,7 @@ async def words(text: str, every: float, fed: list[float]):
 
 
 def streamed_job(service: SpeechService, pieces):
-    return service.prepare(text="", text_param="text", model=None, pieces=pieces, route="elevenlabs")
+    return service.prepare(text="", text_param="text", model=None, pieces=pieces, family="elevenlabs")
 
 
 async def all_pcm(stream) -> tuple[bytes, float]:

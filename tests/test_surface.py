@@ -10,7 +10,10 @@ import base64
 import httpx
 import pytest
 import yaml
-from conftest import (
+
+from router.api.elevenlabs import output_formats
+from tests._live import assert_family_error, live_app, piper_setup
+from tests.audio import (
     MP3,
     OPUS,
     PIPER_RATE,
@@ -18,12 +21,9 @@ from conftest import (
     SHORT_TEXT,
     assert_speech,
     decode,
-    eleven_error,
     parse_sse,
     pcm_seconds,
 )
-
-from router.api.elevenlabs import output_formats
 
 ELEVEN_SPEECH = "/v1/text-to-speech/en_US-joe-medium"
 # What each ElevenLabs codec is sent as, how PyAV must be told to read it, and its codecs.
@@ -91,12 +91,12 @@ def test_elevenlabs_stream_with_every_body_field(client):
 @pytest.mark.parametrize("route", ["", "/stream"])
 def test_elevenlabs_bad_query_parameters(client, route, params, field):
     response = client.post(f"{ELEVEN_SPEECH}{route}", params=params, json={"text": "hi"})
-    assert field in eleven_error(response, 422)["message"]
+    assert field in assert_family_error(response, 422, family="elevenlabs")["message"]
 
 
 def test_elevenlabs_unknown_voice_on_the_stream_route(client):
     response = client.post("/v1/text-to-speech/no-such-voice/stream", json={"text": "hi"})
-    assert eleven_error(response, 404)["status"] == "voice_not_found"
+    assert_family_error(response, 404, family="elevenlabs", code="voice_not_found")
 
 
 def test_elevenlabs_models_shape_for_its_sdk_user_agent(client):
@@ -111,13 +111,13 @@ def test_elevenlabs_models_shape_for_its_sdk_user_agent(client):
 
 def test_sound_generation_with_a_speech_model_is_refused(client):
     response = client.post("/v1/sound-generation", json={"text": "rain", "model_id": "tts-1"})
-    assert "speech model" in eleven_error(response, 400)["message"]
+    assert "speech model" in assert_family_error(response, 400, family="elevenlabs")["message"]
 
 
 def test_sound_generation_without_its_backend_says_where_to_run_it(client):
     # configs/ has a MusicGen model; this environment lacks its backend.
     response = client.post("/v1/sound-generation", json={"text": "rain", "duration_seconds": 1})
-    detail = eleven_error(response, 503)
+    detail = assert_family_error(response, 503, family="elevenlabs")
     assert detail["status"] == "backend_unavailable"
     assert "transformers-musicgen" in detail["message"]
 
@@ -264,8 +264,6 @@ def test_unknown_playground_file_is_a_json_404(client):
 
 @pytest.fixture(scope="module")
 def slashed(tmp_path_factory: pytest.TempPathFactory):
-    from tests._live import live_app, piper_setup
-
     configs, models = piper_setup(tmp_path_factory.mktemp("slashed"))
     # Bark presets (v2/en_speaker_6) and clone references (voices/ref.wav) are listed like this.
     config = yaml.safe_load((configs / "tts-1.yaml").read_text())
@@ -287,5 +285,6 @@ def test_a_listed_voice_id_with_a_slash_speaks(slashed, voice, route):
 
 
 def test_an_unknown_voice_id_with_a_slash_is_voice_not_found(slashed):
-    detail = eleven_error(slashed.post("/v1/text-to-speech/team/nobody/stream", json={"text": "hi"}), 404)
-    assert detail["status"] == "voice_not_found" and "team/nobody" in detail["message"]
+    response = slashed.post("/v1/text-to-speech/team/nobody/stream", json={"text": "hi"})
+    detail = assert_family_error(response, 404, family="elevenlabs", code="voice_not_found")
+    assert "team/nobody" in detail["message"]

@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from starlette.testclient import TestClient
-from tiny_models.harness import pcm as worker_pcm
-from tiny_models.harness import synthesize, tiny_worker
 
 from functions.config import ModelConfig
 from router.app import create_app
 from router.registry import ModelRegistry
 from router.settings import Settings
+from tests.tiny_models.harness import pcm as worker_pcm
+from tests.tiny_models.harness import synthesize, tiny_worker
 
 RATE = 32000
 MUSIC = {"name": "tiny-music", "backend": "transformers-musicgen", "parameters": {"model": "tiny-musicgen"}}

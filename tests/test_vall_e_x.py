@@ -15,9 +15,9 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from containers import image_python
 
-from tests.conftest import audio_seconds, write_voice_like_wav
+from tests.audio import audio_seconds, write_voice_like_wav
+from tests.containers import image_python
 from tests.processes import REPO, backend_worker, chorus_server
 
 TINY_MODELS = REPO / "tests" / "tiny_models"

@@ -10,12 +10,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from processes import serving
 from starlette.testclient import TestClient
 
 import functions
 from functions.piper import PiperBackend, install_bundled_voice
 from functions.worker import create_app
+from tests.processes import serving
 
 VOICE = "en_US-joe-medium.onnx"
 TTS1 = {"name": "tts-1", "backend": "piper", "parameters": {"model": VOICE, "language": "en"}}

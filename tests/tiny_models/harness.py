@@ -13,8 +13,9 @@ from pathlib import Path
 
 import httpx
 import yaml
-from containers import image_python
-from processes import backend_worker
+
+from tests.containers import image_python
+from tests.processes import backend_worker
 
 BUILDERS = Path(__file__).resolve().parent
 
@@ -72,7 +73,7 @@ def tiny_worker(root: Path, image: str, builder: str, *configs: dict) -> Iterato
 def router(root: Path, backend: str, worker_url: str, *configs: dict) -> Iterator[str]:
     """`chorus serve` in http mode (as compose runs it) in front of `backend`'s worker, with
     `configs` as its configs; yields its URL."""
-    from processes import chorus_server
+    from tests.processes import chorus_server
 
     configs_dir = root / "router-configs"
     configs_dir.mkdir()

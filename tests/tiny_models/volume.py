@@ -8,9 +8,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from conftest import write_voice_like_wav
-from containers import REPO, image_python
-from tiny_models.harness import build_tiny_model
+from tests.audio import write_voice_like_wav
+from tests.containers import REPO, image_python
+from tests.tiny_models.harness import build_tiny_model
 
 #: backend -> (its tiny model's config, the request that speaks with it: route, body, params)
 HEAVY = {
