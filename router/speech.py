@@ -17,7 +17,7 @@ from functions import PROMPT_BACKENDS
 from functions.config import ModelConfig
 from functions.protocol import SynthesisRequest
 from functions.streams import Stream, primed
-from router.admission import Admission, Slot
+from router.admission import Admission
 from router.cache import CachedAudio, SynthesisCache
 from router.chunking import StreamedChunks, chunk_text
 from router.encoding import AudioFormat, StreamEncoder
@@ -103,6 +103,7 @@ class SpeechService:
         self.settings = settings
         self.cache = cache
         self.metrics = metrics or Metrics()
+        runner.observe(self.metrics)
         self.admission = Admission(settings.max_queue, settings.queue_timeout)
 
     def prepare(
@@ -167,22 +168,29 @@ class SpeechService:
             places = max(1, self.runner.capacity(config) // config.deploy.fan_out)
             gate = self.admission.gate(config.name, config.backend, places)
             try:
-                place = await gate.enter()
+                slot = await gate.enter()
             except Overloaded:
                 self.metrics.rejected.labels(config.name).inc()
                 raise
+            # Held until the stream ends, between its chunks too: docker mode stops no worker
+            # a request is still using.
+            held = self.runner.hold(config)
+
+            def place() -> None:
+                slot.leave()
+                held()
         except BaseException:
             await source.aclose()
             raise
         try:
             first = await self._open(config, job.request.model_copy(update={"text": first_text}))
         except ChorusError as exc:
-            place.leave()
+            place()
             await source.aclose()
             self.metrics.backend_errors.labels(config.name, exc.code).inc()
             raise
         except BaseException:
-            place.leave()
+            place()
             await source.aclose()
             raise
         if config.configless:
@@ -212,7 +220,7 @@ class SpeechService:
         job: SpeechJob,
         source: StreamedChunks,
         first: PcmStream,
-        place: Slot,
+        place: Callable[[], None],
         on_chunk: ChunkDone | None,
         total: int,
     ) -> AsyncIterator[bytes]:
@@ -247,7 +255,7 @@ class SpeechService:
             self.metrics.backend_errors.labels(config.name, exc.code).inc()
             raise
         finally:
-            place.leave()
+            place()
             fan_out.close()
             await source.aclose()
 

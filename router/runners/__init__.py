@@ -1,18 +1,21 @@
 """Runners carry a synthesis request to a backend and bring its PCM back.
 
 One interface, one implementation per deployment mode (`local.py` in this process, `http.py`
-to backend workers, `modal.py` to Modal functions), so the rest of the router never knows where
+to backend workers, `docker.py` to workers it starts and stops itself, `modal.py` to Modal
+functions), so the rest of the router never knows where
 a backend runs. Each implementation is imported only in the mode that uses it.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from functions.config import ModelConfig
 from functions.protocol import SynthesisRequest
 from functions.streams import Stream
+from router.metrics import Metrics
 
 
 @dataclass
@@ -39,9 +42,21 @@ class Runner(ABC):
         """The model's voices as its backend names them; None where only starting the backend
         could tell (a Modal model none of whose containers has run)."""
 
+    def observe(self, metrics: Metrics) -> None:  # noqa: B027 - most runners report nothing of their own
+        """Record the runner's own figures (docker mode's cold starts) in `metrics`."""
+
+    def hold(self, config: ModelConfig) -> Callable[[], None]:
+        """A request uses `config`'s backend from now until it calls what this returns, between
+        its chunks too; a runner that stops idle workers (docker mode) keeps that one."""
+        return _released
+
     def capacity(self, config: ModelConfig) -> int:
         """Syntheses of this model that may run at once, wherever it runs."""
         return config.deploy.max_concurrent_inputs
 
     async def close(self) -> None:  # noqa: B027 - most runners hold nothing to release
         """Release connections and models."""
+
+
+def _released() -> None:
+    pass
