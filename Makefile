@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test bench lint install install-test clean images compose-up compose-down deploy
+.PHONY: run test bench lint install install-test clean images compose-up compose-down docker-up docker-down deploy
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +58,14 @@ compose-up: $(VENV)/.installed-compose
 
 compose-down: $(VENV)/.installed-compose
 	$(COMPOSE) --profile gpu down
+
+# Serverless on this host: the router alone, starting each backend's worker on demand.
+docker-up: images
+	$(BIN)/docker-compose -f infra/compose.docker.yaml up --wait
+	@echo "Chorus (docker mode) is serving on http://localhost:$${CHORUS_PORT:-8080} (make docker-down stops it)"
+
+docker-down: $(VENV)/.installed-compose
+	$(BIN)/docker-compose -f infra/compose.docker.yaml down
 
 # Needs a Modal token (`modal token new`); see "Deploy on Modal" in the README. A deploy resets
 # each model's warm containers (deploy.min_containers): `python infra/modal_app.py` sets them.

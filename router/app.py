@@ -55,6 +55,10 @@ def build_runner(settings: Settings) -> Runner:
         from router.runners.http import HttpRunner
 
         return HttpRunner.from_settings(settings)
+    if settings.mode == "docker":
+        from router.runners.docker import DockerRunner
+
+        return DockerRunner.from_settings(settings)
     if settings.mode == "modal":
         from router.runners.modal import ModalRunner
 

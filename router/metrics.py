@@ -70,6 +70,17 @@ class Metrics:
         self.backend_errors = Counter(
             "chorus_backend_errors", "Failed backend calls", ["model", "code"], registry=r
         )
+        self.cold_starts = Counter(
+            "chorus_cold_starts", "Worker containers started on demand (docker mode)", ["backend"], registry=r
+        )
+        self.cold_start_seconds = Histogram(
+            "chorus_cold_start_seconds",
+            "A cold start's phases: the container's start, then until its worker is ready (its model loaded)",
+            ["backend", "phase"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.workers_running = Gauge(
+            "chorus_workers_running", "Worker containers running (docker mode)", ["backend"], registry=r
+        )
         self.rejected = Counter(
             "chorus_rejected_requests", "Requests refused by admission control (429/503)",
             ["model"], registry=r,

@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from functions.config import CONFIGLESS_MODELS
 
-Mode = Literal["local", "http", "modal"]
+Mode = Literal["local", "http", "docker", "modal"]
 #: The API families, each with its own input limit (the `family` SpeechService.prepare is given).
 ApiFamily = Literal["openai", "localai", "elevenlabs", "sound-generation"]
 
@@ -20,7 +20,8 @@ class Settings(BaseModel):
     port: int = Field(8080, ge=0, le=65535)
     configs_dir: Path = Path("configs")
     models_dir: Path = Path("models")
-    #: How the router reaches backends: in this process, HTTP workers, or Modal functions.
+    #: How the router reaches backends: in this process, HTTP workers, worker containers it
+    #: starts and stops itself, or Modal functions.
     mode: Mode = "local"
     #: OpenAI's documented limit on `input`; the other families share it.
     max_input_chars: int = Field(4096, ge=1)
@@ -35,6 +36,19 @@ class Settings(BaseModel):
     backend_read_timeout: float = Field(300.0, gt=0)
     #: http mode: seconds between probes of each worker's /healthz, which /readyz reports.
     backend_health_interval: float = Field(5.0, gt=0)
+    #: docker mode: GPU workers that may run at once (each holds a GPU's memory).
+    docker_gpu_slots: int = Field(1, ge=1)
+    #: docker mode: run every worker without a GPU (same slot accounting), for hosts with none.
+    docker_cpu_only: bool = False
+    #: docker mode: the network the workers join (the router's, when it runs in a container).
+    docker_network: str = Field("chorus-workers", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    #: docker mode: names and labels this router's workers, so two routers on a host never
+    #: touch each other's.
+    docker_project: str = Field("chorus", pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    #: docker mode: worker images are <prefix><backend name>, as `make images` tags them.
+    docker_image_prefix: str = Field("chorus/", pattern=r"^[a-z0-9][a-z0-9._/:-]*/$")
+    #: docker mode: seconds a worker may take from its start until it is ready.
+    docker_start_timeout: float = Field(600.0, gt=0)
     #: modal mode: the deployed Modal app whose classes serve the backends.
     modal_app: str = "chorus"
     #: modal mode: seconds a chunk's audio may take, a cold start included, before the client
@@ -122,6 +136,12 @@ _ENV_NAMES = {
     "backend_connect_timeout": "CHORUS_BACKEND_CONNECT_TIMEOUT",
     "backend_read_timeout": "CHORUS_BACKEND_READ_TIMEOUT",
     "backend_health_interval": "CHORUS_BACKEND_HEALTH_INTERVAL",
+    "docker_gpu_slots": "CHORUS_DOCKER_GPU_SLOTS",
+    "docker_cpu_only": "CHORUS_DOCKER_CPU_ONLY",
+    "docker_network": "CHORUS_DOCKER_NETWORK",
+    "docker_project": "CHORUS_DOCKER_PROJECT",
+    "docker_image_prefix": "CHORUS_DOCKER_IMAGE_PREFIX",
+    "docker_start_timeout": "CHORUS_DOCKER_START_TIMEOUT",
     "modal_app": "CHORUS_MODAL_APP",
     "modal_start_wait": "CHORUS_MODAL_START_WAIT",
     "configless_models": "CHORUS_CONFIGLESS_MODELS",

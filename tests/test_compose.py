@@ -147,3 +147,23 @@ def test_a_broken_copy_is_rejected(tmp_path: Path, old: str, new: str, complaint
     for args in ((), ("--profile", "gpu")):
         result = compose(broken, *args)
         assert result.returncode != 0 and complaint in result.stderr, result.stderr
+
+
+def test_the_docker_mode_file_runs_the_router_alone_with_the_socket_and_the_workers_mounts() -> None:
+    """infra/compose.docker.yaml: docker mode finds its workers' mounts and network from the
+    router's own container, so the router must mount the configs and models where it reads
+    them, and join the network it starts workers on, by that network's real name."""
+    from router.runners.docker import CONFIGS_MOUNT, MODELS_MOUNT
+
+    result = compose(REPO / "infra" / "compose.docker.yaml")
+    assert result.returncode == 0, result.stderr
+    project = json.loads(result.stdout)
+    assert sorted(project["services"]) == ["router"]
+    router = project["services"]["router"]
+    env = router["environment"]
+    assert env["CHORUS_MODE"] == "docker"
+    mounts = {volume["target"]: volume for volume in router["volumes"]}
+    assert mounts["/var/run/docker.sock"]["type"] == "bind"
+    assert mounts[CONFIGS_MOUNT]["read_only"] is True and mounts[MODELS_MOUNT]["type"] == "volume"
+    names = {project["networks"][key]["name"] for key in router["networks"]}
+    assert env["CHORUS_DOCKER_NETWORK"] in names

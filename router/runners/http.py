@@ -107,11 +107,10 @@ class HttpRunner(Runner):
         await asyncio.gather(*(self._probe(name) for name in self.backend_urls))
 
     async def _probe(self, backend: str) -> None:
-        url = f"{self.backend_urls[backend]}/healthz"
+        base = self.backend_urls[backend]
         try:
-            response = await self.client.get(url, timeout=self._probe_timeout)
+            response = await self.client.get(f"{base}/healthz", timeout=self._probe_timeout)
         except httpx.HTTPError as exc:
-            base = self.backend_urls[backend]
             self._set_health(backend, f"its worker at {base} cannot be reached ({_describe(exc)})")
             return
         if response.status_code == 200:
