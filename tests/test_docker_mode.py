@@ -162,14 +162,14 @@ def stand_in_images(engine):
     """Piper's image under a test prefix for piper and coqui, and one whose worker exits."""
     prefix = f"chorus-test-{os.getpid()}/"
     image = engine.images.get("chorus/piper")
-    for backend in ("piper", "coqui"):
+    for backend in ("piper", "coqui", "bark"):
         image.tag(f"{prefix}{backend}")
     broken = f"chorus-test-{os.getpid()}-broken/"
     dockerfile = "FROM chorus/piper\nCMD [\"python\", \"-c\", \"raise SystemExit('broken on purpose')\"]\n"
     subprocess.run(["docker", "build", "-q", "-t", f"{broken}piper", "-"], input=dockerfile, text=True,
                    check=True, capture_output=True)
     yield prefix, broken
-    for tag in (f"{prefix}piper", f"{prefix}coqui", f"{broken}piper"):
+    for tag in (f"{prefix}piper", f"{prefix}coqui", f"{prefix}bark", f"{broken}piper"):
         engine.images.remove(tag, noprune=True)
 
 
@@ -177,12 +177,20 @@ def gpu_configs(tmp_path: Path) -> Path:
     return write_configs(tmp_path / "configs", **{
         "tts-1": {"gpu": "T4", "scaledown_window": 60},
         "xtts": {"backend": "coqui", "gpu": "T4", "scaledown_window": 60},
+        "bark": {"backend": "bark", "gpu": "T4", "scaledown_window": 60},
     })
 
 
-def test_a_gpu_slot_goes_to_the_new_backend_by_stopping_the_idle_one(engine, project, tmp_path, stand_in_images):
+def running_backends(engine, project: str) -> list[str]:
+    return sorted(w.labels["chorus.backend"] for w in workers(engine, project))
+
+
+def test_a_gpu_slot_goes_to_the_new_backend_by_stopping_the_least_recently_used(
+    engine, project, tmp_path, stand_in_images
+):
     prefix, _ = stand_in_images
-    with docker_router(tmp_path, project, gpu_configs(tmp_path), CHORUS_DOCKER_IMAGE_PREFIX=prefix) as server:
+    with docker_router(tmp_path, project, gpu_configs(tmp_path), CHORUS_DOCKER_IMAGE_PREFIX=prefix,
+                       CHORUS_DOCKER_GPU_SLOTS="2") as server:
         assert speak(server).status_code == 200
         [piper] = workers(engine, project, "piper")
         # CPU only: no device request, but the slot counts the same.
@@ -190,7 +198,26 @@ def test_a_gpu_slot_goes_to_the_new_backend_by_stopping_the_idle_one(engine, pro
         coqui = speak(server, model="xtts")
         assert_family_error(coqui, 503, code="backend_unavailable")
         assert "not installed" in coqui.json()["error"]["message"]
-        assert [w.labels["chorus.backend"] for w in workers(engine, project)] == ["coqui"]
+        assert running_backends(engine, project) == ["coqui", "piper"]
+        assert speak(server).status_code == 200  # piper used last: coqui is the one to go
+        speak(server, model="bark")
+        assert running_backends(engine, project) == ["bark", "piper"]
+
+
+def test_a_gpu_backend_waits_for_a_busy_slot_and_takes_it_once_free(engine, project, tmp_path, stand_in_images):
+    prefix, _ = stand_in_images
+    with docker_router(tmp_path, project, gpu_configs(tmp_path), CHORUS_DOCKER_IMAGE_PREFIX=prefix) as server:
+        assert speak(server).status_code == 200
+        with ThreadPoolExecutor(1) as pool:
+            long = pool.submit(speak, server, LONG_TEXT)
+            wait_for(lambda: "chorus_in_flight_requests{model=\"tts-1\"} 1.0" in
+                     httpx.get(f"{server.url}/metrics").text, 30, "the long request did not start")
+            waited = speak(server, model="xtts")
+            # The long request kept its slot to its end, and then gave it up.
+            assert long.result().status_code == 200
+            assert decode(long.result().content).duration > 3
+        assert_family_error(waited, 503, code="backend_unavailable")  # the stand-in has no Coqui
+        assert running_backends(engine, project) == ["coqui"]
 
 
 def test_when_every_gpu_slot_is_busy_the_request_waits_then_gets_503(engine, project, tmp_path, stand_in_images):

@@ -111,7 +111,7 @@ def test_the_cache_set_by_the_environment_answers_the_second_time(server):
     [
         ("CHORUS_MAX_INPUT_CHARS_BY_ROUTE", "localia=10", "CHORUS_MAX_INPUT_CHARS_BY_ROUTE: Input should be 'openai'"),
         ("CHORUS_MAX_QUEUE", "lots", "CHORUS_MAX_QUEUE: Input should be a valid integer"),
-        ("CHORUS_MODE", "cloud", "CHORUS_MODE: Input should be 'local', 'http' or 'modal'"),
+        ("CHORUS_MODE", "cloud", "CHORUS_MODE: Input should be 'local', 'http', 'docker' or 'modal'"),
         ("CHORUS_BACKEND_URLS", "piper", "CHORUS_BACKEND_URLS: 'piper' is not name=value"),
         ("CHORUS_MAX_INPUT_CHARS_BY_ROUTE", "openai=80, =5", "CHORUS_MAX_INPUT_CHARS_BY_ROUTE: '=5' is not name=value"),
     ],

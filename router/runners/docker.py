@@ -65,12 +65,13 @@ class WorkerContainer:
 
 
 class DockerRunner(HttpRunner):
-    def __init__(self, settings: Settings, engine: Any = None):
+    def __init__(self, settings: Settings):
         super().__init__({}, connect_timeout=settings.backend_connect_timeout,
                          read_timeout=settings.backend_read_timeout,
                          health_interval=settings.backend_health_interval)
         self.settings = settings
-        self._engine = engine
+        #: The engine's client, made on the first connection.
+        self._engine: Any = None
         self._engine_problem: str | None = "not reached yet"
         self._configs: list[ModelConfig] = []
         self._workers: dict[str, WorkerContainer] = {}
