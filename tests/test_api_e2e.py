@@ -257,6 +257,19 @@ def test_openai_audio_voices(client):
     assert {"id": "en_US-joe-medium", "name": "en_US-joe-medium", "model": "tts-1", "confirmed": True} in voices
 
 
+def test_open_webui_lists_the_speech_models_and_each_speaks(client):
+    """Open WebUI fills its TTS model menu from GET /v1/audio/models; a prompt model (MusicGen)
+    makes no speech and is not offered."""
+    listed = client.get("/v1/audio/models").json()
+    ids = [model["id"] for model in listed["models"]]
+    assert "tts-1" in ids and "musicgen" not in ids
+    served = [model["id"] for model in client.get("/v1/models").json()["data"]]
+    assert "musicgen" in served and set(ids) == set(served) - {"musicgen"}
+    response = client.post("/v1/audio/speech", json={"model": ids[0], "input": "Hi.", "voice": "alloy",
+                                                     "response_format": "wav"})
+    assert response.status_code == 200 and decode(response.content).duration > 0.2
+
+
 def test_health_and_readiness(client):
     for path, status in (("/healthz", "ok"), ("/readyz", "ready")):
         response = client.get(path)

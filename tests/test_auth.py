@@ -25,6 +25,7 @@ ROUTES = [
     ("POST", "/v1/sound-generation", {"text": "rain"}, None),
     ("GET", "/v1/models", None, None),
     ("GET", "/v1/audio/voices", None, None),
+    ("GET", "/v1/audio/models", None, None),
     ("GET", "/v1/voices", None, None),
     ("GET", "/v2/voices", None, None),
 ]

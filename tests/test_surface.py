@@ -214,6 +214,7 @@ def test_openapi_documents_every_public_route(client):
         ("/v1/audio/speech", "post"),
         ("/v1/models", "get"),
         ("/v1/audio/voices", "get"),
+        ("/v1/audio/models", "get"),
         ("/v1/text-to-speech/{voice_id}", "post"),
         ("/v1/text-to-speech/{voice_id}/stream", "post"),
         ("/v1/voices", "get"),

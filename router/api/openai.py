@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from functions import PROMPT_BACKENDS
 from router.api.common import AudioResponse, family_route, is_elevenlabs_client, log, speech_service
 from router.encoding import AudioFormat
 from router.errors import ChorusError
@@ -121,6 +122,13 @@ async def list_models(request: Request, service: SpeechService = Depends(speech_
             for config in configs
         ],
     }
+
+
+@router.get("/v1/audio/models", summary="List speech models (as Open WebUI asks for them)")
+async def list_speech_models(service: SpeechService = Depends(speech_service)):
+    # Models that speak text: a sound-generation prompt model is no voice for a chat app.
+    return {"models": [{"id": config.name} for config in service.registry.all()
+                       if config.backend not in PROMPT_BACKENDS]}
 
 
 @router.get("/v1/audio/voices", summary="List voices per model")
