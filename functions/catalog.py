@@ -27,6 +27,11 @@ from functions.protocol import InvalidRequestError, ModelNotFoundError
 class ModelCatalog:
     def __init__(self, configs: Iterable[ModelConfig], models_dir: Path, configless: int = CONFIGLESS_MODELS):
         self._configs = {config.name: config for config in configs}
+        #: alias -> the config it names (the first, where two configs claim one)
+        self._aliases: dict[str, ModelConfig] = {}
+        for config in self._configs.values():
+            for alias in config.aliases:
+                self._aliases.setdefault(alias, config)
         for config in self._configs.values():
             check_paths(config, models_dir)
         self.models_dir = models_dir
@@ -37,7 +42,7 @@ class ModelCatalog:
         return list(self._configs.values())
 
     def get(self, name: str | None, backend: str | None = None, configless: bool = False) -> ModelConfig:
-        """The config for `name` (the first config when none is given; the first of `backend`'s
+        """The config `name` names or is an alias of (the first config when none is given; the first of `backend`'s
         when one is), its backend replaced by `backend` where they differ. With `configless`
         (LocalAI's route), a name that is no config is still served, LocalAI's way: see
         `_configless`. Raises InvalidRequestError or ModelNotFoundError."""
@@ -45,6 +50,8 @@ class ModelCatalog:
             raise InvalidRequestError(f"unknown backend '{backend}'; known: {', '.join(BACKENDS)}", param="backend")
         if name in self._configs:
             config = self._configs[name]
+        elif name in self._aliases:
+            config = self._aliases[name]
         elif not name:
             config = self._default(backend, configless)
         elif configless and self.configless:

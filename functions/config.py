@@ -156,6 +156,9 @@ class ModelConfig(BaseModel):
     #: Chorus's own: public voice names (OpenAI's `alloy`, an ElevenLabs voice id...) mapped to
     #: this model's voices or speakers.
     voices: dict[str, str] = Field(default_factory=dict)
+    #: Other model names that select this config (OpenAI's `tts-1-hd`, `gpt-4o-mini-tts`), so
+    #: clients that send a fixed model name work unchanged.
+    aliases: list[str] = Field(default_factory=list)
     #: Chorus's own: made from a request's model name (no config file names it), LocalAI's way.
     configless: bool = False
 
@@ -178,6 +181,14 @@ class ModelConfig(BaseModel):
             "tts.vall-e.audio_path": self.tts.vall_e.audio_path,
         }
         return {field: value for field, value in fields.items() if value}
+
+    @field_validator("aliases")
+    @classmethod
+    def _aliases_are_names(cls, value: list[str]) -> list[str]:
+        for alias in value:
+            if len(alias) > NAME_MAX_LENGTH or not re.match(NAME_PATTERN, alias):
+                raise ValueError(f"alias '{alias[:80]}' is not a valid model name")
+        return value
 
     @field_validator("voices")
     @classmethod
@@ -270,14 +281,14 @@ def validate_configs(
         try:
             config = load_config_file(path)
             check_paths(config, models_dir, path.name)
-            if config.name in seen:
-                raise ConfigError(
-                    f"{path.name}: field 'name': '{config.name}' is already defined in {seen[config.name]}"
-                )
+            for field, name in [("name", config.name), *(("aliases", alias) for alias in config.aliases)]:
+                if name in seen:
+                    raise ConfigError(f"{path.name}: field '{field}': '{name}' is already defined in {seen[name]}")
         except ConfigError as exc:
             results.append((path, exc))
             continue
-        seen[config.name] = path.name
+        for name in (config.name, *config.aliases):
+            seen[name] = path.name
         results.append((path, config))
     return results
 

@@ -79,8 +79,8 @@ class SynthesisCache:
     def key(self, config: ModelConfig, request: SynthesisRequest, fmt: AudioFormat) -> str:
         material = {
             "version": _VERSION,
-            # deploy: only where and how it runs, never what it sounds like
-            "config": config.model_dump(mode="json", exclude={"deploy"}),
+            # deploy and aliases: where it runs and what it is called, never what it sounds like
+            "config": config.model_dump(mode="json", exclude={"deploy", "aliases"}),
             "weights": self._weights_stamp(config),
             "request": request.model_dump(mode="json"),
             "format": [fmt.codec, fmt.sample_rate, fmt.bit_rate],

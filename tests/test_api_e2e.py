@@ -264,7 +264,7 @@ def test_open_webui_lists_the_speech_models_and_each_speaks(client):
     ids = [model["id"] for model in listed["models"]]
     assert "tts-1" in ids and "musicgen" not in ids
     served = [model["id"] for model in client.get("/v1/models").json()["data"]]
-    assert "musicgen" in served and set(ids) == set(served) - {"musicgen"}
+    assert "musicgen" in served and set(ids) < set(served)
     response = client.post("/v1/audio/speech", json={"model": ids[0], "input": "Hi.", "voice": "alloy",
                                                      "response_format": "wav"})
     assert response.status_code == 200 and decode(response.content).duration > 0.2

@@ -324,3 +324,20 @@ def test_models_dir_given_relative_or_through_a_symlink(models, tmp_path, monkey
     assert resolve_in(link, "voices/a.onnx") == (models / "voices" / "a.onnx").resolve()
     monkeypatch.chdir(tmp_path)
     assert resolve_in(type(models)(os.path.relpath(models)), "voices/a.onnx").is_file()
+
+
+def test_an_alias_selects_its_config_and_may_not_be_claimed_twice(tmp_path):
+    """OpenAI clients with a fixed model name (LiveKit's gpt-4o-mini-tts) reach the config that
+    lists it; two configs claiming one name is a config error naming both files."""
+    from functions.catalog import ModelCatalog
+    from functions.config import ConfigError, load_configs
+
+    (tmp_path / "a.yaml").write_text("name: tts-1\naliases: [gpt-4o-mini-tts]\nbackend: piper\n")
+    catalog = ModelCatalog(load_configs(tmp_path, tmp_path), tmp_path)
+    assert catalog.get("gpt-4o-mini-tts").name == "tts-1"
+    (tmp_path / "b.yaml").write_text("name: gpt-4o-mini-tts\nbackend: piper\n")
+    with pytest.raises(ConfigError, match=r"b.yaml: field 'name': 'gpt-4o-mini-tts' is already defined in a.yaml"):
+        load_configs(tmp_path, tmp_path)
+    (tmp_path / "b.yaml").write_text("name: other\naliases: ['../x']\nbackend: piper\n")
+    with pytest.raises(ConfigError, match="alias"):
+        load_configs(tmp_path, tmp_path)

@@ -94,6 +94,18 @@ def test_openai_models_list(oai):
     assert "tts-1" in [model.id for model in oai.models.list()]
 
 
+@pytest.mark.parametrize("model", ["gpt-4o-mini-tts", "tts-1-hd"])
+def test_the_model_names_other_openai_clients_send_reach_the_default_voice(oai, model):
+    """LiveKit's OpenAI plugin sends gpt-4o-mini-tts and reads 24 kHz PCM; the default config
+    lists OpenAI's model names as its aliases."""
+    assert model in [listed.id for listed in oai.models.list()]
+    with oai.audio.speech.with_streaming_response.create(
+        model=model, voice="coral", input=SHORT_TEXT, response_format="pcm"
+    ) as response:
+        data = response.read()
+    assert_speech(decode(data, raw="pcm", rate=24000))
+
+
 # --- ElevenLabs ------------------------------------------------------------------------------
 
 

@@ -115,11 +115,13 @@ async def list_models(request: Request, service: SpeechService = Depends(speech_
             }
             for config in configs
         ]
+    # A config's aliases are listed too: some clients check their fixed model name is there.
     return {
         "object": "list",
         "data": [
-            {"id": config.name, "object": "model", "created": 0, "owned_by": f"chorus-{config.backend}"}
+            {"id": name, "object": "model", "created": 0, "owned_by": f"chorus-{config.backend}"}
             for config in configs
+            for name in (config.name, *config.aliases)
         ],
     }
 
