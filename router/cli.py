@@ -29,8 +29,14 @@ def serve(args: argparse.Namespace) -> int:
     from router.app import create_app
 
     settings = _settings(args, host=args.host, port=args.port)
+    tls = {"ssl_certfile": args.ssl_certfile, "ssl_keyfile": args.ssl_keyfile}
+    if (args.ssl_certfile is None) != (args.ssl_keyfile is None):
+        raise SettingsError("--ssl-certfile and --ssl-keyfile go together: TLS needs both")
+    for flag, path in tls.items():
+        if path is not None and not Path(path).is_file():
+            raise SettingsError(f"--{flag.replace('_', '-')}: {path} is not a file")
     app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level, **tls)
     return 0
 
 
@@ -265,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--host", help="address to listen on (default: 127.0.0.1, or $HOST)")
     serve_cmd.add_argument("--port", type=int, help="port to listen on (default: 8080, or $PORT)")
     serve_cmd.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    # ElevenLabs' SDK dials its WebSockets over wss:// only.
+    serve_cmd.add_argument("--ssl-certfile", help="serve HTTPS with this certificate (PEM), with --ssl-keyfile")
+    serve_cmd.add_argument("--ssl-keyfile", help="the certificate's private key (PEM)")
     dirs(serve_cmd)
     serve_cmd.set_defaults(func=serve)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -28,7 +29,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_until_ready(process: subprocess.Popen, url: str, *, log: Path, timeout: float, name: str) -> None:
+def wait_until_ready(process: subprocess.Popen, url: str, *, log: Path, timeout: float, name: str,
+                     verify: ssl.SSLContext | bool = True) -> None:
     """Poll `url` until it answers 200; fail with the process's log if it exits or time runs out."""
     deadline = time.monotonic() + timeout
     last = "no answer yet"
@@ -37,7 +39,7 @@ def wait_until_ready(process: subprocess.Popen, url: str, *, log: Path, timeout:
             raise RuntimeError(f"{name} exited with {process.returncode}:\n{log.read_text(errors='replace')}")
         try:
             # trust_env=False: a proxy in the environment must not stand between us and loopback.
-            response = httpx.get(url, timeout=2, trust_env=False)
+            response = httpx.get(url, timeout=2, trust_env=False, verify=verify)
             if response.status_code == 200:
                 return
             last = f"{response.status_code} {response.text[:200]}"
@@ -65,12 +67,13 @@ def stop(process: subprocess.Popen) -> None:
 
 @contextmanager
 def running(command: Sequence[str], *, env: Mapping[str, str], cwd: Path, log: Path, ready_url: str,
-            timeout: float, name: str) -> Iterator[subprocess.Popen]:
-    """`command` with its output in `log`, ready (`ready_url` is 200) when this yields."""
+            timeout: float, name: str, verify: ssl.SSLContext | bool = True) -> Iterator[subprocess.Popen]:
+    """`command` with its output in `log`, ready (`ready_url` is 200, its certificate checked
+    against `verify`) when this yields."""
     with log.open("wb") as sink:
         process = subprocess.Popen(list(command), cwd=cwd, env=dict(env), stdout=sink, stderr=subprocess.STDOUT)
     try:
-        wait_until_ready(process, ready_url, log=log, timeout=timeout, name=name)
+        wait_until_ready(process, ready_url, log=log, timeout=timeout, name=name, verify=verify)
         yield process
     finally:
         stop(process)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import ssl
 import subprocess
 from pathlib import Path
 
@@ -204,3 +205,30 @@ def test_serve_listens_where_its_flags_say(tmp_path, models):
         response = httpx.post(f"http://127.0.0.1:{port}/tts", json={"input": "Hello there."}, timeout=60)
     assert response.status_code == 200, response.text
     assert audio_seconds(response.content) > 0.3
+
+
+def test_serve_speaks_https_with_a_self_signed_certificate(tmp_path, models):
+    """`chorus serve --ssl-certfile/--ssl-keyfile`: clients that only dial TLS (ElevenLabs' SDK
+    for its WebSockets) reach Chorus; a client checks the certificate it was given."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    trusted = ssl.create_default_context(cafile=str(cert))
+    port = free_port()
+    command = chorus_command("serve", "--port", str(port), "--models", str(models),
+                             "--ssl-certfile", str(cert), "--ssl-keyfile", str(key))
+    base = f"https://127.0.0.1:{port}"
+    with running(command, env=dict(os.environ), cwd=REPO, log=tmp_path / "serve.log", ready_url=f"{base}/readyz",
+                 timeout=120, name="chorus serve --ssl-certfile", verify=trusted):
+        response = httpx.post(f"{base}/tts", json={"input": "Hello there."}, timeout=60, verify=trusted)
+        with pytest.raises(httpx.ConnectError):  # not the certificate it was given: refused
+            httpx.get(f"{base}/readyz", timeout=10)
+    assert response.status_code == 200, response.text
+    assert audio_seconds(response.content) > 0.3
+
+
+def test_serve_refuses_half_a_tls_setup(tmp_path):
+    result = run("serve", "--ssl-certfile", str(tmp_path / "cert.pem"))
+    assert result.returncode == 2
+    assert "--ssl-certfile and --ssl-keyfile go together" in result.stderr
