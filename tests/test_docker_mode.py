@@ -204,18 +204,24 @@ def test_a_gpu_slot_goes_to_the_new_backend_by_stopping_the_least_recently_used(
         assert running_backends(engine, project) == ["bark", "piper"]
 
 
+def coqui_while_piper_speaks_long(server) -> tuple[httpx.Response, httpx.Response]:
+    """A long Piper request holding the one GPU slot, and a Coqui request made while it does."""
+    with ThreadPoolExecutor(1) as pool:
+        long = pool.submit(speak, server, LONG_TEXT)
+        wait_for(lambda: "chorus_in_flight_requests{model=\"tts-1\"} 1.0" in
+                 httpx.get(f"{server.url}/metrics").text, 30, "the long request did not start")
+        waited = speak(server, model="xtts")
+        return long.result(), waited
+
+
 def test_a_gpu_backend_waits_for_a_busy_slot_and_takes_it_once_free(engine, project, tmp_path, stand_in_images):
     prefix, _ = stand_in_images
     with docker_router(tmp_path, project, gpu_configs(tmp_path), CHORUS_DOCKER_IMAGE_PREFIX=prefix) as server:
         assert speak(server).status_code == 200
-        with ThreadPoolExecutor(1) as pool:
-            long = pool.submit(speak, server, LONG_TEXT)
-            wait_for(lambda: "chorus_in_flight_requests{model=\"tts-1\"} 1.0" in
-                     httpx.get(f"{server.url}/metrics").text, 30, "the long request did not start")
-            waited = speak(server, model="xtts")
-            # The long request kept its slot to its end, and then gave it up.
-            assert long.result().status_code == 200
-            assert decode(long.result().content).duration > 3
+        long, waited = coqui_while_piper_speaks_long(server)
+        # The long request kept its slot to its end, and then gave it up.
+        assert long.status_code == 200
+        assert decode(long.content).duration > 3
         assert_family_error(waited, 503, code="backend_unavailable")  # the stand-in has no Coqui
         assert running_backends(engine, project) == ["coqui"]
 
@@ -225,12 +231,8 @@ def test_when_every_gpu_slot_is_busy_the_request_waits_then_gets_503(engine, pro
     with docker_router(tmp_path, project, gpu_configs(tmp_path), CHORUS_DOCKER_IMAGE_PREFIX=prefix,
                        CHORUS_QUEUE_TIMEOUT="0.5") as server:
         assert speak(server).status_code == 200
-        with ThreadPoolExecutor(1) as pool:
-            long = pool.submit(speak, server, LONG_TEXT)
-            wait_for(lambda: "chorus_in_flight_requests{model=\"tts-1\"} 1.0" in
-                     httpx.get(f"{server.url}/metrics").text, 30, "the long request did not start")
-            waited = speak(server, model="xtts")
-            assert long.result().status_code == 200
+        long, waited = coqui_while_piper_speaks_long(server)
+        assert long.status_code == 200
         assert_family_error(waited, 503, code="overloaded")
         assert int(waited.headers["retry-after"]) >= 1
         assert "GPU slot" in waited.json()["error"]["message"]

@@ -129,19 +129,19 @@ class DockerRunner(HttpRunner):
         """What the router itself sees at its configs and models directories: the same sources,
         from the host, or (for a router in a container) its own container's mounts."""
         own = self._own_container()
-        sources: dict[str, str] = {}
-        for directory in (self.settings.configs_dir, self.settings.models_dir):
-            path = directory.resolve()
-            source = str(path)
-            if own is not None:
-                mount = next((m for m in own.attrs.get("Mounts", []) if m.get("Destination") == str(path)), None)
-                if mount is None:
-                    raise RuntimeError(f"the router's container mounts nothing at {path} for its workers to share")
-                source = mount.get("Name") or mount["Source"]
-            sources[str(directory)] = source
+
+        def source(directory: Path) -> str:
+            path = str(directory.resolve())
+            if own is None:
+                return path
+            mount = next((m for m in own.attrs.get("Mounts", []) if m.get("Destination") == path), None)
+            if mount is None:
+                raise RuntimeError(f"the router's container mounts nothing at {path} for its workers to share")
+            return mount.get("Name") or mount["Source"]
+
         return {
-            sources[str(self.settings.configs_dir)]: {"bind": CONFIGS_MOUNT, "mode": "ro"},
-            sources[str(self.settings.models_dir)]: {"bind": MODELS_MOUNT, "mode": "rw"},
+            source(self.settings.configs_dir): {"bind": CONFIGS_MOUNT, "mode": "ro"},
+            source(self.settings.models_dir): {"bind": MODELS_MOUNT, "mode": "rw"},
         }
 
     def _own_container(self) -> Any:
@@ -403,7 +403,7 @@ class DockerRunner(HttpRunner):
             del self._workers[worker.backend]
             self.backend_urls.pop(worker.backend, None)
             self._problems.pop(worker.backend, None)
-            self._voices = {key: names for key, names in self._voices.items() if key[0] != worker.backend}
+            self._forget_voices(worker.backend)
         log.info("stopping the worker for backend '%s': %s", worker.backend, why)
         try:
             await to_thread.run_sync(lambda: worker.container.remove(force=True))

@@ -127,9 +127,12 @@ class HttpRunner(Runner):
                 log.info("backend '%s' is ready", backend)
         else:
             self._problems[backend] = problem
-            self._voices = {key: names for key, names in self._voices.items() if key[0] != backend}
+            self._forget_voices(backend)
             if before is None:
                 log.warning("backend '%s' is unavailable: %s", backend, problem)
+
+    def _forget_voices(self, backend: str) -> None:
+        self._voices = {key: names for key, names in self._voices.items() if key[0] != backend}
 
     def _url(self, backend: str) -> str:
         try:
