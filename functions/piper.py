@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import re
 import shutil
 import threading
 import uuid
@@ -14,6 +16,7 @@ from pathlib import Path
 import onnxruntime
 from piper import PiperVoice, SynthesisConfig
 from piper.config import PiperConfig
+from piper.voice import PhonemeAlignment
 
 from functions.config import ModelConfig, resolve_in
 from functions.protocol import (
@@ -21,7 +24,9 @@ from functions.protocol import (
     BackendError,
     InvalidRequestError,
     ModelNotFoundError,
+    Spoken,
     SynthesisRequest,
+    WordTimes,
 )
 
 log = logging.getLogger("chorus")
@@ -38,6 +43,8 @@ class PiperBackend(Backend):
         # audio per second against 22 for both on the wide session, whose thread pools fight.
         self._narrow: PiperVoice | None = None
         self._model_path: Path | None = None
+        #: The voice with its phoneme durations exposed as an output, when `onnx` can patch it.
+        self._model_bytes: bytes | None = None
         self._active = 0
         self._lock = threading.Lock()
         # Apart from _lock: requests starting or ending while the narrow session is being made
@@ -57,6 +64,7 @@ class PiperBackend(Backend):
                     f"model '{self.config.name}': {path.name} is missing from the models directory"
                 )
         self._model_path = model_path
+        self._model_bytes = _with_phoneme_durations(model_path)
         config = PiperConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8")))
         self._voice = PiperVoice(session=self._onnx_session(threads=0), config=config)
 
@@ -82,7 +90,7 @@ class PiperBackend(Backend):
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         return onnxruntime.InferenceSession(
-            str(self._model_path), sess_options=options, providers=["CPUExecutionProvider"]
+            self._model_bytes or str(self._model_path), sess_options=options, providers=["CPUExecutionProvider"]
         )
 
     @contextmanager
@@ -132,15 +140,93 @@ class PiperBackend(Backend):
             param="voice",
         )
 
-    def synthesize(self, request: SynthesisRequest) -> Iterator[bytes]:
+    def synthesize(self, request: SynthesisRequest) -> Iterator[Spoken]:
         syn_config = SynthesisConfig(
             speaker_id=self._speaker_id(request.voice),
             # Piper's length scale stretches time: a faster speed is a shorter length.
             length_scale=(self.voice.config.length_scale or 1.0) / request.speed,
         )
+        timing = _WordTiming(request.text) if request.word_times else None
+        samples = 0
         with self._session() as voice:
-            for chunk in voice.synthesize(request.text, syn_config):
-                yield chunk.audio_int16_bytes
+            for chunk in voice.synthesize(request.text, syn_config, include_alignments=timing is not None):
+                if timing is not None and (words := timing.sentence(chunk.phoneme_alignments, samples)):
+                    yield words
+                pcm = chunk.audio_int16_bytes
+                samples += len(pcm) // 2
+                yield pcm
+
+
+#: A word's trailing punctuation, after any closing quotes or brackets; espeak keeps it too.
+_TRAILING_MARK = re.compile(r"([,.;:!?])[\"'”’)\]]*$")
+
+
+class _WordTiming:
+    """Piper's phoneme durations, sentence by sentence, as times of the words of `text`. Each of
+    espeak's words (phonemes between spaces) is matched to the next word of the text; where the
+    two stop agreeing (a number read as several words, a dash read as none) the words after it
+    get no times of their own, and the router spreads them over the rest of the audio."""
+
+    def __init__(self, text: str):
+        self._words = [(match.start(), match.end()) for match in re.finditer(r"\S+", text)]
+        self._text = text
+        self._next = 0
+        self._agrees = True
+
+    def sentence(self, phonemes: list[PhonemeAlignment] | None, offset: int) -> WordTimes | None:
+        if not self._agrees or phonemes is None:
+            self._agrees = False
+            return None
+        spoken = _spoken_words(phonemes)
+        words = self._words[self._next:self._next + len(spoken)]
+        marks = [_TRAILING_MARK.search(self._text[start:end]) for start, end in words]
+        if len(words) != len(spoken) or any(
+            (mark.group(1) if mark else "") != said_mark for mark, (_, _, said_mark) in zip(marks, spoken, strict=True)
+        ):
+            self._agrees = False
+            return None
+        self._next += len(spoken)
+        return WordTimes(tuple(
+            (start, end, offset + first, offset + last)
+            for (start, end), (first, last, _) in zip(words, spoken, strict=True)
+        ))
+
+
+def _spoken_words(phonemes: list[PhonemeAlignment]) -> list[tuple[int, int, str]]:
+    """Each word espeak spoke: its first sample, the sample after it, and its trailing mark."""
+    words: list[tuple[int, int, str]] = []
+    position = 0
+    current: list[str] = []
+    start = 0
+    for phoneme in phonemes:
+        # BOS, EOS and the spaces between words are the pauses around them.
+        if phoneme.phoneme in ("^", "$", " "):
+            if current:
+                words.append((start, position, current[-1] if current[-1] in ",.;:!?" else ""))
+                current = []
+        else:
+            if not current:
+                start = position
+            current.append(phoneme.phoneme)
+        position += int(phoneme.num_samples)
+    if current:
+        words.append((start, position, current[-1] if current[-1] in ",.;:!?" else ""))
+    return words
+
+
+def _with_phoneme_durations(model_path: Path) -> bytes | None:
+    """The voice patched to report how many samples each phoneme took (as piper-tts does for
+    `include_alignments`), or None where it cannot be: word times are then spread by chunk."""
+    try:
+        import onnx
+        from piper.patch_voice_with_alignment import add_alignment_output
+    except ImportError:
+        return None
+    model = onnx.load(str(model_path))
+    # ValueError: already patched, or no duration tensor (piper-tts then reports none).
+    with contextlib.suppress(ValueError):
+        add_alignment_output(model)
+    return model.SerializeToString()
 
 
 def install_bundled_voice(models_dir: Path) -> Path:

@@ -8,8 +8,11 @@ through Modal, so no layer needs to convert them.
 
 from __future__ import annotations
 
+import json
+import struct
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -49,6 +52,65 @@ class SynthesisRequest(BaseModel):
     duration_seconds: float | None = Field(None, gt=0)
     guidance_scale: float | None = Field(None, ge=0)
     do_sample: bool | None = None
+    #: Ask for `WordTimes` where the backend measures them (the timestamp routes).
+    word_times: bool = False
+
+
+@dataclass(frozen=True)
+class WordTimes:
+    """Where words of the request's text fall in its audio, as the model measured it (Piper's
+    phoneme alignments). A backend that can measure them yields one, when the request asks for
+    `word_times`, just before the audio it describes. Each word is (its first character, the
+    character after it) in `request.text` and (its first sample, the sample after it) counted
+    from the start of the request's audio."""
+
+    words: tuple[tuple[int, int, int, int], ...]
+
+
+#: What a backend's stream carries: PCM, and word times where they were asked for.
+Spoken = bytes | WordTimes
+
+#: The worker's media type for a request that asks for word times: frames of one kind byte
+#: (b"a" PCM, b"w" WordTimes as JSON), a 4-byte big-endian length, then that many bytes.
+FRAMED_MEDIA_TYPE = "application/x-chorus-framed-pcm"
+_FRAME_HEAD = struct.Struct(">cI")
+
+
+def frame(item: Spoken) -> bytes:
+    if isinstance(item, WordTimes):
+        payload = json.dumps(item.words, separators=(",", ":")).encode()
+        return _FRAME_HEAD.pack(b"w", len(payload)) + payload
+    return _FRAME_HEAD.pack(b"a", len(item)) + item
+
+
+class FrameReader:
+    """Frames back into items, from network reads that split them anywhere."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[Spoken]:
+        self._buffer += data
+        items: list[Spoken] = []
+        while len(self._buffer) >= _FRAME_HEAD.size:
+            kind, size = _FRAME_HEAD.unpack_from(self._buffer)
+            end = _FRAME_HEAD.size + size
+            if len(self._buffer) < end:
+                break
+            payload = bytes(self._buffer[_FRAME_HEAD.size:end])
+            del self._buffer[:end]
+            if kind == b"a":
+                items.append(payload)
+            elif kind == b"w":
+                items.append(WordTimes(tuple(tuple(word) for word in json.loads(payload))))
+            else:
+                raise ValueError(f"unknown frame kind {kind!r}")
+        return items
+
+    @property
+    def partial(self) -> bool:
+        """Whether a frame was cut off: the stream ended early."""
+        return bool(self._buffer)
 
 
 class BackendError(Exception):
@@ -117,5 +179,6 @@ class Backend(ABC):
         """Voice names this model accepts as `SynthesisRequest.voice`. Valid after `load()`."""
 
     @abstractmethod
-    def synthesize(self, request: SynthesisRequest) -> Iterator[bytes]:
-        """Yield PCM chunks as soon as each is ready, so the caller can stream and stop early."""
+    def synthesize(self, request: SynthesisRequest) -> Iterator[Spoken]:
+        """Yield PCM chunks as soon as each is ready, so the caller can stream and stop early;
+        and, where the request asks for them and the model measures them, `WordTimes`."""

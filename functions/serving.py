@@ -22,7 +22,14 @@ from anyio import CapacityLimiter, to_thread
 
 from functions import create_backend
 from functions.config import CONFIGLESS_MODELS, ModelConfig, redact
-from functions.protocol import Backend, BackendError, InvalidRequestError, SynthesisRequest, failure_code
+from functions.protocol import (
+    Backend,
+    BackendError,
+    InvalidRequestError,
+    Spoken,
+    SynthesisRequest,
+    failure_code,
+)
 from functions.streams import END, one_by_one
 
 log = logging.getLogger("chorus")
@@ -57,8 +64,9 @@ class LoadedBackend:
     backend: Backend
     limiter: CapacityLimiter
 
-    async def chunks(self, request: SynthesisRequest) -> AsyncIterator[bytes]:
-        """The backend's PCM chunks; what the backend raises comes out as a `ServingError`."""
+    async def chunks(self, request: SynthesisRequest) -> AsyncIterator[Spoken]:
+        """The backend's PCM chunks (and word times, where asked for); what the backend raises
+        comes out as a `ServingError`."""
         try:
             # aclosing: the backend's generator is closed when this stops, not when collected.
             async with aclosing(in_threads(self.backend.synthesize(request), self.limiter)) as pcm:

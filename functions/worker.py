@@ -8,7 +8,8 @@ talks to it over a small protocol:
 
 - `POST /synthesize` `{"config": ModelConfig, "request": SynthesisRequest}` -> 200, raw PCM
   streamed as it is made (`application/octet-stream`; `X-Sample-Rate`, `X-Sample-Format: s16le`,
-  `X-Channels: 1`).
+  `X-Channels: 1`). A request that asks for `word_times` gets frames instead (PCM and word
+  times, `functions.protocol.frame`, `application/x-chorus-framed-pcm`).
 - `POST /voices` `{"config": ModelConfig}` -> `{"voices": [...]}`.
 - `GET /healthz` -> 200 once the start-up load is done, else 503.
 
@@ -37,7 +38,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from functions.config import BackendName, ConfigError, ModelConfig, load_configs
-from functions.protocol import SAMPLE_FORMAT, STATUS, SynthesisRequest
+from functions.protocol import FRAMED_MEDIA_TYPE, SAMPLE_FORMAT, STATUS, Spoken, SynthesisRequest, frame
 from functions.serving import BackendPool, LoadedBackend, ServingError, configless_limit
 
 log = logging.getLogger("chorus.worker")
@@ -145,16 +146,17 @@ class Worker:
             # Make the first chunk before answering, so that the request's own errors (an
             # unknown voice...) are sent as an error status rather than after a 200.
             try:
-                first = await anext(chunks)
+                first: Spoken = await anext(chunks)
             except StopAsyncIteration:
                 first = b""
             except ServingError as exc:
                 raise WorkerError.of(exc) from exc
         except WorkerError as exc:
             return exc.response()
+        framed = body.request.word_times
         return StreamingResponse(
-            _stream(first, chunks),
-            media_type="application/octet-stream",
+            _stream(first, chunks, framed),
+            media_type=FRAMED_MEDIA_TYPE if framed else "application/octet-stream",
             headers={
                 "X-Sample-Rate": str(loaded.backend.sample_rate),
                 "X-Sample-Format": SAMPLE_FORMAT,
@@ -163,14 +165,14 @@ class Worker:
         )
 
 
-async def _stream(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+async def _stream(first: Spoken, rest: AsyncIterator[Spoken], framed: bool) -> AsyncIterator[bytes]:
     # Starlette cancels this when the client disconnects; closing `rest` then stops the backend
     # at its next chunk.
     async with aclosing(rest):
         if first:
-            yield first
+            yield frame(first) if framed else first
         async for chunk in rest:
-            yield chunk
+            yield frame(chunk) if framed else chunk
 
 
 async def _parse(request: Request, model: type[BaseModel]) -> BaseModel:

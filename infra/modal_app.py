@@ -120,19 +120,25 @@ class BackendService:
     @modal.method()
     async def synthesize(self, request: dict[str, Any]) -> dict[str, Any]:
         """One chunk of text (`SynthesisRequest` JSON) as PCM: `pcm` (s16le mono bytes at
-        `sample_rate`) and the model's `voices`. Async, so that cancelling the call (its client
-        left) stops this input alone, at the backend's next chunk. A failure is raised as the
-        pool's `ServingError`, its code the one every host reports."""
+        `sample_rate`), its `word_times` where they were asked for and measured, and the model's
+        `voices`. Async, so that cancelling the call (its client left) stops this input alone,
+        at the backend's next chunk. A failure is raised as the pool's `ServingError`, its code
+        the one every host reports."""
         from contextlib import aclosing
 
-        from functions.protocol import SynthesisRequest
+        from functions.protocol import SynthesisRequest, WordTimes
 
         loaded = await self.pool.get(self.config)
         pcm = bytearray()
+        words: list[tuple[int, int, int, int]] = []
         async with aclosing(loaded.chunks(SynthesisRequest.model_validate(request))) as chunks:
             async for piece in chunks:
-                pcm += piece
-        return {"sample_rate": loaded.backend.sample_rate, "pcm": bytes(pcm), "voices": loaded.backend.voices()}
+                if isinstance(piece, WordTimes):
+                    words.extend(piece.words)
+                else:
+                    pcm += piece
+        return {"sample_rate": loaded.backend.sample_rate, "pcm": bytes(pcm), "word_times": words,
+                "voices": loaded.backend.voices()}
 
 
 def _backend_class(backend: str) -> Any:

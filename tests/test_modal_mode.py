@@ -340,3 +340,25 @@ async def test_a_model_no_config_names_is_served_on_modal_localai_style(shipped,
     # Its container ran with tts-1's settings (the Piper config it borrows them from).
     assert fake.variant_settings()["it-riccardo_fasol-x-low.onnx"]["cpu"] == 2
     assert missing.status_code == 404 and "nobody.onnx" in missing.json()["error"]["message"]
+
+
+@pytest.mark.anyio
+async def test_word_times_come_back_from_modal_with_their_audio(shipped, tmp_path):
+    """Piper's measured word times cross Modal with the chunk's PCM: the timestamp routes are as
+    precise on Modal as in process."""
+    fake = FakeModal(shipped)
+    app = router(shipped, fake, tmp_path)
+    text = "Hello world. Goodbye now."
+
+    async def scenario(client):
+        service = app.state.speech
+        job = service.prepare(text=text, text_param="text", model="tts-1")
+        job.request = job.request.model_copy(update={"word_times": True})
+        timed = await service.timed(job)
+        return [piece async for piece in timed.pieces]
+
+    pieces = await in_client(app, scenario)
+    words = [(piece.text, word) for piece in pieces if piece.words for word in piece.words.words]
+    assert [chunk[start:end] for chunk, (start, end, _, _) in words] == text.split()
+    assert sum(len(piece.pcm) for piece in pieces) > 22050  # over half a second of speech
+    assert all(call.args[0]["word_times"] for call in fake.calls)

@@ -13,7 +13,7 @@ import pytest
 from starlette.testclient import TestClient
 
 import functions
-from functions.piper import PiperBackend, install_bundled_voice
+from functions.piper import PiperBackend
 from functions.worker import create_app
 from tests.processes import serving
 
@@ -28,10 +28,8 @@ def body(text: str = SHORT_TEXT, config: dict = TTS1, **request: object) -> dict
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("models")
-    install_bundled_voice(folder)
-    return folder
+def models(piper_models: Path) -> Path:
+    return piper_models
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from functions.config import ModelConfig
-from functions.protocol import SynthesisRequest
+from functions.protocol import Spoken, SynthesisRequest
 from functions.streams import Stream
 from router.metrics import Metrics
 
@@ -21,8 +21,9 @@ from router.metrics import Metrics
 @dataclass
 class PcmStream:
     sample_rate: int
-    #: Closed by whoever holds it, read or not: that stops the synthesis behind it.
-    chunks: Stream[bytes]
+    #: Closed by whoever holds it, read or not: that stops the synthesis behind it. PCM, and
+    #: word times where the request asked for them and the backend measures them.
+    chunks: Stream[Spoken]
 
 
 class Runner(ABC):

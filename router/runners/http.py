@@ -18,7 +18,7 @@ from typing import Any, get_args
 import httpx
 
 from functions.config import BackendName, ConfigError, ModelConfig
-from functions.protocol import SAMPLE_FORMAT, STATUS, SynthesisRequest
+from functions.protocol import FRAMED_MEDIA_TYPE, SAMPLE_FORMAT, STATUS, FrameReader, Spoken, SynthesisRequest
 from functions.streams import released_by
 from router.errors import BackendUnavailable, SynthesisFailed, backend_error
 from router.runners import PcmStream, Runner
@@ -206,7 +206,8 @@ class HttpRunner(Runner):
                 f"the router takes {SAMPLE_FORMAT} mono"
             )
         # Closing the stream before its end drops the connection, which tells the worker to stop.
-        pcm = _worker_pcm(config.backend, response, self.read_timeout)
+        framed = response.headers.get("content-type", "").startswith(FRAMED_MEDIA_TYPE)
+        pcm = (_worker_frames if framed else _worker_pcm)(config.backend, response, self.read_timeout)
         return PcmStream(sample_rate, released_by(pcm, response.aclose))
 
     async def voices(self, config: ModelConfig) -> list[str]:
@@ -240,14 +241,34 @@ async def _worker_pcm(backend: str, response: httpx.Response, read_timeout: floa
     # Network reads split the stream anywhere; a half sample is held back until its other byte
     # arrives, so that every chunk passed on is whole samples.
     odd = b""
+    async for data in _reads(backend, response, read_timeout):
+        if odd:
+            data, odd = odd + data, b""
+        if len(data) % 2:
+            data, odd = data[:-1], data[-1:]
+        if data:
+            yield data
+    if odd:
+        raise SynthesisFailed(f"backend '{backend}' sent a truncated sample; the audio is incomplete")
+
+
+async def _worker_frames(backend: str, response: httpx.Response, read_timeout: float) -> AsyncIterator[Spoken]:
+    """A worker's PCM and word times, from its frames."""
+    frames = FrameReader()
+    async for data in _reads(backend, response, read_timeout):
+        try:
+            for item in frames.feed(data):
+                yield item
+        except ValueError as exc:
+            raise SynthesisFailed(f"backend '{backend}' sent an unreadable frame ({exc})") from exc
+    if frames.partial:
+        raise SynthesisFailed(f"backend '{backend}' sent a truncated frame; the audio is incomplete")
+
+
+async def _reads(backend: str, response: httpx.Response, read_timeout: float) -> AsyncIterator[bytes]:
     try:
         async for data in response.aiter_raw():
-            if odd:
-                data, odd = odd + data, b""
-            if len(data) % 2:
-                data, odd = data[:-1], data[-1:]
-            if data:
-                yield data
+            yield data
     except httpx.TimeoutException as exc:
         raise SynthesisFailed(
             f"backend '{backend}' sent nothing for {read_timeout:g} s; the audio is incomplete"
@@ -256,8 +277,6 @@ async def _worker_pcm(backend: str, response: httpx.Response, read_timeout: floa
         raise SynthesisFailed(
             f"backend '{backend}' stopped mid-stream ({_describe(exc)}); the audio is incomplete"
         ) from exc
-    if odd:
-        raise SynthesisFailed(f"backend '{backend}' sent a truncated sample; the audio is incomplete")
 
 
 def _config_json(config: ModelConfig) -> dict[str, Any]:

@@ -21,12 +21,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from functions import modal_class_name
 from functions.config import ModelConfig
-from functions.protocol import SynthesisRequest
+from functions.protocol import Spoken, SynthesisRequest, WordTimes
 from functions.serving import ServingError
 from router.errors import (
     BackendUnavailable,
@@ -161,7 +161,7 @@ class ModalRunner(Runner):
                 result.cancel()
                 await asyncio.shield(_cancel(call))
             raise
-        return PcmStream(int(done["sample_rate"]), _one(done["pcm"]))
+        return PcmStream(int(done["sample_rate"]), _one(done["pcm"], done.get("word_times") or ()))
 
     async def _result(self, config: ModelConfig, call: Any) -> dict[str, Any]:
         try:
@@ -195,7 +195,9 @@ class ModalRunner(Runner):
         return SynthesisFailed(f"backend '{backend}' failed on Modal: {exc}")
 
 
-async def _one(pcm: bytes) -> AsyncIterator[bytes]:
+async def _one(pcm: bytes, word_times: Sequence[Sequence[int]]) -> AsyncIterator[Spoken]:
+    if word_times:
+        yield WordTimes(tuple(tuple(word) for word in word_times))
     if pcm:
         yield pcm
 
