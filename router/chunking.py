@@ -167,6 +167,8 @@ class StreamedChunks:
     async def aclose(self) -> None:
         if self._reader is not None and not self._reader.done():
             self._reader.cancel()
+            # Until the reader has let go, the pieces' generator is still running and cannot close.
+            await asyncio.wait([self._reader])
         closing = getattr(self._pieces, "aclose", None)
         if closing is not None:
             await closing()

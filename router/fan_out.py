@@ -10,34 +10,37 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 
+from functions.protocol import Spoken
 from router.chunking import StreamedChunks
 from router.runners import PcmStream
 
 
 class FanOut:
-    """The PCM streams of `source`'s chunks in order, the first already open, `width` of them
-    synthesised at once. `close()` cancels the chunks started ahead."""
+    """The PCM streams of `source`'s chunks in order, each with its text, the first already
+    open, `width` of them synthesised at once. `close()` cancels the chunks started ahead."""
 
-    def __init__(self, source: StreamedChunks, first: PcmStream, width: int,
+    def __init__(self, source: StreamedChunks, first_text: str, first: PcmStream, width: int,
                  open_chunk: Callable[[str], Awaitable[PcmStream]]):
-        self._source, self._first, self._width, self._open = source, first, width, open_chunk
-        self._ahead: deque[_Prefetch] = deque()
+        self._source, self._width, self._open = source, width, open_chunk
+        self._first = (first_text, first)
+        self._ahead: deque[tuple[str, _Prefetch]] = deque()
 
-    async def streams(self) -> AsyncIterator[PcmStream]:
-        stream: PcmStream | None = self._first
-        while stream is not None:
+    async def streams(self) -> AsyncIterator[tuple[str, PcmStream]]:
+        current: tuple[str, PcmStream] | None = self._first
+        while current is not None:
             while len(self._ahead) < self._width - 1 and (text := self._source.ready_now()) is not None:
-                self._ahead.append(_Prefetch(self._open(text)))
-            yield stream
+                self._ahead.append((text, _Prefetch(self._open(text))))
+            yield current
             if self._ahead:
-                stream = await self._ahead.popleft().stream()
+                text, prefetch = self._ahead.popleft()
+                current = (text, await prefetch.stream())
             elif (text := await self._source.next()) is not None:
-                stream = await self._open(text)
+                current = (text, await self._open(text))
             else:
-                stream = None
+                current = None
 
     def close(self) -> None:
-        for prefetch in self._ahead:
+        for _, prefetch in self._ahead:
             prefetch.cancel()
         self._ahead.clear()
 
@@ -46,8 +49,8 @@ class _Prefetch:
     """One later chunk, synthesised in its own task while earlier ones stream."""
 
     def __init__(self, opening: Awaitable[PcmStream]):
-        #: first the sample rate, then PCM pieces, then None; or an exception at any point
-        self._queue: asyncio.Queue[int | bytes | BaseException | None] = asyncio.Queue()
+        #: first the sample rate, then PCM pieces (and word times), then None; or an exception
+        self._queue: asyncio.Queue[int | Spoken | BaseException | None] = asyncio.Queue()
         self._task = asyncio.ensure_future(self._run(opening))
 
     async def _run(self, opening: Awaitable[PcmStream]) -> None:
@@ -68,11 +71,11 @@ class _Prefetch:
         assert isinstance(rate, int)
         return PcmStream(rate, self._drain())
 
-    async def _drain(self) -> AsyncIterator[bytes]:
+    async def _drain(self) -> AsyncIterator[Spoken]:
         while (item := await self._queue.get()) is not None:
             if isinstance(item, BaseException):
                 raise item
-            assert isinstance(item, bytes)
+            assert not isinstance(item, int)
             yield item
 
     def cancel(self) -> None:

@@ -15,8 +15,8 @@ from anyio import to_thread
 
 from functions import PROMPT_BACKENDS
 from functions.config import ModelConfig
-from functions.protocol import SynthesisRequest
-from functions.streams import Stream, primed
+from functions.protocol import SynthesisRequest, WordTimes
+from functions.streams import Stream, primed, released_by
 from router.admission import Admission
 from router.cache import CachedAudio, SynthesisCache
 from router.chunking import StreamedChunks, chunk_text
@@ -82,6 +82,32 @@ class AudioStream:
         """Stop synthesis and free the model's place; safe to call more than once, and needed
         when a response is dropped before it is iterated."""
         await self.rest.aclose()
+
+
+@dataclass(frozen=True)
+class TimedPiece:
+    """One step of a job's audio: PCM of chunk number `chunk` (its text `text`), the word
+    times its backend measured, or (`ended`) the end of that chunk's audio."""
+
+    chunk: int
+    text: str
+    pcm: bytes = b""
+    words: WordTimes | None = None
+    ended: bool = False
+
+
+@dataclass
+class TimedAudio:
+    sample_rate: int
+    pieces: Stream[TimedPiece]
+    source: StreamedChunks
+    #: The error for a text none of whose chunks made a sound.
+    no_audio: Callable[[], ChorusError]
+
+    @property
+    def text(self) -> str:
+        """The text so far (all of it once the pieces have ended), as its chunks were cut from it."""
+        return self.source.text
 
 
 #: Called as each text chunk's audio is complete: (chunks done, chunks in all, its seconds of
@@ -150,6 +176,18 @@ class SpeechService:
         sentences have arrived. Up to `deploy.fan_out` chunks are synthesised at once (later
         ones while the current one streams); the request holds one of its model's places from
         its first chunk until the stream is closed."""
+        timed = await self.timed(job, on_chunk)
+
+        async def pcm() -> AsyncIterator[bytes]:
+            async for piece in timed.pieces:
+                if piece.pcm:
+                    yield piece.pcm
+
+        return PcmStream(timed.sample_rate, released_by(pcm(), timed.pieces.aclose))
+
+    async def timed(self, job: SpeechJob, on_chunk: ChunkDone | None = None) -> TimedAudio:
+        """`pcm`, chunk by chunk: each chunk's text with its PCM, the word times its backend
+        measured, and its end; for the routes that say when each character is heard."""
         config = job.config
         source = StreamedChunks(
             job.text_pieces(),
@@ -200,11 +238,11 @@ class SpeechService:
         if on_chunk is not None and job.pieces is None:
             split = config.backend not in PROMPT_BACKENDS
             total = len(chunk_text(job.request.text, self.settings.chunk_chars)) if split else 1
-        chunks = self._all_chunks(job, source, first, place, on_chunk, total)
+        pieces = self._all_chunks(job, source, first_text, first, place, on_chunk, total)
         # Started here, so that its clean-up (the place, the backend streams) runs on close
         # even if nobody ever reads on; the first chunk's errors surface here too.
-        head = await anext(chunks, None)
-        return PcmStream(first.sample_rate, chunks if head is None else primed(head, chunks))
+        head = await anext(pieces, None)
+        return TimedAudio(first.sample_rate, pieces if head is None else primed(head, pieces), source, job.no_audio)
 
     async def _open(self, config: ModelConfig, request: SynthesisRequest) -> PcmStream:
         """One chunk's PCM stream, failing if the backend stalls longer than deploy.timeout."""
@@ -219,27 +257,32 @@ class SpeechService:
         self,
         job: SpeechJob,
         source: StreamedChunks,
+        first_text: str,
         first: PcmStream,
         place: Callable[[], None],
         on_chunk: ChunkDone | None,
         total: int,
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncIterator[TimedPiece]:
         config = job.config
-        fan_out = FanOut(source, first, config.deploy.fan_out,
+        fan_out = FanOut(source, first_text, first, config.deploy.fan_out,
                          lambda text: self._open(config, job.request.model_copy(update={"text": text})))
         started = time.perf_counter()
         samples = 0
         done = 0
         try:
             async with aclosing(fan_out.streams()) as streams:
-                async for stream in streams:
+                async for text, stream in streams:
                     if stream.sample_rate != first.sample_rate:
                         raise SynthesisFailed("the backend changed its sample rate mid-stream")
                     size = 0
                     async with aclosing(stream.chunks) as chunks:
-                        async for pcm in chunks:
-                            size += len(pcm)
-                            yield pcm
+                        async for item in chunks:
+                            if isinstance(item, WordTimes):
+                                yield TimedPiece(done, text, words=item)
+                                continue
+                            size += len(item)
+                            yield TimedPiece(done, text, pcm=item)
+                    yield TimedPiece(done, text, ended=True)
                     samples += size // 2
                     seconds = size / 2 / first.sample_rate
                     self.metrics.audio_seconds.labels(config.name).inc(seconds)

@@ -3,11 +3,15 @@ request (504) at once, even where its call runs in a thread that cannot be inter
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from functions.streams import END, Stream, one_by_one
 from router.errors import BackendTimeout
 
+T = TypeVar("T")
 
-def with_stall_timeout(source: Stream[bytes], seconds: float, model: str) -> Stream[bytes]:
+
+def with_stall_timeout(source: Stream[T], seconds: float, model: str) -> Stream[T]:
     """`source`'s items, failing with BackendTimeout when the next one takes over `seconds`.
 
     On a time-out or a client's disconnect the pending read is cancelled: a worker's HTTP stream

@@ -13,6 +13,7 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 from starlette.types import Receive, Scope, Send
 
+from functions.streams import Stream
 from router.errors import ChorusError
 from router.speech import AudioStream, SpeechService
 
@@ -90,17 +91,18 @@ def speech_service(request: Request) -> SpeechService:
 
 
 class AudioResponse(StreamingResponse):
-    """Sends `stream` (or `body`, made from it: SSE events) and closes the stream however the
-    response ends, even when it is never iterated (a client gone before the status line), so
-    the model's place and the backend's stream are always released."""
+    """Sends `stream` (or `body`, made from it: SSE events, JSON lines) and closes the stream
+    however the response ends, even when it is never iterated (a client gone before the status
+    line), so the model's place and the backend's stream are always released."""
 
     def __init__(
-        self, stream: AudioStream, body: AsyncIterator[bytes] | None = None, media_type: str | None = None
+        self, stream: AudioStream | Stream[Any], body: AsyncIterator[bytes] | None = None,
+        media_type: str | None = None,
     ):
         super().__init__(
             stream if body is None else body,
             media_type=media_type or stream.media_type,
-            headers=stream.headers,
+            headers=getattr(stream, "headers", None),
         )
         self.stream = stream
 

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import re
+from collections.abc import AsyncIterator
+from contextlib import aclosing, asynccontextmanager
 
-from fastapi import APIRouter, Depends, Query
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.convertors import Convertor, register_url_convertor
 
+from router.alignment import CharTimes, TimedSegment, timed_segments
 from router.api.common import AudioResponse, family_route, speech_service
 from router.encoding import AudioFormat
 from router.errors import InvalidRequest, VoiceNotFound
-from router.speech import SpeechService, model_voices
+from router.speech import SpeechJob, SpeechService, model_voices
 
 DEFAULT_OUTPUT_FORMAT = "mp3_44100_128"
 # ElevenLabs' own codes: codec_samplerate[_bitrate in kbit/s].
@@ -96,22 +101,23 @@ class _VoiceIdConvertor(Convertor[str]):
 register_url_convertor("voice_id", _VoiceIdConvertor())
 
 
-# The /stream form is registered first (decorators apply bottom-up), so that ".../stream" is
-# never read as part of a voice id.
-@router.post("/v1/text-to-speech/{voice_id:voice_id}", summary="Text to speech (ElevenLabs)")
-@router.post("/v1/text-to-speech/{voice_id:voice_id}/stream", summary="Text to speech, streamed (ElevenLabs)")
-async def text_to_speech(
-    voice_id: str,
-    body: TextToSpeechBody,
-    output_format: str = Query(DEFAULT_OUTPUT_FORMAT),
-    # Accepted for compatibility: Chorus always streams as early as it can.
-    optimize_streaming_latency: int | None = Query(None, ge=0, le=4),
-    enable_logging: bool = Query(True),
-    service: SpeechService = Depends(speech_service),
-) -> StreamingResponse:
-    fmt = parse_output_format(output_format)
+class SpeechQuery:
+    """The query string of the speech routes."""
+
+    def __init__(
+        self,
+        output_format: str = Query(DEFAULT_OUTPUT_FORMAT),
+        # Accepted for compatibility: Chorus always streams as early as it can.
+        optimize_streaming_latency: int | None = Query(None, ge=0, le=4),
+        enable_logging: bool = Query(True),
+    ):
+        self.output_format = output_format
+
+
+def prepare(service: SpeechService, voice_id: str, body: TextToSpeechBody,
+            pieces: AsyncIterator[object] | None = None) -> SpeechJob:
     speed = body.voice_settings.speed if body.voice_settings else None
-    job = service.prepare(
+    return service.prepare(
         text=body.text,
         text_param="text",
         model=body.model_id,
@@ -120,16 +126,90 @@ async def text_to_speech(
         speed=speed or 1.0,
         seed=body.seed,
         family="elevenlabs",
+        pieces=pieces,
     )
+
+
+@asynccontextmanager
+async def voice_not_found(voice_id: str) -> AsyncIterator[None]:
+    """ElevenLabs answers an unknown voice_id with 404 voice_not_found; its clients expect it."""
     try:
-        stream = await service.audio(job, fmt)
+        yield
     except InvalidRequest as exc:
         if exc.param != "voice":
             raise
-        # ElevenLabs answers an unknown voice_id with 404 voice_not_found; its clients expect it.
         raise VoiceNotFound(
             f"A voice with the voice_id {voice_id} was not found. {exc.message}", param="voice_id"
         ) from exc
+
+
+def alignment_json(times: CharTimes | None) -> dict | None:
+    if times is None:
+        return None
+    return {
+        "characters": times.characters,
+        "character_start_times_seconds": [round(t, 3) for t in times.starts],
+        "character_end_times_seconds": [round(t, 3) for t in times.ends],
+    }
+
+
+def _timed_json(segment: TimedSegment) -> dict:
+    # Chorus speaks the text as written: its normalized text is the text itself.
+    alignment = alignment_json(segment.alignment)
+    return {"audio_base64": base64.b64encode(segment.audio).decode(), "alignment": alignment,
+            "normalized_alignment": alignment}
+
+
+# Registered first, longest first (decorators apply bottom-up), so that ".../stream" and
+# ".../with-timestamps" are never read as part of a voice id.
+@router.post("/v1/text-to-speech/{voice_id:voice_id}/with-timestamps",
+             summary="Text to speech with character timings (ElevenLabs)")
+@router.post("/v1/text-to-speech/{voice_id:voice_id}/stream/with-timestamps",
+             summary="Text to speech with character timings, streamed as JSON lines (ElevenLabs)")
+async def text_to_speech_with_timestamps(
+    request: Request,
+    voice_id: str,
+    body: TextToSpeechBody,
+    query: SpeechQuery = Depends(),
+    service: SpeechService = Depends(speech_service),
+) -> Response:
+    fmt = parse_output_format(query.output_format)
+    job = prepare(service, voice_id, body)
+    job.request = job.request.model_copy(update={"word_times": True})
+    async with voice_not_found(voice_id):
+        timed = await service.timed(job)
+    segments = timed_segments(timed, fmt, whole_chunks=False)
+    if not request.url.path.endswith("/stream/with-timestamps"):
+        audio, alignment = bytearray(), CharTimes()
+        async with aclosing(segments):
+            async for segment in segments:
+                audio += segment.audio
+                alignment.extend(segment.alignment or CharTimes())
+        return JSONResponse(_timed_json(TimedSegment(bytes(audio), alignment)))
+    # The first line is made before the status is sent, so that its errors are proper ones.
+    first = await anext(segments)
+    return AudioResponse(segments, _lines(first, segments), media_type="application/x-ndjson")
+
+
+async def _lines(first: TimedSegment, rest: AsyncIterator[TimedSegment]) -> AsyncIterator[bytes]:
+    async with aclosing(rest):
+        yield (json.dumps(_timed_json(first)) + "\n").encode()
+        async for segment in rest:
+            yield (json.dumps(_timed_json(segment)) + "\n").encode()
+
+
+@router.post("/v1/text-to-speech/{voice_id:voice_id}", summary="Text to speech (ElevenLabs)")
+@router.post("/v1/text-to-speech/{voice_id:voice_id}/stream", summary="Text to speech, streamed (ElevenLabs)")
+async def text_to_speech(
+    voice_id: str,
+    body: TextToSpeechBody,
+    query: SpeechQuery = Depends(),
+    service: SpeechService = Depends(speech_service),
+) -> StreamingResponse:
+    fmt = parse_output_format(query.output_format)
+    job = prepare(service, voice_id, body)
+    async with voice_not_found(voice_id):
+        stream = await service.audio(job, fmt)
     return AudioResponse(stream)
 
 
