@@ -12,7 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from router.api import elevenlabs, localai, metrics, openai, playground, sound, system
+from router.api import elevenlabs, elevenlabs_ws, localai, metrics, openai, playground, sound, system
 from router.api.common import is_elevenlabs_client
 from router.auth import ApiKeys
 from router.body_limit import BodyLimit
@@ -84,19 +84,30 @@ def create_app(
             settings.cache_dir, int(settings.cache_max_mb * 1024 * 1024), settings.models_dir
         )
     speech = SpeechService(registry, runner, settings, cache=cache, metrics=Metrics())
+    wyoming = None
+    if settings.wyoming_port is not None:
+        from router.wyoming import WyomingServer
+
+        wyoming = WyomingServer(speech)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         # Load in the background: /healthz answers at once, /readyz once models are in.
         loading = asyncio.create_task(runner.start(registry.all()))
         loading.add_done_callback(_report_load_failure)
+        # On the HTTP server's loop, sharing its service (and so its models, queues and cache).
+        if wyoming is not None:
+            await wyoming.start()
         yield
+        if wyoming is not None:
+            await wyoming.stop()
         loading.cancel()
         await runner.close()
 
     app = FastAPI(title="Chorus", summary="Many voices, one endpoint", lifespan=lifespan)
     app.state.speech = speech
-    modules = (system, localai, openai, elevenlabs, sound, playground, metrics)
+    app.state.wyoming = wyoming
+    modules = (system, localai, openai, elevenlabs, elevenlabs_ws, sound, playground, metrics)
     for module in modules:
         app.include_router(module.router)
     # Outermost last: metrics see every answer, the key is checked before the body is read.

@@ -32,6 +32,16 @@ def presented_keys(headers: dict[bytes, bytes]) -> list[bytes]:
     return keys
 
 
+def key_matches(presented: list[bytes], keys: list[bytes]) -> bool:
+    # Every presented key against every configured key, with no early exit: the time taken
+    # tells nothing about which key, or how much of one, matched.
+    matched = False
+    for candidate in presented:
+        for key in keys:
+            matched |= hmac.compare_digest(candidate, key)
+    return matched
+
+
 def is_open(path: str) -> bool:
     return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
 
@@ -44,21 +54,13 @@ class ApiKeys:
         self.keys = [key.encode() for key in keys]
         self.render = render
 
-    def valid(self, presented: list[bytes]) -> bool:
-        # Every presented key against every configured key, with no early exit: the time taken
-        # tells nothing about which key, or how much of one, matched.
-        matched = False
-        for candidate in presented:
-            for key in self.keys:
-                matched |= hmac.compare_digest(candidate, key)
-        return matched
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not self.keys or is_open(scope["path"]):
             await self.app(scope, receive, send)
             return
         presented = presented_keys(dict(scope["headers"]))
-        if self.valid(presented):
+        if key_matches(presented, self.keys):
             await self.app(scope, receive, send)
             return
         message = "invalid API key" if presented else (

@@ -28,7 +28,10 @@ def serve(args: argparse.Namespace) -> int:
 
     from router.app import create_app
 
-    settings = _settings(args, host=args.host, port=args.port)
+    settings = _settings(args, host=args.host, port=args.port, wyoming_port=args.wyoming_port,
+                         wyoming_zeroconf=args.wyoming_zeroconf)
+    if settings.wyoming_zeroconf and settings.wyoming_port is None:
+        raise SettingsError("--wyoming-zeroconf announces the Wyoming server: give --wyoming-port too")
     tls = {"ssl_certfile": args.ssl_certfile, "ssl_keyfile": args.ssl_keyfile}
     if (args.ssl_certfile is None) != (args.ssl_keyfile is None):
         raise SettingsError("--ssl-certfile and --ssl-keyfile go together: TLS needs both")
@@ -202,6 +205,7 @@ def _configs(count: int) -> str:
 _EPILOG = """\
 examples:
   chorus serve                                  # http://127.0.0.1:8080, playground at /
+  chorus serve --host 0.0.0.0 --wyoming-port 10200   # and Home Assistant's Wyoming protocol
   chorus say "Hello there." -o hello.mp3
   chorus synth --file book.txt -o book.mp3      # long text, with a progress bar
   chorus models list                            # configs and whether their files are present
@@ -265,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd = command(
         "serve", "run the HTTP server (LocalAI, OpenAI and ElevenLabs APIs, playground page)",
         "Run the Chorus server. Open http://HOST:PORT/ in a browser for the playground, or point "
-        "an OpenAI client at http://HOST:PORT/v1.",
+        "an OpenAI client at http://HOST:PORT/v1. With --wyoming-port, Home Assistant's Wyoming "
+        "integration reaches every voice at HOST:WYOMING_PORT.",
         "chorus serve --host 0.0.0.0 --port 8080",
     )
     serve_cmd.add_argument("--host", help="address to listen on (default: 127.0.0.1, or $HOST)")
@@ -274,6 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
     # ElevenLabs' SDK dials its WebSockets over wss:// only.
     serve_cmd.add_argument("--ssl-certfile", help="serve HTTPS with this certificate (PEM), with --ssl-keyfile")
     serve_cmd.add_argument("--ssl-keyfile", help="the certificate's private key (PEM)")
+    # Home Assistant's voice assistants reach TTS engines over Wyoming (port 10200 by custom).
+    serve_cmd.add_argument("--wyoming-port", type=int, metavar="PORT",
+                           help="also serve the Wyoming protocol (Home Assistant) on this TCP port, on --host; "
+                                "no authentication: keep it on the LAN (default: off, or $CHORUS_WYOMING_PORT)")
+    serve_cmd.add_argument("--wyoming-zeroconf", nargs="?", const="chorus", metavar="NAME",
+                           help="announce the Wyoming server by zeroconf (_wyoming._tcp.local.) as NAME "
+                                "(default NAME: chorus; or $CHORUS_WYOMING_ZEROCONF)")
     dirs(serve_cmd)
     serve_cmd.set_defaults(func=serve)
 

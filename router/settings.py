@@ -12,7 +12,7 @@ from functions.config import CONFIGLESS_MODELS
 
 Mode = Literal["local", "http", "docker", "modal"]
 #: The API families, each with its own input limit (the `family` SpeechService.prepare is given).
-ApiFamily = Literal["openai", "localai", "elevenlabs", "sound-generation"]
+ApiFamily = Literal["openai", "localai", "elevenlabs", "sound-generation", "wyoming"]
 
 
 class Settings(BaseModel):
@@ -64,7 +64,8 @@ class Settings(BaseModel):
     api_keys: list[str] = Field(default_factory=list)
     #: Largest request body accepted, in bytes (JSON text of max_input_chars fits many times).
     max_body_bytes: int = Field(1_048_576, ge=1024)
-    #: Per-route overrides of max_input_chars: keys openai, localai, elevenlabs, sound-generation.
+    #: Per-route overrides of max_input_chars: keys openai, localai, elevenlabs, sound-generation,
+    #: wyoming.
     max_input_chars_by_route: dict[ApiFamily, int] = Field(default_factory=dict)
     #: Requests that may wait for a busy model (past its deploy.max_concurrent_inputs) before
     #: more are refused with 429, and how long one may wait before a 503.
@@ -73,6 +74,15 @@ class Settings(BaseModel):
     #: On-disk cache of complete responses; no directory (the default) or a size of 0 = off.
     cache_dir: Path | None = None
     cache_max_mb: float = Field(512.0, ge=0)
+    #: ElevenLabs' streaming WebSockets: sockets open at once on this server, and contexts
+    #: (streams of text) open at once on one socket.
+    websocket_max_sockets: int = Field(64, ge=1)
+    websocket_max_contexts: int = Field(16, ge=1)
+    #: Home Assistant's Wyoming protocol: the TCP port it is served on (on `host`), off when None;
+    #: and the name it is advertised under by zeroconf (`_wyoming._tcp.local.`), not advertised
+    #: when None.
+    wyoming_port: int | None = Field(None, ge=0, le=65535)
+    wyoming_zeroconf: str | None = Field(None, min_length=1, max_length=63)
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
@@ -152,6 +162,10 @@ _ENV_NAMES = {
     "queue_timeout": "CHORUS_QUEUE_TIMEOUT",
     "cache_dir": "CHORUS_CACHE_DIR",
     "cache_max_mb": "CHORUS_CACHE_MAX_MB",
+    "websocket_max_sockets": "CHORUS_WEBSOCKET_MAX_SOCKETS",
+    "websocket_max_contexts": "CHORUS_WEBSOCKET_MAX_CONTEXTS",
+    "wyoming_port": "CHORUS_WYOMING_PORT",
+    "wyoming_zeroconf": "CHORUS_WYOMING_ZEROCONF",
 }
 #: Settings whose variable holds a list: `a, b` or `name=value, ...`.
 _PARSERS = {

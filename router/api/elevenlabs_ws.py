@@ -1,0 +1,480 @@
+"""ElevenLabs' streaming WebSockets: text in as it is written (an LLM's tokens), audio and
+character timings out. `stream-input` carries one stream of text; `multi-stream-input` carries
+several, each a context named by `context_id`, and closing one mid-sentence stops its speech at
+once (an agent's barge-in) without touching the others.
+
+Each context speaks its text through the one path every route uses (SpeechService), one job per
+flushed stretch of text, so a context waiting for its next words holds no model's place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import re
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.websockets import WebSocketState
+
+from router.alignment import CharTimes, timed_segments
+from router.api.common import validation_problem
+from router.api.elevenlabs import (
+    TextToSpeechBody,
+    VoiceSettings,
+    parse_output_format,
+    prepare,
+    voice_not_found,
+)
+from router.auth import key_matches, presented_keys
+from router.chunking import FLUSH
+from router.encoding import AudioFormat
+from router.errors import ChorusError
+from router.speech import SpeechService
+
+log = logging.getLogger("chorus")
+router = APIRouter()
+
+#: ElevenLabs' close code for every refusal (policy violation); 1000 ends a socket normally.
+POLICY_VIOLATION = 1008
+#: ElevenLabs' default `chunk_length_schedule`: characters buffered before each generation.
+DEFAULT_SCHEDULE = (120, 160, 250, 290)
+# Where buffered text may be cut for a generation: after a sentence's or a clause's mark.
+_BOUNDARY = re.compile(r"[.!?…。！？,;:，；：—][\"'”’)\]]*\s")
+_SENTENCE_END = re.compile(r"[.!?…。！？][\"'”’)\]]*\s")
+#: Ends the job a context is speaking (after a flush), and, as None, the context.
+_JOB_END = object()
+
+
+class SocketOptions(BaseModel):
+    """The query string of both sockets."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model_id: str | None = None
+    output_format: str = "mp3_44100_128"
+    language_code: str | None = None
+    # ElevenLabs' default and largest value, in seconds.
+    inactivity_timeout: float = Field(20, gt=0, le=180)
+    sync_alignment: bool = False
+    auto_mode: bool = False
+    enable_logging: bool = True
+    enable_ssml_parsing: bool = False
+    apply_text_normalization: str = "auto"
+    seed: int | None = Field(None, ge=0, le=4294967295)
+    authorization: str | None = None
+
+
+class GenerationConfig(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    chunk_length_schedule: list[int] = Field(default_factory=lambda: list(DEFAULT_SCHEDULE), min_length=1)
+
+
+class ClientMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    text: str | None = None
+    context_id: str | None = Field(None, min_length=1, max_length=256)
+    flush: bool = False
+    try_trigger_generation: bool = False
+    close_context: bool = False
+    close_socket: bool = False
+    voice_settings: VoiceSettings | None = None
+    generation_config: GenerationConfig | None = None
+    xi_api_key: str | None = Field(None, alias="xi-api-key")
+    xi_api_key_underscored: str | None = Field(None, alias="xi_api_key")
+    authorization: str | None = None
+
+    def key(self) -> str | None:
+        return self.xi_api_key or self.xi_api_key_underscored or self.authorization
+
+
+class SocketError(Exception):
+    """A refusal sent as ElevenLabs' error message; `fatal` ones close the socket (1008)."""
+
+    def __init__(self, code: str, message: str, fatal: bool = False):
+        super().__init__(message)
+        self.code, self.message, self.fatal = code, message, fatal
+
+
+@dataclass
+class Context:
+    """One stream of text and the speech made of it."""
+
+    id: str | None
+    schedule: list[int]
+    speed: float = 1.0
+    #: Text received and not yet given to synthesis.
+    buffer: str = ""
+    #: Text for synthesis (str), cut marks (FLUSH), job ends (_JOB_END), the end (None).
+    released: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
+    generations: int = 0
+    _job_chars: int = 0
+    #: The client ended its text with an empty flush: closing lets the speech finish.
+    flushed: bool = False
+    #: No more text will come.
+    closing: bool = False
+    speaker: asyncio.Task[None] | None = None
+    #: Spaces that ended a job, timed with the next message.
+    spaces: list[str] = field(default_factory=list)
+
+    def add(self, text: str, auto_mode: bool, limit: int) -> None:
+        self.flushed = False
+        self.buffer += text
+        if auto_mode:
+            # Cut at each sentence's end (the chunker does), nothing held back.
+            self._release(len(self.buffer), limit)
+            return
+        while True:
+            threshold = self.schedule[min(self.generations, len(self.schedule) - 1)]
+            if len(self.buffer) < min(threshold, limit):
+                break
+            cut = max((m.end() for m in _BOUNDARY.finditer(self.buffer) if threshold <= m.end() <= limit), default=0)
+            if not cut and len(self.buffer) >= limit:
+                # No boundary at all in a long stretch: a space will do, else all of it.
+                cut = self.buffer.rfind(" ", 0, limit) + 1 or limit
+            if not cut:
+                break
+            self._release(cut, limit, mark=True)
+            self.generations += 1
+
+    def flush(self, ends: bool, limit: int) -> None:
+        self._release(len(self.buffer), limit, mark=True)
+        self._end_job()
+        self.flushed = ends
+
+    def end(self, limit: int) -> None:
+        self._release(len(self.buffer), limit, mark=True)
+        self.closing = True
+        self.released.put_nowait(None)
+
+    def _release(self, end: int, limit: int, mark: bool = False) -> None:
+        text, self.buffer = self.buffer[:end], self.buffer[end:]
+        if not self._job_chars and not text.strip():
+            return  # spaces before a job's first word (the opening " ") say nothing
+        if self._job_chars + len(text) > limit:
+            # One job stays within the input limit; a long stream is spoken as several.
+            self.released.put_nowait(FLUSH)
+            self._end_job()
+        if text:
+            self.released.put_nowait(text)
+            self._job_chars += len(text)
+        if mark and self._job_chars:
+            self.released.put_nowait(FLUSH)
+
+    def _end_job(self) -> None:
+        if self._job_chars:
+            self.released.put_nowait(_JOB_END)
+        self._job_chars = 0
+
+    async def next_job(self) -> AsyncIterator[object] | None:
+        """The text of the next job, as it is released; None once the context has ended."""
+        while (first := await self.released.get()) in (FLUSH, _JOB_END):
+            pass  # a flush with nothing before it
+        if first is None:
+            self.released.put_nowait(None)
+            return None
+
+        async def pieces() -> AsyncIterator[object]:
+            item = first
+            while item is not _JOB_END:
+                if item is None:
+                    self.released.put_nowait(None)  # the context ends after this job
+                    return
+                yield item
+                item = await self.released.get()
+
+        return pieces()
+
+
+class Socket:
+    """One client's socket: its contexts, and every message sent to it."""
+
+    def __init__(self, websocket: WebSocket, service: SpeechService, voice_id: str,
+                 options: SocketOptions, fmt: AudioFormat, multi: bool):
+        self.websocket, self.service, self.voice_id = websocket, service, voice_id
+        self.options, self.fmt, self.multi = options, fmt, multi
+        self.contexts: dict[str | None, Context] = {}
+        self._send_lock = asyncio.Lock()
+        self._authorized = not service.settings.api_keys
+
+    async def send(self, message: dict[str, Any]) -> None:
+        async with self._send_lock:
+            if self.websocket.application_state == WebSocketState.CONNECTED:
+                await self.websocket.send_json(message)
+
+    async def error(self, code: str, message: str, context: Context | None = None) -> None:
+        payload: dict[str, Any] = {"message": message, "error": code, "code": POLICY_VIOLATION}
+        if context is not None and context.id is not None:
+            payload["contextId"] = context.id
+        await self.send(payload)
+
+    def authorize(self, presented: list[bytes]) -> None:
+        keys = [key.encode() for key in self.service.settings.api_keys]
+        self._authorized = self._authorized or key_matches(presented, keys)
+
+    async def run(self) -> None:
+        """Read the client's messages until it closes, ends, or idles past inactivity_timeout."""
+        first = True
+        while True:
+            try:
+                raw = await asyncio.wait_for(self.websocket.receive_text(), self._idle_limit())
+            except TimeoutError:
+                seconds = self.options.inactivity_timeout
+                raise SocketError("input_timeout_exceeded", f"Have not received a new text input within the "
+                                  f"timeout of {seconds:g} seconds. Streaming input terminated.", fatal=True) from None
+            try:
+                message = ClientMessage.model_validate_json(raw)
+            except ValidationError as exc:
+                problem = _message_problem(exc)
+                if first:
+                    raise SocketError("invalid_message", problem, fatal=True) from None
+                await self.error("invalid_message", problem)
+                continue
+            if first:
+                if message.key():
+                    self.authorize([message.key().removeprefix("Bearer ").strip().encode()])
+                if not self._authorized:
+                    raise SocketError("invalid_api_key", "invalid API key: send it in the xi-api-key header, the "
+                                      "authorization query parameter or the first message", fatal=True)
+                first = False
+            if await self.handle(message):
+                return
+
+    def _idle_limit(self) -> float | None:
+        """Idle sockets close; a socket whose every context has its whole text waits for its audio."""
+        waiting = [context for context in self.contexts.values() if not context.closing]
+        return self.options.inactivity_timeout if waiting or not self.contexts else None
+
+    async def handle(self, message: ClientMessage) -> bool:
+        """Act on one message; True when the socket is to close."""
+        if message.close_socket:
+            for context in list(self.contexts.values()):
+                if not context.closing:
+                    context.end(self._limit())
+            await self.finish_all()
+            return True
+        key = message.context_id if self.multi else None
+        if self.multi and key is None:
+            if message.text == "":
+                return False  # a keep-alive before any context
+            await self.error("invalid_message", "every message on multi-stream-input needs a context_id")
+            return False
+        context = self.contexts.get(key)
+        if message.close_context:
+            if context is None:
+                await self.error("context_not_found", f"there is no open context '{key}'")
+            else:
+                await self.close_context(context)
+            return False
+        if context is None:
+            if len(self.contexts) >= self.service.settings.websocket_max_contexts:
+                await self.error("max_active_contexts_exceeded",
+                                 f"Maximum simultaneous contexts per WebSocket connection exceeded "
+                                 f"({self.service.settings.websocket_max_contexts})")
+                return False
+            context = self.open(key, message)
+        elif context.closing:
+            await self.error("context_closing", f"context '{key}' is closing; open another", context)
+            return False
+        text = message.text
+        limit = self._limit()
+        if text == "" and not message.flush:
+            if self.multi:
+                return False  # a keep-alive
+            context.end(limit)  # stream-input: the end of the text
+            await self.finish_all()
+            return True
+        if text and len(text) > limit:
+            await self.error("invalid_request", f"'text' is {len(text)} characters long; the limit is {limit}",
+                             context)
+        elif text:
+            context.add(text, self.options.auto_mode, limit)
+        if message.flush:
+            context.flush(not text, limit)
+        return False
+
+    def open(self, key: str | None, message: ClientMessage) -> Context:
+        schedule = (message.generation_config or GenerationConfig()).chunk_length_schedule
+        context = Context(key, schedule, speed=(message.voice_settings.speed if message.voice_settings else None) or 1.0)
+        self.contexts[key] = context
+        context.speaker = asyncio.create_task(self.speak(context))
+        return context
+
+    def _limit(self) -> int:
+        return self.service.settings.input_limit("elevenlabs")
+
+    async def close_context(self, context: Context) -> None:
+        if context.closing:
+            return
+        if context.flushed:
+            context.end(self._limit())
+            return
+        # Barge-in: the speech stops now, mid-sentence, and what is buffered is dropped.
+        assert context.speaker is not None
+        context.speaker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await context.speaker
+        self.contexts.pop(context.id, None)
+        await self.send(self._final(context))
+
+    async def finish_all(self) -> None:
+        speakers = [context.speaker for context in self.contexts.values() if context.speaker is not None]
+        await asyncio.gather(*speakers, return_exceptions=True)
+
+    def _final(self, context: Context) -> dict[str, Any]:
+        return {"isFinal": True, "contextId": context.id} if self.multi else {"isFinal": True}
+
+    async def speak(self, context: Context) -> None:
+        """Each of the context's jobs in turn; then its final message."""
+        try:
+            while (pieces := await context.next_job()) is not None:
+                await self._speak_job(context, pieces)
+        except Exception as exc:
+            if not isinstance(exc, ChorusError):
+                log.exception("a WebSocket context failed")
+            code, message = (exc.code, exc.message) if isinstance(exc, ChorusError) else ("internal_error", "internal server error")
+            self.contexts.pop(context.id, None)
+            await self.error(code, message, context)
+            # The voice is the socket's own (its path): no context of it could speak.
+            if not self.multi or code == "voice_not_found":
+                await _close(self.websocket, POLICY_VIOLATION)
+            return
+        self.contexts.pop(context.id, None)
+        await self.send(self._final(context))
+
+    async def _speak_job(self, context: Context, pieces: AsyncIterator[object]) -> None:
+        body = TextToSpeechBody(text="", model_id=self.options.model_id, language_code=self.options.language_code,
+                                voice_settings=VoiceSettings(speed=context.speed), seed=self.options.seed)
+        job = prepare(self.service, self.voice_id, body, pieces=pieces)
+        job.request = job.request.model_copy(update={"word_times": True})
+        async with voice_not_found(self.voice_id):
+            timed = await self.service.timed(job)
+            segments = timed_segments(timed, self.fmt, whole_chunks=self.options.sync_alignment)
+            async with aclosing(segments):
+                async for segment in segments:
+                    times = segment.alignment
+                    if not segment.audio and (not times or times.ends[-1] == times.starts[0]):
+                        # Only the spaces after a job's last word: no sound to time them to, and
+                        # clients take a word's end from the next message's times. They open
+                        # the context's next message instead.
+                        if times:
+                            context.spaces += times.characters
+                        continue
+                    if times and context.spaces:
+                        origin = times.starts[0]
+                        spaces = CharTimes(context.spaces, [origin] * len(context.spaces), [origin] * len(context.spaces))
+                        spaces.extend(times)
+                        times, context.spaces = spaces, []
+                    alignment = _alignment_ms(times)
+                    message: dict[str, Any] = {
+                        "audio": base64.b64encode(segment.audio).decode() if segment.audio else None,
+                        "isFinal": None,
+                        "normalizedAlignment": alignment,
+                        "alignment": alignment,
+                    }
+                    if self.multi:
+                        message["contextId"] = context.id
+                    await self.send(message)
+
+    async def cancel_all(self) -> None:
+        for context in self.contexts.values():
+            if context.speaker is not None:
+                context.speaker.cancel()
+        await self.finish_all()
+
+
+def _alignment_ms(times: CharTimes | None) -> dict[str, list] | None:
+    """ElevenLabs' socket alignment: whole milliseconds from the start of the text chunk the
+    characters belong to, whose durations add up to its audio's length."""
+    if not times:
+        return None
+    origin = times.starts[0]
+    starts = [round((start - origin) * 1000) for start in times.starts]
+    ends = [round((end - origin) * 1000) for end in times.ends]
+    return {"chars": times.characters, "charStartTimesMs": starts,
+            "charDurationsMs": [end - start for start, end in zip(starts, ends, strict=True)]}
+
+
+def _message_problem(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    if error["type"] == "json_invalid":
+        return "the message is not valid JSON"
+    if error["type"] == "model_type":
+        return "the message must be a JSON object"
+    return validation_problem(exc)[0]
+
+
+async def _serve(websocket: WebSocket, voice_id: str, multi: bool) -> None:
+    service: SpeechService = websocket.app.state.speech
+    state = websocket.app.state
+    await websocket.accept()
+    if getattr(state, "open_sockets", 0) >= service.settings.websocket_max_sockets:
+        await _refuse(websocket, "max_sockets_exceeded",
+                      f"this server has {service.settings.websocket_max_sockets} sockets open, its limit")
+        return
+    state.open_sockets = getattr(state, "open_sockets", 0) + 1
+    socket: Socket | None = None
+    try:
+        try:
+            options = SocketOptions.model_validate(dict(websocket.query_params))
+        except ValidationError as exc:
+            raise SocketError("invalid_request", validation_problem(exc)[0], fatal=True) from None
+        try:
+            fmt = parse_output_format(options.output_format)
+            # The model is checked now, before any text is waited for; the voice, by the backend.
+            body = TextToSpeechBody(text="", model_id=options.model_id, language_code=options.language_code)
+            async with voice_not_found(voice_id):
+                prepare(service, voice_id, body, pieces=_nothing())
+        except ChorusError as exc:
+            raise SocketError(exc.code, exc.message, fatal=True) from None
+        socket = Socket(websocket, service, voice_id, options, fmt, multi)
+        presented = presented_keys({k.lower(): v for k, v in websocket.headers.raw})
+        if options.authorization:
+            presented.append(options.authorization.removeprefix("Bearer ").strip().encode())
+        socket.authorize(presented)
+        await socket.run()
+        await _close(websocket, 1000)
+    except SocketError as exc:
+        await _refuse(websocket, exc.code, exc.message)
+    except (WebSocketDisconnect, RuntimeError):
+        pass  # the client left, or a failed stream-input closed the socket
+    finally:
+        state.open_sockets -= 1
+        if socket is not None:
+            await socket.cancel_all()
+
+
+async def _refuse(websocket: WebSocket, code: str, message: str) -> None:
+    with contextlib.suppress(RuntimeError, WebSocketDisconnect):
+        if websocket.application_state == WebSocketState.CONNECTED:
+            await websocket.send_json({"message": message, "error": code, "code": POLICY_VIOLATION})
+    await _close(websocket, POLICY_VIOLATION)
+
+
+async def _close(websocket: WebSocket, code: int) -> None:
+    with contextlib.suppress(RuntimeError, WebSocketDisconnect):
+        if websocket.application_state == WebSocketState.CONNECTED:
+            await websocket.close(code)
+
+
+async def _nothing() -> AsyncIterator[object]:
+    return
+    yield
+
+
+@router.websocket("/v1/text-to-speech/{voice_id:voice_id}/stream-input")
+async def stream_input(websocket: WebSocket, voice_id: str) -> None:
+    await _serve(websocket, voice_id, multi=False)
+
+
+@router.websocket("/v1/text-to-speech/{voice_id:voice_id}/multi-stream-input")
+async def multi_stream_input(websocket: WebSocket, voice_id: str) -> None:
+    await _serve(websocket, voice_id, multi=True)
