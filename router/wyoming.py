@@ -338,7 +338,8 @@ class Advertisement:
                             "serve it with --host 0.0.0.0 (or the LAN address) for Home Assistant", address)
             info = AsyncServiceInfo(SERVICE_TYPE, f"{self.name}.{SERVICE_TYPE}", parsed_addresses=[address],
                                     port=self.port)
-            zeroconf = AsyncZeroconf()
+            # On the interface the server is reached by, not on every one (docker's bridges).
+            zeroconf = AsyncZeroconf(interfaces=[address])
             # Another server already announced under the name: take "name (2)" rather than fail.
             await zeroconf.async_register_service(info, allow_name_change=True)
         except OSError as exc:

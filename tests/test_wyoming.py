@@ -314,7 +314,7 @@ async def test_a_frame_whose_rest_never_comes_is_refused(port, monkeypatch):
 async def test_zeroconf_announces_the_wyoming_port(port):
     from zeroconf.asyncio import AsyncZeroconf
 
-    browser = AsyncZeroconf()
+    browser = AsyncZeroconf(interfaces=["127.0.0.1"])
     try:
         found = await browser.async_get_service_info(SERVICE_TYPE, f"{ZEROCONF_NAME}.{SERVICE_TYPE}", timeout=10_000)
     finally:
