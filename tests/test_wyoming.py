@@ -63,13 +63,13 @@ class OneWorkerDown(ScriptedRunner):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, OneWorkerDown]]:
-    """The app with its Wyoming listener (on the app's loop, in a thread), announced by zeroconf:
-    yields the Wyoming port and the runner."""
+    """The app with its Wyoming listener (on the app's loop, in a thread): yields the Wyoming
+    port and the runner."""
     configs, models = piper_setup(tmp_path_factory.mktemp("wyoming"))
     write_config(configs, DOWN)
     runner = OneWorkerDown(models)
     port = free_port()
-    with live_app(configs, models, runner, wyoming_port=port, wyoming_zeroconf=ZEROCONF_NAME,
+    with live_app(configs, models, runner, wyoming_port=port,
                   max_input_chars_by_route={"wyoming": LIMIT}, max_body_bytes=FRAME_LIMIT):
         yield port, runner
 
@@ -311,16 +311,29 @@ async def test_a_frame_whose_rest_never_comes_is_refused(port, monkeypatch):
         writer.close()
 
 
-async def test_zeroconf_announces_the_wyoming_port(port):
-    from zeroconf.asyncio import AsyncZeroconf
+def test_zeroconf_announces_the_wyoming_port(tmp_path: Path):
+    """`chorus serve` announces itself, found by a browser in another process, as Home
+    Assistant's would be (two fresh processes: mDNS state shared with other tests cannot leak in)."""
+    import subprocess
+    import sys
 
-    browser = AsyncZeroconf(interfaces=["127.0.0.1"])
-    try:
-        found = await browser.async_get_service_info(SERVICE_TYPE, f"{ZEROCONF_NAME}.{SERVICE_TYPE}", timeout=10_000)
-    finally:
-        await browser.async_close()
-    assert found is not None and found.port == port
-    assert "127.0.0.1" in found.parsed_addresses()
+    port = free_port()
+    env = {"CHORUS_WYOMING_PORT": str(port), "CHORUS_WYOMING_ZEROCONF": ZEROCONF_NAME}
+    (tmp_path / "models").mkdir()
+    browse = (
+        "import asyncio\n"
+        "from zeroconf.asyncio import AsyncZeroconf\n"
+        "async def main():\n"
+        "    browser = AsyncZeroconf(interfaces=['127.0.0.1'])\n"
+        f"    found = await browser.async_get_service_info({SERVICE_TYPE!r}, {ZEROCONF_NAME + '.' + SERVICE_TYPE!r}, timeout=10000)\n"
+        "    await browser.async_close()\n"
+        "    print(found.port if found else None, found.parsed_addresses() if found else [])\n"
+        "asyncio.run(main())\n"
+    )
+    with chorus_server(tmp_path / "models", tmp_path / "serve.log", CONFIGS, env=env):
+        result = subprocess.run([sys.executable, "-c", browse], capture_output=True, text=True, timeout=60)
+    assert result.stdout.split(" ", 1)[0] == str(port), result.stdout + result.stderr
+    assert "127.0.0.1" in result.stdout
 
 
 async def test_chorus_serve_wyoming_port_serves_both_protocols_and_warns_about_keys(tmp_path: Path):
