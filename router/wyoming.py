@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import re
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -336,8 +337,11 @@ class Advertisement:
             if ipaddress.ip_address(address).is_loopback:
                 log.warning("zeroconf announces the Wyoming server at %s, which only this machine can reach; "
                             "serve it with --host 0.0.0.0 (or the LAN address) for Home Assistant", address)
+            # A host name of its own (RFC 6763's SRV target): answered with the instance's name, the
+            # address could precede the SRV in a reply, and python-zeroconf's browser then drops it.
+            host = (re.sub(r"[^a-z0-9-]+", "-", self.name.lower()).strip("-") or "chorus") + ".local."
             info = AsyncServiceInfo(SERVICE_TYPE, f"{self.name}.{SERVICE_TYPE}", parsed_addresses=[address],
-                                    port=self.port)
+                                    port=self.port, server=host)
             # On the interface the server is reached by, not on every one (docker's bridges).
             zeroconf = AsyncZeroconf(interfaces=[address])
             # Another server already announced under the name: take "name (2)" rather than fail.

@@ -313,7 +313,7 @@ async def test_a_frame_whose_rest_never_comes_is_refused(port, monkeypatch):
 
 def test_zeroconf_announces_the_wyoming_port(tmp_path: Path):
     """`chorus serve` announces itself, found by a browser in another process, as Home
-    Assistant's would be (two fresh processes: mDNS state shared with other tests cannot leak in)."""
+    Assistant's would be: asked after the announcement is over, so the reply is what answers."""
     import subprocess
     import sys
 
