@@ -31,6 +31,7 @@ BACKENDS: dict[str, str] = {
     "parler-tts": "ParlerBackend",
     "transformers-musicgen": "MusicgenBackend",
     "vall-e-x": "ValleBackend",
+    "kokoro": "KokoroBackend",
 }
 #: The backend names, as a type: the keys of BACKENDS.
 BackendName = Literal[tuple(BACKENDS)]
@@ -61,8 +62,14 @@ class TTSSettings(BaseModel):
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
     voice: str | None = None
+    #: Kokoro's voices file (an .npz of style vectors), beside its model file when not given.
+    voices_file: str | None = None
     vall_e: ValleSettings = Field(default_factory=ValleSettings, alias="vall-e")
 
+
+#: Kokoro's two files, as kokoro-onnx's release names them.
+KOKORO_MODEL_FILE = "kokoro-v1.0.onnx"
+KOKORO_VOICES_FILE = "voices-v1.0.bin"
 
 #: Config-less models (LocalAI's way: a request names a file or a backend's model id) that one
 #: process or worker keeps loaded at once; CHORUS_CONFIGLESS_MODELS sets it, 0 refuses them.
@@ -174,12 +181,21 @@ class ModelConfig(BaseModel):
             data["tts"] = tts
         return data
 
+    def kokoro_files(self) -> tuple[str, str]:
+        """Kokoro's model file and voices file, as kokoro-onnx's release names them unless the
+        config names them (the voices file beside the model file)."""
+        model = self.parameters.model or KOKORO_MODEL_FILE
+        return model, self.tts.voices_file or str(Path(model).with_name(KOKORO_VOICES_FILE))
+
     def file_fields(self) -> dict[str, str]:
         """The fields that may name a file in the models directory, by their YAML path."""
         fields = {
             "parameters.model": self.parameters.model,
             "tts.vall-e.audio_path": self.tts.vall_e.audio_path,
+            "tts.voices_file": self.tts.voices_file,
         }
+        if self.backend == "kokoro":
+            fields["parameters.model"], fields["tts.voices_file"] = self.kokoro_files()
         return {field: value for field, value in fields.items() if value}
 
     @field_validator("aliases")

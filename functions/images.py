@@ -40,7 +40,16 @@ def uses_torch(backend: str) -> bool:
     return "torch" in locked_packages(image_folder(backend) / "requirements.txt")
 
 
-def worker_build_args(backend: str) -> dict[str, str]:
+def has_gpu_variant(backend: str) -> bool:
+    """Whether `backend` has a lock of its own for GPUs (GPU=true installs it)."""
+    return (image_folder(backend) / "requirements-gpu.txt").is_file()
+
+
+def worker_build_args(backend: str, gpu: bool = False) -> dict[str, str]:
     """The worker Dockerfile's build arguments for `backend`. TORCH puts the shared torch layer
-    (images/worker/torch.txt) under the backends whose lock has torch."""
-    return {"BACKEND": backend, "TORCH": "true" if uses_torch(backend) else "false"}
+    (images/worker/torch.txt) under the backends whose lock has torch; with `gpu`, GPU picks the
+    backend's GPU variant where it has one."""
+    args = {"BACKEND": backend, "TORCH": "true" if uses_torch(backend) else "false"}
+    if gpu and has_gpu_variant(backend):
+        args["GPU"] = "true"
+    return args

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import re
 import shutil
 import threading
 import uuid
@@ -26,8 +25,8 @@ from functions.protocol import (
     ModelNotFoundError,
     Spoken,
     SynthesisRequest,
-    WordTimes,
 )
+from functions.word_times import WordTiming, spans
 
 log = logging.getLogger("chorus")
 
@@ -146,72 +145,20 @@ class PiperBackend(Backend):
             # Piper's length scale stretches time: a faster speed is a shorter length.
             length_scale=(self.voice.config.length_scale or 1.0) / request.speed,
         )
-        timing = _WordTiming(request.text) if request.word_times else None
+        # BOS, EOS and the spaces between words are the pauses around them.
+        timing = WordTiming(request.text, pauses=("^", "$", " ")) if request.word_times else None
         samples = 0
         with self._session() as voice:
             for chunk in voice.synthesize(request.text, syn_config, include_alignments=timing is not None):
-                if timing is not None and (words := timing.sentence(chunk.phoneme_alignments, samples)):
+                if timing is not None and (words := timing.sentence(_spans(chunk.phoneme_alignments), samples)):
                     yield words
                 pcm = chunk.audio_int16_bytes
                 samples += len(pcm) // 2
                 yield pcm
 
 
-#: A word's trailing punctuation, after any closing quotes or brackets; espeak keeps it too.
-_TRAILING_MARK = re.compile(r"([,.;:!?])[\"'”’)\]]*$")
-
-
-class _WordTiming:
-    """Piper's phoneme durations, sentence by sentence, as times of the words of `text`. Each of
-    espeak's words (phonemes between spaces) is matched to the next word of the text; where the
-    two stop agreeing (a number read as several words, a dash read as none) the words after it
-    get no times of their own, and the router spreads them over the rest of the audio."""
-
-    def __init__(self, text: str):
-        self._words = [(match.start(), match.end()) for match in re.finditer(r"\S+", text)]
-        self._text = text
-        self._next = 0
-        self._agrees = True
-
-    def sentence(self, phonemes: list[PhonemeAlignment] | None, offset: int) -> WordTimes | None:
-        if not self._agrees or phonemes is None:
-            self._agrees = False
-            return None
-        spoken = _spoken_words(phonemes)
-        words = self._words[self._next:self._next + len(spoken)]
-        marks = [_TRAILING_MARK.search(self._text[start:end]) for start, end in words]
-        if len(words) != len(spoken) or any(
-            (mark.group(1) if mark else "") != said_mark for mark, (_, _, said_mark) in zip(marks, spoken, strict=True)
-        ):
-            self._agrees = False
-            return None
-        self._next += len(spoken)
-        return WordTimes(tuple(
-            (start, end, offset + first, offset + last)
-            for (start, end), (first, last, _) in zip(words, spoken, strict=True)
-        ))
-
-
-def _spoken_words(phonemes: list[PhonemeAlignment]) -> list[tuple[int, int, str]]:
-    """Each word espeak spoke: its first sample, the sample after it, and its trailing mark."""
-    words: list[tuple[int, int, str]] = []
-    position = 0
-    current: list[str] = []
-    start = 0
-    for phoneme in phonemes:
-        # BOS, EOS and the spaces between words are the pauses around them.
-        if phoneme.phoneme in ("^", "$", " "):
-            if current:
-                words.append((start, position, current[-1] if current[-1] in ",.;:!?" else ""))
-                current = []
-        else:
-            if not current:
-                start = position
-            current.append(phoneme.phoneme)
-        position += int(phoneme.num_samples)
-    if current:
-        words.append((start, position, current[-1] if current[-1] in ",.;:!?" else ""))
-    return words
+def _spans(phonemes: list[PhonemeAlignment] | None) -> list[tuple[str, int, int]] | None:
+    return None if phonemes is None else spans((p.phoneme, p.num_samples) for p in phonemes)
 
 
 def _with_phoneme_durations(model_path: Path) -> bytes | None:

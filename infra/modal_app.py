@@ -155,7 +155,10 @@ def _backend_class(backend: str) -> Any:
     user_cls = type(name, (BackendService,), body)
     # Images are built where the app is deployed; in a container (its image already running)
     # the images/ folder the build arguments come from is absent.
-    build_args = worker_build_args(backend) if modal.is_local() else {}
+    # A backend with a GPU variant (Kokoro's onnxruntime-gpu) gets it when one of its models asks
+    # for a GPU; that variant also runs on the CPU, for the models that do not.
+    gpu = any(c.deploy.gpu for c in CONFIGS.values() if c.backend == backend)
+    build_args = worker_build_args(backend, gpu=gpu) if modal.is_local() else {}
     # GPU, windows, time-out and concurrency are each model's own: the router asks for them
     # with `with_options` and `with_concurrency` (see router/runners/modal.py).
     return app.cls(

@@ -328,11 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pull_cmd = action(
         models_sub, "pull", models_pull,
-        "download a model's weights from the Hugging Face hub into the models directory",
+        "download a model's weights (the Hugging Face hub; Kokoro's release) into the models directory",
         "Download what NAME needs into the models directory, with a progress bar: "
         "a config name (its parameters.model), a Piper voice file such as "
         "en_US-lessac-medium.onnx (from rhasspy/piper-voices), or a hub id such as "
-        "suno/bark-small. For Modal, upload the directory afterwards: "
+        "suno/bark-small; kokoro fetches Kokoro's kokoro-v1.0.onnx and voices-v1.0.bin from "
+        "kokoro-onnx's release. For Modal, upload the directory afterwards: "
         "modal volume put chorus-models models/ /",
     )
     pull_cmd.add_argument("name", metavar="NAME", help="config name, Piper voice file or hub id")

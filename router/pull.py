@@ -5,7 +5,9 @@ NAME is a config name (its `parameters.model` is fetched) or directly what a con
 - a Piper voice file such as `en_US-lessac-medium.onnx`: the voice and its `.onnx.json` from the
   `rhasspy/piper-voices` repository, saved under that name;
 - a hub id such as `suno/bark-small`: the whole repository, saved in the folder of that name
-  (the folder `functions/hub.py` loads before trying the hub).
+  (the folder `functions/hub.py` loads before trying the hub);
+- `kokoro` (or a config of backend kokoro): Kokoro's model file and voices file, from
+  kokoro-onnx's release on GitHub, saved under the names the config gives them.
 
 huggingface_hub is imported only here and only when pulling; it draws its own progress bars.
 """
@@ -16,11 +18,20 @@ import re
 import shutil
 from pathlib import Path
 
-from functions.config import ModelConfig, UnsafePathError, resolve_in
+from functions.config import (
+    KOKORO_MODEL_FILE,
+    KOKORO_VOICES_FILE,
+    ModelConfig,
+    UnsafePathError,
+    configless_config,
+    resolve_in,
+)
 from functions.hub import offline
 from router.errors import ChorusError
 
 PIPER_VOICES_REPO = "rhasspy/piper-voices"
+#: Where kokoro-onnx publishes kokoro-v1.0.onnx and voices-v1.0.bin (its README links them).
+KOKORO_RELEASE = "https://github.com/thewh1teagle/kokoro-onnx/releases/download/model-files-v1.1"
 # en_US-lessac-medium.onnx -> language en, locale en_US, speaker lessac, quality medium.
 _PIPER_VOICE = re.compile(
     r"^(?P<locale>(?P<lang>[a-z]{2,3})_[A-Z]{2})-(?P<speaker>[A-Za-z0-9_]+)-(?P<quality>x_low|low|medium|high)\.onnx$"
@@ -37,6 +48,8 @@ def pull(name: str, models_dir: Path, configs: dict[str, ModelConfig] | None = N
     """Fetch `name` (a config name, a Piper voice file or a hub id) into `models_dir`; returns
     the paths written."""
     config = (configs or {}).get(name)
+    if (config.backend if config is not None else name) == "kokoro":
+        return _pull_kokoro(config or configless_config(None, "kokoro"), models_dir)
     source = config.parameters.model if config is not None else name
     if not source:
         raise PullError(f"model '{name}': its config names no parameters.model to fetch")
@@ -109,6 +122,34 @@ def _pull_repository(repo_id: str, models_dir: Path) -> Path:
     _reachable(hub, repo_id)
     _fetch(lambda: hub.snapshot_download(repo_id, local_dir=target), repo_id)
     return target
+
+
+def _pull_kokoro(config: ModelConfig, models_dir: Path) -> list[Path]:
+    import httpx
+
+    written = []
+    released = (f"{KOKORO_RELEASE}/{KOKORO_MODEL_FILE}", f"{KOKORO_RELEASE}/{KOKORO_VOICES_FILE}")
+    for url, name in zip(released, config.kokoro_files(), strict=True):
+        target = _target(models_dir, name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + ".part")
+        try:
+            with httpx.stream("GET", url, follow_redirects=True, timeout=30) as response:
+                response.raise_for_status()
+                with partial.open("wb") as sink:
+                    for data in response.iter_bytes(1 << 20):
+                        sink.write(data)
+            partial.replace(target)
+        except httpx.HTTPError as exc:
+            raise PullError(
+                f"cannot download {url} ({exc.__class__.__name__}: {exc}); Kokoro needs "
+                f"{' and '.join(Path(n).name for n in config.kokoro_files())} in the models directory: "
+                f"fetch them from {KOKORO_RELEASE} by hand where this machine cannot"
+            ) from exc
+        finally:
+            partial.unlink(missing_ok=True)
+        written.append(target)
+    return written
 
 
 def _fetch(download, what: str):

@@ -18,7 +18,8 @@ from tests.containers import compose_binary, compose_environment
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = REPO / "infra" / "compose.yaml"
 CPU_OVERRIDE = REPO / "infra" / "compose.cpu.yaml"
-GPU_BACKENDS = sorted(set(BACKENDS) - {"piper"})
+#: Piper and Kokoro run on the CPU.
+GPU_BACKENDS = sorted(set(BACKENDS) - {"piper", "kokoro"})
 
 
 def compose(file: Path, *args: str) -> subprocess.CompletedProcess:
@@ -50,11 +51,12 @@ def test_default_profile_is_the_router_and_piper(default: dict) -> None:
     assert "deploy" not in default["services"]["piper"], "Piper needs no GPU"
 
 
-def test_gpu_profile_adds_every_gpu_backend_with_an_nvidia_device(gpu: dict) -> None:
+def test_gpu_profile_adds_every_other_backend_the_gpu_ones_with_an_nvidia_device(gpu: dict) -> None:
     assert sorted(gpu["services"]) == sorted([*BACKENDS, "router"])
     for name in GPU_BACKENDS:
         devices = gpu["services"][name]["deploy"]["resources"]["reservations"]["devices"]
         assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+    assert "deploy" not in gpu["services"]["kokoro"], "Kokoro runs on the CPU"
 
 
 def test_each_backend_service_builds_the_worker_image_with_its_own_arguments(gpu: dict) -> None:

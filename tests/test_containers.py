@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -67,6 +68,35 @@ def test_the_image_runs_as_its_non_root_user(image: str) -> None:
     tag = built_image(image)
     assert inspect("image", tag)["Config"]["User"] == "10001:10001"
     assert docker("run", "--rm", tag, "id", "-u").strip() == "10001"
+
+
+# Its CUDA and cuDNN libraries are some 2 GB to fetch.
+@pytest.mark.timeout(1500)
+def test_kokoros_gpu_variant_installs_its_own_lock_and_still_speaks_on_a_cpu(tmp_path: Path) -> None:
+    """GPU=true (the build argument the Modal app passes when a Kokoro model asks for a GPU)
+    swaps in onnxruntime-gpu; where no GPU is attached its CUDA session falls back to the CPU."""
+    built_image("kokoro")  # the CPU variant's layers, shared
+    tag = "chorus/kokoro:gpu"
+    docker("build", "-q", "-f", str(REPO / "images/worker/Dockerfile"), "--build-arg", "BACKEND=kokoro",
+           "--build-arg", "GPU=true", "-t", tag, str(REPO), timeout=1200)
+    frozen = docker("run", "--rm", tag, "pip", "freeze", "--all", "--exclude", "pip")
+    assert pinned_packages(frozen) == locked_packages(REPO / "images" / "kokoro" / "requirements-gpu.txt")
+    subprocess.run([sys.executable, str(REPO / "tests/tiny_models/kokoro_model.py"), str(tmp_path / "models")],
+                   check=True, timeout=120)
+    subprocess.run(["chmod", "-R", "a+rX", str(tmp_path)], check=True)
+    speak = (
+        "import onnxruntime, pathlib\n"
+        "from functions.config import ModelConfig\n"
+        "from functions.kokoro import KokoroBackend\n"
+        "from functions.protocol import SynthesisRequest\n"
+        "backend = KokoroBackend(ModelConfig(name='k', backend='kokoro'), pathlib.Path('/models'))\n"
+        "backend.load(); backend.to_device()\n"
+        "pcm = b''.join(backend.synthesize(SynthesisRequest(model='k', text='Hello there.')))\n"
+        "print(onnxruntime.get_available_providers(), len(pcm) // 2)\n"
+    )
+    output = docker("run", "--rm", "-v", f"{tmp_path / 'models'}:/models:ro", tag, "python", "-c", speak)
+    providers, samples = output.strip().splitlines()[-1].rsplit(" ", 1)
+    assert "CUDAExecutionProvider" in providers and int(samples) > 24000 // 2
 
 
 def test_the_torch_backends_share_one_torch_layer() -> None:
@@ -235,7 +265,7 @@ def test_down_leaves_no_container_network_or_volume(stack: Stack) -> None:
 
 @pytest.fixture(scope="module")
 def heavy_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    for image in ("router", *TORCH_BACKENDS):
+    for image in ("router", *HEAVY):
         built_image(image)
     root = tmp_path_factory.mktemp("heavy-stack")
     seed, configs = root / "seed", root / "configs"
@@ -265,7 +295,7 @@ def heavy_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         running.compose("down", "-v", check=False)
 
 
-# Six containers start on two cores: minutes, not seconds.
+# Seven containers start on two cores: minutes, not seconds.
 @pytest.mark.timeout(1500)
 @pytest.mark.parametrize("backend", sorted(HEAVY))
 def test_each_heavy_backend_speaks_through_the_router_container_on_cpu(heavy_stack: Stack, backend: str) -> None:

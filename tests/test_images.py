@@ -196,7 +196,11 @@ def test_the_test_environment_runs_the_router_and_piper_at_their_image_versions(
     assert not differing, differing
 
 
-@pytest.mark.parametrize("backend", sorted(b for b in BACKENDS if b != "piper"))
+#: The backends that run ONNX models, without torch.
+ONNX_BACKENDS = ("piper", "kokoro")
+
+
+@pytest.mark.parametrize("backend", sorted(b for b in BACKENDS if b not in ONNX_BACKENDS))
 def test_torch_backends_sit_on_the_shared_torch_layer(backend: str) -> None:
     # The layer is installed first and the backend's lock after it: they must agree exactly, or
     # the backend's install would replace torch in a layer of its own.
@@ -206,8 +210,22 @@ def test_torch_backends_sit_on_the_shared_torch_layer(backend: str) -> None:
     assert {name: lock.get(name) for name in layer} == layer
 
 
-def test_piper_has_no_torch_layer() -> None:
-    assert not uses_torch("piper") and worker_build_args("piper")["TORCH"] == "false"
+@pytest.mark.parametrize("backend", ONNX_BACKENDS)
+def test_the_onnx_backends_have_no_torch_layer(backend: str) -> None:
+    assert not uses_torch(backend) and worker_build_args(backend)["TORCH"] == "false"
+
+
+def test_kokoros_gpu_variant_swaps_onnxruntime_for_its_gpu_build_and_nothing_else() -> None:
+    cpu = locked_packages(IMAGES / "kokoro" / "requirements.txt")
+    gpu = locked_packages(IMAGES / "kokoro" / "requirements-gpu.txt")
+    assert "onnxruntime" not in gpu and "onnxruntime-gpu" in gpu
+    assert {name for name in gpu if name not in cpu} - {"onnxruntime-gpu"} <= {
+        name for name in gpu if name.startswith("nvidia-")}
+    assert {name: version for name, version in cpu.items() if name != "onnxruntime"} == {
+        name: version for name, version in gpu.items() if name in cpu}
+    assert worker_build_args("kokoro", gpu=True)["GPU"] == "true"
+    # The torch backends have one lock for both.
+    assert "GPU" not in worker_build_args("bark", gpu=True)
 
 
 def hadolint() -> str:

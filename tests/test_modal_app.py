@@ -48,7 +48,10 @@ ALL_BACKENDS = [
     {"name": "parler", "backend": "parler-tts", "parameters": {"model": "p/q"}, "deploy": {"gpu": "L4"}},
     {"name": "music", "backend": "transformers-musicgen", "parameters": {"model": "m/n"}, "deploy": {"gpu": "H100:2"}},
     {"name": "valle", "backend": "vall-e-x", "deploy": {"gpu": "L40S", "timeout": 1200}},
+    {"name": "kokoro", "backend": "kokoro", "deploy": {"gpu": "T4"}},
 ]
+#: The backends some config of ALL_BACKENDS runs on a GPU: their GPU variant is built where they have one.
+ON_GPU = {config["backend"] for config in ALL_BACKENDS if config.get("deploy", {}).get("gpu")}
 
 
 def test_every_backend_gets_a_class_built_as_compose_builds_it(monkeypatch, tmp_path, no_network, no_token):
@@ -83,7 +86,8 @@ def test_every_backend_gets_a_class_built_as_compose_builds_it(monkeypatch, tmp_
     # Every image is built as docker compose builds it: the worker Dockerfile with each backend's
     # build arguments, the router's own, the repository as the build context.
     assert dockerfiles == {
-        *((REPO / WORKER_DOCKERFILE, REPO, tuple(sorted(worker_build_args(b).items()))) for b in BACKENDS),
+        *((REPO / WORKER_DOCKERFILE, REPO, tuple(sorted(worker_build_args(b, gpu=b in ON_GPU).items())))
+          for b in BACKENDS),
         (REPO / ROUTER_DOCKERFILE, REPO, ()),
     }
 

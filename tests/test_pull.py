@@ -102,3 +102,31 @@ def test_a_config_name_pulls_what_its_config_names(monkeypatch, tmp_path):
 def test_names_that_cannot_be_pulled_are_refused_before_any_download(tmp_path, name, message):
     with pytest.raises(PullError, match=message):
         pull(name, tmp_path / "models")
+
+
+def test_pull_kokoro_offline_names_both_files_and_leaves_nothing_behind(tmp_path):
+    started = time.monotonic()
+    result = run_chorus(tmp_path, "kokoro")
+    assert result.returncode != 0 and time.monotonic() - started < 15
+    assert "kokoro-v1.0.onnx and voices-v1.0.bin in the models directory" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not any(path.is_file() for path in (tmp_path / "models").glob("**/*"))
+
+
+def test_pull_kokoro_saves_both_files_under_the_configs_names(monkeypatch, tmp_path):
+    import httpx
+
+    asked: list[str] = []
+
+    def serve(request: httpx.Request) -> httpx.Response:
+        asked.append(str(request.url))
+        return httpx.Response(200, content=b"weights of " + request.url.path.rsplit("/", 1)[1].encode())
+
+    client = httpx.Client(transport=httpx.MockTransport(serve))
+    monkeypatch.setattr(httpx, "stream", lambda method, url, **options: client.stream(method, url))
+    config = ModelConfig(name="kokoro", backend="kokoro", parameters={"model": "kokoro/model.onnx"})
+    written = pull("kokoro", tmp_path, {"kokoro": config})
+    assert written == [tmp_path / "kokoro" / "model.onnx", tmp_path / "kokoro" / "voices-v1.0.bin"]
+    assert written[0].read_bytes() == b"weights of kokoro-v1.0.onnx"
+    assert written[1].read_bytes() == b"weights of voices-v1.0.bin"
+    assert all(url.startswith("https://github.com/thewh1teagle/kokoro-onnx/releases/download/") for url in asked)

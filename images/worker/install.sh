@@ -13,4 +13,9 @@ if [[ -f $folder/system-packages.txt ]]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
     rm -rf /var/lib/apt/lists/*
 fi
-pip install --quiet --no-deps -r "$folder/requirements.txt"
+lock=$folder/requirements.txt
+# GPU (a build argument): the backend's GPU variant, where it has one.
+if [[ ${GPU:-false} == true && -f $folder/requirements-gpu.txt ]]; then
+    lock=$folder/requirements-gpu.txt
+fi
+pip install --quiet --no-deps -r "$lock"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 from tests.audio import write_voice_like_wav
@@ -31,6 +32,9 @@ HEAVY = {
                   "tts": {"vall-e": {"audio_path": "reference.wav", "transcript": "Hello there, how are you?"}}},
                  ("/v1/text-to-speech/tiny-valle", {"text": "Hello there, friend.", "model_id": "tiny-valle",
                                                     "seed": 5, "output_format": "wav_24000"})),
+    "kokoro": ({"name": "tiny-kokoro", "backend": "kokoro", "parameters": {"model": "tiny-kokoro/kokoro-v1.0.onnx"}},
+               ("/v1/audio/speech", {"input": "Hello there, friend.", "voice": "af_bella(2)+af_sky(1)",
+                                     "response_format": "wav"})),
 }
 
 
@@ -40,6 +44,8 @@ def place_tiny_models(seed: Path) -> None:
     build_tiny_model(image_python("bark"), "bark", seed / "tiny-bark")
     build_tiny_model(image_python("parler-tts"), "parler", seed / "tiny-parler")
     build_tiny_model(image_python("transformers-musicgen"), "musicgen", seed / "tiny-musicgen")
+    # Kokoro's image has onnxruntime, not the onnx package the builder writes graphs with.
+    build_tiny_model(Path(sys.executable), "kokoro_model", seed / "tiny-kokoro")
     builders = REPO / "tests" / "tiny_models"
     subprocess.run([str(image_python("coqui")), str(builders / "coqui_models.py"), "vits", str(seed / "vits")],
                    check=True, capture_output=True, timeout=600)
