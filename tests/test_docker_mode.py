@@ -216,7 +216,9 @@ def coqui_while_piper_speaks_long(server) -> tuple[httpx.Response, httpx.Respons
 
 def test_a_gpu_backend_waits_for_a_busy_slot_and_takes_it_once_free(engine, project, tmp_path, stand_in_images):
     prefix, _ = stand_in_images
-    with docker_router(tmp_path, project, gpu_configs(tmp_path), CHORUS_DOCKER_IMAGE_PREFIX=prefix) as server:
+    # A patience longer than the long request takes on a busy machine: this is about waiting.
+    with docker_router(tmp_path, project, gpu_configs(tmp_path), CHORUS_DOCKER_IMAGE_PREFIX=prefix,
+                       CHORUS_QUEUE_TIMEOUT="300") as server:
         assert speak(server).status_code == 200
         long, waited = coqui_while_piper_speaks_long(server)
         # The long request kept its slot to its end, and then gave it up.

@@ -201,7 +201,7 @@ def test_a_container_imports_the_app_with_the_classes_that_were_deployed(monkeyp
     assert seen["file"] == str(root / "modal_app.py")
     assert {name: (tuple(p), m) for name, (p, m) in seen["classes"].items()} == deployed
     assert set(deployed) == {"PiperBackend", "CoquiBackend", "BarkBackend", "ParlerBackend",
-                             "MusicgenBackend", "ValleBackend"}
+                             "MusicgenBackend", "ValleBackend", "KokoroBackend"}
 
 
 # -- the images as Modal builds and runs them ------------------------------------------------
@@ -263,7 +263,7 @@ CACHE_PROBE = '''
 import json, os, sys
 backend = sys.argv[1]
 paths = {"xdg cache": os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")}
-if backend != "piper":
+if backend not in ("piper", "kokoro"):  # the ONNX backends read no hub or torch cache
     import huggingface_hub.constants as hf
     import torch.hub
     paths.update({"hugging face hub": hf.HF_HUB_CACHE, "hugging face": hf.HF_HOME,

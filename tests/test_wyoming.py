@@ -351,8 +351,8 @@ async def test_chorus_serve_wyoming_port_serves_both_protocols_and_warns_about_k
     voices = {voice.name: voice for voice in info.tts[0].voices}
     # Every config that speaks text is listed (MusicGen's prompts are no voice); Piper is installed here.
     assert voices[JOE].installed and not any(name.startswith("musicgen") for name in voices)
-    assert {name.partition(":")[0] for name in voices} == {"tts-1", "bark", "parler-tts", "cloned-voice",
-                                                           "xtts_v2"}
+    assert {name.partition(":")[0] for name in voices} == {"tts-1", "bark", "kokoro", "parler-tts",
+                                                           "cloned-voice", "xtts_v2"}
     assert_speech(speech(events), SHORT_SECONDS)
     assert "CHORUS_API_KEYS does not apply to the Wyoming listener" in log
 

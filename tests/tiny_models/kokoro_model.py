@@ -1,8 +1,10 @@
-"""A tiny Kokoro: an ONNX graph with the released kokoro-v1.0.onnx's inputs and outputs (token ids,
-a 256-wide style vector, the speed; the waveform at 24 kHz and each token's duration in frames)
+"""A tiny Kokoro: an ONNX graph with the released kokoro-v1.0.onnx's inputs and outputs (`tokens`,
+a 256-wide `style`, the `speed`; the `audio` at 24 kHz, and each token's `duration` in frames, which
+kokoro-onnx's own exports add)
 and a voices file like voices-v1.0.bin (an .npz of style tables, one per voice of the release, with
 32 rows where the real ones have 510: a longer text takes the last), written to the folder given.
-Each token lasts 4 frames of 600 samples at speed 1, fewer when faster; the waveform is a tone whose pitch follows the style, so that voices and mixes sound apart.
+Each token lasts 4 frames of 600 samples at speed 1, fewer when faster; the audio is a tone whose
+pitch follows the style, so that voices and mixes sound apart.
 
     python tests/tiny_models/kokoro_model.py FOLDER [--no-durations]
 """
@@ -46,7 +48,7 @@ def tiny_model(durations: bool = True) -> onnx.ModelProto:
         _constant("loudness", 0.3),
         helper.make_node("Constant", [], ["tokens_axis"], value=helper.make_tensor("a", TensorProto.INT64, [1], [1])),
         # Each token's frames: ceil(4 / speed), as the real model's durations shrink with speed.
-        helper.make_node("Shape", ["input_ids"], ["ids_shape"]),
+        helper.make_node("Shape", ["tokens"], ["ids_shape"]),
         helper.make_node("Gather", ["ids_shape", "tokens_axis"], ["token_count"], axis=0),
         helper.make_node("Div", ["frames", "speed"], ["frames_at_speed"]),
         helper.make_node("Ceil", ["frames_at_speed"], ["frames_ceil"]),
@@ -62,14 +64,14 @@ def tiny_model(durations: bool = True) -> onnx.ModelProto:
         helper.make_node("Add", ["omega_base", "omega_shift"], ["omega"]),
         helper.make_node("Mul", ["t", "omega"], ["phase"]),
         helper.make_node("Sin", ["phase"], ["tone"]),
-        helper.make_node("Mul", ["tone", "loudness"], ["waveform"]),
+        helper.make_node("Mul", ["tone", "loudness"], ["audio"]),
     ]
-    outputs = [helper.make_tensor_value_info("waveform", TensorProto.FLOAT, ["samples"])]
+    outputs = [helper.make_tensor_value_info("audio", TensorProto.FLOAT, ["samples"])]
     if durations:
         outputs.append(helper.make_tensor_value_info("duration", TensorProto.INT64, ["tokens"]))
     graph = helper.make_graph(
         nodes, "tiny-kokoro",
-        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "tokens"]),
+        [helper.make_tensor_value_info("tokens", TensorProto.INT64, [1, "tokens"]),
          helper.make_tensor_value_info("style", TensorProto.FLOAT, [1, 256]),
          helper.make_tensor_value_info("speed", TensorProto.FLOAT, [1])],
         outputs,
