@@ -49,6 +49,10 @@ class KokoroBackend(Backend):
         super().__init__(config, models_dir)
         self._kokoro: Kokoro | None = None
         self._model_path: Path | None = None
+        self._voices_path: Path | None = None
+        #: Each voice's style table, read once at load: kokoro-onnx keeps the .npz open and reads it
+        #: lazily through one file, which threads must not share.
+        self._voices: dict[str, np.ndarray] = {}
 
     def load(self) -> None:
         model_path, voices_path = (resolve_in(self.models_dir, name) for name in self.config.kokoro_files())
@@ -56,23 +60,23 @@ class KokoroBackend(Backend):
             if not path.is_file():
                 raise ModelNotFoundError(f"model '{self.config.name}': {path.name} is missing from the models "
                                          "directory (chorus models pull kokoro fetches both files)")
-        self._model_path = model_path
-        self._kokoro = self._on(["CPUExecutionProvider"], str(voices_path))
-        # np.load reads an .npz lazily from one open file, which threads must not share.
+        self._model_path, self._voices_path = model_path, voices_path
         with np.load(voices_path) as voices:
-            self._kokoro.voices = {name: np.asarray(voices[name], dtype=np.float32) for name in voices.files}
-        if not self._kokoro.voices:
+            self._voices = {name: np.asarray(voices[name], dtype=np.float32) for name in voices.files}
+        if not self._voices:
             raise ModelNotFoundError(f"model '{self.config.name}': {voices_path.name} holds no voice")
+        self._kokoro = self._on(["CPUExecutionProvider"])
 
-    def _on(self, providers: list[str], voices_path: str) -> Kokoro:
+    def _on(self, providers: list[str]) -> Kokoro:
         session = onnxruntime.InferenceSession(str(self._model_path), providers=providers)
-        return Kokoro.from_session(session, voices_path)
+        kokoro = Kokoro.from_session(session, str(self._voices_path))
+        kokoro.voices.close()  # its own lazy copy: the tables read at load serve instead
+        kokoro.voices = self._voices
+        return kokoro
 
     def to_device(self) -> None:
         if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
-            voices = self.kokoro.voices
-            self._kokoro = self._on(["CUDAExecutionProvider", "CPUExecutionProvider"], self.kokoro.config.voices_path)
-            self._kokoro.voices = voices
+            self._kokoro = self._on(["CUDAExecutionProvider", "CPUExecutionProvider"])
 
     @property
     def kokoro(self) -> Kokoro:
@@ -98,7 +102,7 @@ class KokoroBackend(Backend):
         sentences = [s for s in _SENTENCE_END.split(request.text.strip()) if s.strip()]
         timing = WordTiming(request.text) if request.word_times else None
         samples = 0
-        for number, sentence in enumerate(sentences):
+        for sentence in sentences:
             try:
                 audio, _, phonemes = self.kokoro.create_timed(sentence, voice=style, speed=request.speed,
                                                               lang=language)
@@ -107,7 +111,7 @@ class KokoroBackend(Backend):
                 raise InvalidRequestError(f"Kokoro cannot speak {sentence[:80]!r}: {exc}", param="input") from None
             # Trimmed at both ends: the pause a sentence ends with is put back, also after the
             # request's last one, since the router's next chunk follows it.
-            if number < len(sentences) - 1 or _SENTENCE_END.search(sentence + " "):
+            if _SENTENCE_END.search(sentence + " "):
                 audio = np.concatenate([audio, np.zeros(int(SENTENCE_PAUSE * SAMPLE_RATE), dtype=audio.dtype)])
             if timing is not None and (words := timing.sentence(_spans(phonemes) if phonemes else None, samples)):
                 yield words

@@ -11,15 +11,15 @@ from urllib.parse import urlsplit
 import pytest
 
 from functions import BACKENDS
-from functions.images import ROUTER_DOCKERFILE, WORKER_DOCKERFILE, worker_build_args
+from functions.images import ROUTER_DOCKERFILE, WORKER_DOCKERFILE, uses_torch, worker_build_args
 from router.settings import _pairs
 from tests.containers import compose_binary, compose_environment
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = REPO / "infra" / "compose.yaml"
 CPU_OVERRIDE = REPO / "infra" / "compose.cpu.yaml"
-#: Piper and Kokoro run on the CPU.
-GPU_BACKENDS = sorted(set(BACKENDS) - {"piper", "kokoro"})
+#: The torch backends; the ONNX ones (Piper, Kokoro) run on the CPU.
+GPU_BACKENDS = sorted(b for b in BACKENDS if uses_torch(b))
 
 
 def compose(file: Path, *args: str) -> subprocess.CompletedProcess:
@@ -56,7 +56,8 @@ def test_gpu_profile_adds_every_other_backend_the_gpu_ones_with_an_nvidia_device
     for name in GPU_BACKENDS:
         devices = gpu["services"][name]["deploy"]["resources"]["reservations"]["devices"]
         assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
-    assert "deploy" not in gpu["services"]["kokoro"], "Kokoro runs on the CPU"
+    for name in sorted(set(BACKENDS) - set(GPU_BACKENDS)):
+        assert "deploy" not in gpu["services"][name], f"{name} runs on the CPU"
 
 
 def test_each_backend_service_builds_the_worker_image_with_its_own_arguments(gpu: dict) -> None:

@@ -34,6 +34,7 @@ from tests.audio import MP3, SHORT_SECONDS, SHORT_TEXT, assert_speech, decode
 from tests.containers import COMPOSE_FILE, REPO, built_image, compose_binary, compose_environment
 from tests.processes import free_port
 from tests.readme_blocks import RUN_BLOCKS, block_id, run_quick_start_block
+from tests.tiny_models.harness import build_tiny_model
 from tests.tiny_models.volume import HEAVY, place_tiny_models
 
 ALL_IMAGES = sorted([*BACKENDS, "router"])
@@ -81,8 +82,7 @@ def test_kokoros_gpu_variant_installs_its_own_lock_and_still_speaks_on_a_cpu(tmp
            "--build-arg", "GPU=true", "-t", tag, str(REPO), timeout=1200)
     frozen = docker("run", "--rm", tag, "pip", "freeze", "--all", "--exclude", "pip")
     assert pinned_packages(frozen) == locked_packages(REPO / "images" / "kokoro" / "requirements-gpu.txt")
-    subprocess.run([sys.executable, str(REPO / "tests/tiny_models/kokoro_model.py"), str(tmp_path / "models")],
-                   check=True, timeout=120)
+    build_tiny_model(Path(sys.executable), "kokoro_model", tmp_path / "models")
     subprocess.run(["chmod", "-R", "a+rX", str(tmp_path)], check=True)
     speak = (
         "import onnxruntime, pathlib\n"

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 import yaml
 
 from tests.audio import decode
-from tests.tiny_models.harness import BUILDERS, backend_python, router, synthesize, worker
+from tests.tiny_models.harness import backend_python, build_tiny_model, router, synthesize, worker
 from tests.tiny_models.harness import pcm as worker_pcm
 from tests.tiny_models.kokoro_model import FRAMES_PER_TOKEN, SAMPLES_PER_FRAME
 
@@ -33,7 +32,7 @@ OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "on
 
 def build(folder: Path, *options: str) -> None:
     # The builder needs `onnx`, which this environment has and the image (onnxruntime alone) does not.
-    subprocess.run([sys.executable, str(BUILDERS / "kokoro_model.py"), str(folder), *options], check=True, timeout=120)
+    build_tiny_model(Path(sys.executable), "kokoro_model", folder, *options)
 
 
 @pytest.fixture(scope="module")

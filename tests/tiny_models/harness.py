@@ -27,11 +27,12 @@ def backend_python(image: str) -> tuple[Path, float]:
     return python, time.perf_counter() - start
 
 
-def build_tiny_model(python: Path, builder: str, folder: Path) -> float:
-    """Run `tests/tiny_models/<builder>.py <folder>` in the backend's image; its seconds."""
+def build_tiny_model(python: Path, builder: str, folder: Path, *options: str) -> float:
+    """Run `tests/tiny_models/<builder>.py <folder> [options]` with `python` (the backend's image's,
+    or this one's for a builder that needs only `onnx`); its seconds."""
     start = time.perf_counter()
     subprocess.run(
-        [str(python), str(BUILDERS / f"{builder}.py"), str(folder)],
+        [str(python), str(BUILDERS / f"{builder}.py"), str(folder), *options],
         cwd=BUILDERS, check=True, capture_output=True, timeout=600,
     )
     return time.perf_counter() - start
