@@ -7,7 +7,7 @@ from __future__ import annotations
 import string
 from pathlib import Path
 
-SOURCE = "coqui/XTTS-v2 config.json (model_args and sampling settings below)"
+SOURCE = "coqui/XTTS-v2 config.json (its model_args and sampling settings, in bench/real_size/coqui.py)"
 FOLDER = "xtts-v2"
 PRESET = "Ana Florence"
 REQUEST = {"language": "en", "voice": PRESET}

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-SOURCE = "hexgrad/Kokoro-82M config.json (sizes in bench/kokoro_model.py)"
+SOURCE = ("hexgrad/Kokoro-82M config.json (sizes in bench/kokoro_model.py), exported to ONNX at opset 17 as "
+          "kokoro-onnx's script does: 81.8 M parameters, 325 MB")
 FOLDER = "kokoro-82m"
 REQUEST = {"voice": "af_heart"}
 
