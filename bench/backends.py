@@ -11,9 +11,10 @@ seconds per wall second with 1, 2, 4 and 8 requests at once on one loaded backen
 backend's library generates batches (Bark, MusicGen, Parler-TTS), with 4 requests in one generate.
 CUDA is used where the image's libraries find it; the device is printed.
 
-The short pass (32 tokens) ends within --minutes once the images and models are built: each backend
-gets an equal share of the time left, and a point of the curve that would not fit in its share is
-skipped ("-"). --full generates 256 tokens and runs every point, however long it takes.
+A pass ends within --minutes (default 10) once the images and models are built: each backend gets
+an equal share of the time left, and a point of the curve that would not fit in its share is
+skipped ("-"); a larger --minutes completes it on a slow machine. The short pass generates 32
+tokens a request, --full 256 (for a GPU).
 --write puts the table in that file's section for the device and length, keeping the rest.
 """
 
@@ -42,16 +43,14 @@ COLUMNS = ("load s", "audio s", "first chunk s", "real-time factor", "x Piper's"
            "audio s per wall s (1/2/4/8)", f"{BATCH} in one generate")
 
 
-def measure(backend: str, models: Path, tokens: int, budget: float | None) -> dict:
+def measure(backend: str, models: Path, tokens: int, budget: float) -> dict:
     if backend == "kokoro":
         # Its export needs torch, which Kokoro's image does not have: built here, beforehand.
         subprocess.run([sys.executable, str(ROOT / "bench" / "kokoro_model.py"), str(models / "kokoro-82m")],
                        check=True)
     started = time.perf_counter()
     command = [str(image_python(backend)), str(ROOT / "bench" / "real_size" / "run.py"), backend, str(models),
-               "--tokens", str(tokens), "--concurrency", "1,2,4,8", "--batch", str(BATCH)]
-    if budget is not None:
-        command += ["--budget", str(round(budget, 1))]
+               "--tokens", str(tokens), "--concurrency", "1,2,4,8", "--batch", str(BATCH), "--budget", f"{budget:.1f}"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=3600)
     wall = round(time.perf_counter() - started, 1)
     if result.returncode != 0:
@@ -107,7 +106,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="256 tokens per request instead of 32")
     parser.add_argument("--only", help="comma-separated backends (default: all)")
-    parser.add_argument("--minutes", type=float, default=10, help="the short pass's time, once built")
+    parser.add_argument("--minutes", type=float, default=10, help="the pass's time, once built")
     parser.add_argument("--models", type=Path, default=Path(tempfile.gettempdir()) / "chorus-real-size")
     parser.add_argument("--write", type=Path, help="also write the table to this markdown file")
     args = parser.parse_args()
@@ -119,14 +118,14 @@ def main() -> None:
     results = []
     spent = 0.0  # measuring, without building models
     for done, backend in enumerate(chosen):
-        budget = None if args.full else max(args.minutes * 60 - spent, 0) / (len(chosen) - done)
+        budget = max(args.minutes * 60 - spent, 0) / (len(chosen) - done)
         print(f"{backend}: building and measuring...", file=sys.stderr, flush=True)
         results.append(measure(backend, args.models, tokens, budget))
         spent += results[-1].get("wall_s", 0) - results[-1].get("build_s", 0)
         print(json.dumps(results[-1]), file=sys.stderr, flush=True)
     command = " ".join(["python bench/backends.py", *(["--full"] if args.full else []),
                          *(["--only", args.only] if args.only else []),
-                         *(["--minutes", f"{args.minutes:g}"] if args.minutes != 10 and not args.full else [])])
+                         *(["--minutes", f"{args.minutes:g}"] if args.minutes != 10 else [])])
     text = table(results, tokens, spent / 60, command)
     print(text)
     if args.write:
