@@ -5,6 +5,7 @@ all build with these, and the tests check that compose names the same ones."""
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,3 +54,27 @@ def worker_build_args(backend: str, gpu: bool = False) -> dict[str, str]:
     if gpu and has_gpu_variant(backend):
         args["GPU"] = "true"
     return args
+
+
+@dataclass(frozen=True)
+class ImageBuild:
+    """One image Chorus ships: `chorus/<name>`, from `dockerfile` with `build_args`."""
+
+    name: str
+    dockerfile: str
+    build_args: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def tag(self) -> str:
+        return f"chorus/{self.name}"
+
+
+def image_builds(backends: list[str]) -> list[ImageBuild]:
+    """The router's image and each backend's worker, as compose builds them, and each GPU
+    variant (`<backend>:gpu`) the Modal app builds for a backend that has one."""
+    builds = [ImageBuild("router", ROUTER_DOCKERFILE)]
+    for backend in backends:
+        builds.append(ImageBuild(backend, WORKER_DOCKERFILE, worker_build_args(backend)))
+        if has_gpu_variant(backend):
+            builds.append(ImageBuild(f"{backend}:gpu", WORKER_DOCKERFILE, worker_build_args(backend, gpu=True)))
+    return builds

@@ -50,25 +50,58 @@ remove_rootfs() {
 }
 trap remove_rootfs EXIT
 
+# The Debian archive this host's apt already uses (its sources, one-line or deb822), so a host
+# behind a mirror or proxy of its own builds through it; none is assumed.
+host_debian_uri() {
+    local kind=$1  # archive | security
+    local files=() file
+    [[ -f /etc/apt/sources.list ]] && files+=(/etc/apt/sources.list)
+    for file in /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
+        [[ -f $file ]] && files+=("$file")
+    done
+    ((${#files[@]})) || return 0
+    # A deb822 stanza's URIs and Suites, or a one-line entry's URI and suite; security suites
+    # end in -security.
+    awk -v kind="$kind" '
+        function pick(uri, suites) {
+            if (uri == "" || suites == "") return
+            security = suites ~ /-security/
+            if (!found && (kind == "security") == security) { print uri; found = 1 }
+        }
+        /^[[:space:]]*#/ { next }
+        /^deb[[:space:]]/ { sub(/\[[^]]*\][[:space:]]*/, ""); pick($2, $3); next }
+        /^URIs:/ { uri = $2 }
+        /^Suites:/ { $1 = ""; suites = $0 }
+        /^Types:.*deb([[:space:]]|$)/ { deb = 1 }
+        /^[[:space:]]*$/ { if (deb) pick(uri, suites); uri = ""; suites = ""; deb = 0 }
+        END { if (deb) pick(uri, suites) }
+    ' "${files[@]}"
+}
+
 stand_in_base_image() {
     install_packages debootstrap:debootstrap
-    local sources rootfs
+    local rootfs mirror security
+    mirror=$(host_debian_uri archive)
+    security=$(host_debian_uri security)
+    if [[ -z $mirror ]]; then
+        log "no registry answered for $BASE_IMAGE, and this host's apt sources name no Debian archive to"
+        log "build a stand-in from: add one to /etc/apt/sources.list.d/, or make $BASE_IMAGE pullable"
+        exit 1
+    fi
     ROOTFS=$(mktemp -d)
     rootfs=$ROOTFS
-    sources=/etc/apt/sources.list.d/debian.sources
-    local mirror=http://deb.debian.org/debian
-    if [[ -f $sources ]]; then
-        mirror=$(awk '/^URIs:/ {print $2; exit}' "$sources")
-    fi
-    log "building a stand-in $BASE_IMAGE from Debian's packages ($mirror)"
+    log "building a stand-in $BASE_IMAGE from Debian's packages ($mirror, this host's apt archive)"
     debootstrap --variant=minbase bookworm "$rootfs" "$mirror" >/dev/null
-    [[ -f $sources ]] && cp "$sources" "$rootfs/etc/apt/sources.list.d/" && rm -f "$rootfs/etc/apt/sources.list"
-    # Certificates this host trusts beyond Debian's (a proxy's, a company's) go in too: pip
-    # inside a build reaches the package index only with them.
-    if compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
-        mkdir -p "$rootfs/usr/local/share/ca-certificates"
-        cp /usr/local/share/ca-certificates/*.crt "$rootfs/usr/local/share/ca-certificates/"
-    fi
+    # The image's own sources: bookworm, from the same archive (and security archive) as the host.
+    rm -f "$rootfs/etc/apt/sources.list"
+    {
+        printf 'Types: deb\nURIs: %s\nSuites: bookworm bookworm-updates\nComponents: main\n' "$mirror"
+        printf 'Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n'
+        if [[ -n $security ]]; then
+            printf '\nTypes: deb\nURIs: %s\nSuites: bookworm-security\nComponents: main\n' "$security"
+            printf 'Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n'
+        fi
+    } >"$rootfs/etc/apt/sources.list.d/debian.sources"
     mount -t proc proc "$rootfs/proc"
     mount -t devpts devpts "$rootfs/dev/pts"
     # A clean environment: this host's pip and proxy settings are not the image's. libpython: the

@@ -46,6 +46,18 @@ def no_token(monkeypatch, tmp_path):
     monkeypatch.setenv("MODAL_CONFIG_PATH", str(tmp_path / "home" / ".modal.toml"))
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # Images are built once, before the first test, in a step of their own: a first build takes
+    # far longer than any test may.
+    if any(item.get_closest_marker("images") for item in session.items):
+        from tests.containers import build_session_images
+
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        problem = build_session_images(reporter.write_line if reporter else print)
+        if problem is not None:
+            pytest.exit(problem, returncode=1)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     # A container whose client was killed outlives it: remove what the image tests started.
     if "tests.containers" in sys.modules:

@@ -17,9 +17,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+from functions import BACKENDS
+from functions.images import ImageBuild, image_builds
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = REPO / "infra" / "compose.yaml"
@@ -64,19 +69,80 @@ def compose_environment() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(("COMPOSE_", "CHORUS_"))}
 
 
+#: Each image may take this long to build: the first torch image pulls a ~7 GB layer.
+BUILD_TIMEOUT = 1800
+#: The images this session's build step made (see `build_images`); None outside a test session,
+#: where a benchmark builds what it asks for.
+_session_images: set[str] | None = None
+
+
+def _build(image: ImageBuild, context: Path = REPO) -> tuple[float, str | None]:
+    """Builds `image` as compose builds it (layers already built are reused); returns the
+    seconds it took and, if it failed, what to tell."""
+    log = Path(tempfile.gettempdir()) / f"chorus-build-{image.name.replace(':', '-')}.log"
+    arguments = [arg for key, value in image.build_args.items() for arg in ("--build-arg", f"{key}={value}")]
+    started = time.monotonic()
+    with log.open("wb") as sink:
+        try:
+            result = subprocess.run(
+                ["docker", "build", "-f", str(context / image.dockerfile), *arguments, "-t", image.tag, str(context)],
+                stdout=sink, stderr=subprocess.STDOUT, timeout=BUILD_TIMEOUT,
+            )
+            problem = None if result.returncode == 0 else f"exit status {result.returncode}"
+        except subprocess.TimeoutExpired:
+            problem = f"not done after {BUILD_TIMEOUT // 60} minutes"
+    seconds = time.monotonic() - started
+    if problem is None:
+        return seconds, None
+    tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
+    return seconds, f"building {image.tag} failed ({problem}); the end of its log ({log}):\n{tail}"
+
+
+def build_images(write_line: Callable[[str], None], images: list[ImageBuild], context: Path = REPO) -> str | None:
+    """`images`, one after another, with a line for each (name, minutes, size); returns what to
+    tell if one fails."""
+    write_line(f"building {len(images)} images before the tests (a first run takes many minutes)")
+    started = time.monotonic()
+    for image in images:
+        seconds, problem = _build(image, context)
+        if problem is not None:
+            return problem
+        size = int(docker_output("image", "inspect", "--format", "{{.Size}}", image.tag))
+        write_line(f"  {image.tag}: {seconds / 60:.1f} min, {size / 1e9:.2f} GB")
+    write_line(f"images ready in {(time.monotonic() - started) / 60:.1f} min")
+    return None
+
+
+def build_session_images(write_line: Callable[[str], None]) -> str | None:
+    """The session's build step, before any test runs (so outside every test's time-out): every
+    image Chorus ships. With no engine it builds nothing (the tests that need images say why)."""
+    global _session_images
+    if _engine_problem() is not None:
+        return None
+    images = image_builds(list(BACKENDS))
+    problem = build_images(write_line, images)
+    if problem is None:
+        _session_images = {image.name for image in images}
+    return problem
+
+
+def docker_output(*args: str) -> str:
+    return subprocess.run(["docker", *args], capture_output=True, text=True, check=True).stdout.strip()
+
+
 @functools.cache
 def built_image(name: str) -> str:
-    """`chorus/<name>` (the router or a backend), built by compose as `make images` builds it;
-    layers already built are reused, so only the first test to ask pays."""
+    """`chorus/<name>` (the router, a backend, or a GPU variant such as `kokoro:gpu`). In a test
+    session the build step made it before the tests; outside one (a benchmark) it is built now."""
     require_engine()
-    log = Path(tempfile.gettempdir()) / f"chorus-build-{name}.log"
-    with log.open("wb") as sink:
-        result = subprocess.run(
-            [compose_binary(), "-f", str(COMPOSE_FILE), "--profile", "gpu", "build", name],
-            stdout=sink, stderr=subprocess.STDOUT, env=compose_environment(), timeout=1800,
-        )
-    if result.returncode != 0:
-        pytest.fail(f"building the {name} image failed:\n{log.read_text(errors='replace')[-4000:]}")
+    if _session_images is None:
+        (image,) = [image for image in image_builds(list(BACKENDS)) if image.name == name]
+        _, problem = _build(image)
+        if problem is not None:
+            raise RuntimeError(problem)
+    elif name not in _session_images:
+        pytest.fail(f"chorus/{name} is not among the images the build step made: mark the test that "
+                    "needs it with pytest.mark.images")
     return f"chorus/{name}"
 
 

@@ -12,6 +12,8 @@ from tests.audio import audio_seconds
 from tests.tiny_models.harness import pcm as worker_pcm
 from tests.tiny_models.harness import router, synthesize, tiny_worker
 
+pytestmark = pytest.mark.images
+
 RATE = 24000
 BARK = {"name": "tiny-bark", "backend": "bark", "parameters": {"model": "tiny-bark"}}
 WITH_VOICE = {**BARK, "name": "tiny-bark-voice", "tts": {"voice": "v2/en_speaker_1"}}

@@ -189,6 +189,7 @@ def http_stack(tmp_path_factory):
 
 
 # A tiny model's audio length means nothing: that it decodes, as the format asked, does.
+@pytest.mark.images
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("row", [PIPER_ROW, COQUI_ROW, BARK_ROW, MUSICGEN_ROW],
                          ids=["piper", "coqui", "bark", "transformers-musicgen"])
@@ -202,6 +203,7 @@ def test_each_row_of_localais_table_speaks_through_its_worker(http_stack, row):
     assert row["model"] in listed(http_stack.url)
 
 
+@pytest.mark.images
 @pytest.mark.parametrize("row, looked", [
     ({**COQUI_ROW, "model": "tts_models/en/ljspeech/tacotron2-DDC"}, "TTS_HOME"),
     ({**COQUI_ROW, "model": "no/such"}, "released Coqui model name"),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -29,13 +30,23 @@ import pytest
 import yaml
 
 from functions import BACKENDS
-from functions.images import locked_packages, pinned_packages, uses_torch
+from functions.images import ImageBuild, locked_packages, pinned_packages, uses_torch
 from tests.audio import MP3, SHORT_SECONDS, SHORT_TEXT, assert_speech, decode
-from tests.containers import COMPOSE_FILE, REPO, built_image, compose_binary, compose_environment
+from tests.containers import (
+    COMPOSE_FILE,
+    REPO,
+    build_images,
+    built_image,
+    compose_binary,
+    compose_environment,
+    require_engine,
+)
 from tests.processes import free_port
 from tests.readme_blocks import RUN_BLOCKS, block_id, run_quick_start_block
 from tests.tiny_models.harness import build_tiny_model
 from tests.tiny_models.volume import HEAVY, place_tiny_models
+
+pytestmark = pytest.mark.images
 
 ALL_IMAGES = sorted([*BACKENDS, "router"])
 TORCH_BACKENDS = sorted(b for b in BACKENDS if uses_torch(b))
@@ -71,15 +82,10 @@ def test_the_image_runs_as_its_non_root_user(image: str) -> None:
     assert docker("run", "--rm", tag, "id", "-u").strip() == "10001"
 
 
-# Its CUDA and cuDNN libraries are some 2 GB to fetch.
-@pytest.mark.timeout(1500)
 def test_kokoros_gpu_variant_installs_its_own_lock_and_still_speaks_on_a_cpu(tmp_path: Path) -> None:
     """GPU=true (the build argument the Modal app passes when a Kokoro model asks for a GPU)
     swaps in onnxruntime-gpu; where no GPU is attached its CUDA session falls back to the CPU."""
-    built_image("kokoro")  # the CPU variant's layers, shared
-    tag = "chorus/kokoro:gpu"
-    docker("build", "-q", "-f", str(REPO / "images/worker/Dockerfile"), "--build-arg", "BACKEND=kokoro",
-           "--build-arg", "GPU=true", "-t", tag, str(REPO), timeout=1200)
+    tag = built_image("kokoro:gpu")
     frozen = docker("run", "--rm", tag, "pip", "freeze", "--all", "--exclude", "pip")
     assert pinned_packages(frozen) == locked_packages(REPO / "images" / "kokoro" / "requirements-gpu.txt")
     build_tiny_model(Path(sys.executable), "kokoro_model", tmp_path / "models")
@@ -97,6 +103,24 @@ def test_kokoros_gpu_variant_installs_its_own_lock_and_still_speaks_on_a_cpu(tmp
     output = docker("run", "--rm", "-v", f"{tmp_path / 'models'}:/models:ro", tag, "python", "-c", speak)
     providers, samples = output.strip().splitlines()[-1].rsplit(" ", 1)
     assert "CUDAExecutionProvider" in providers and int(samples) > 24000 // 2
+
+
+def test_the_build_step_prints_a_line_per_image_and_names_the_one_that_fails(tmp_path: Path) -> None:
+    require_engine()
+    (tmp_path / "Dockerfile.good").write_text("FROM python:3.11-slim-bookworm\nRUN true\n")
+    (tmp_path / "Dockerfile.bad").write_text(
+        "FROM python:3.11-slim-bookworm\nRUN echo 'the reason it failed' && false\n")
+    good, bad = ImageBuild("build-step-test", "Dockerfile.good"), ImageBuild("build-step-broken", "Dockerfile.bad")
+    lines: list[str] = []
+    try:
+        problem = build_images(lines.append, [good, bad, good], context=tmp_path)
+    finally:
+        docker("image", "rm", "--force", good.tag)
+    assert problem is not None and problem.startswith(f"building {bad.tag} failed (exit status")
+    assert "the reason it failed" in problem.split("its log")[1]
+    # One line for the image that was built, none for the one after the failure.
+    assert [line.split(":")[0].strip() for line in lines[1:]] == [good.tag]
+    assert re.fullmatch(r"  chorus/build-step-test: \d+\.\d min, \d+\.\d\d GB", lines[1])
 
 
 def test_the_torch_backends_share_one_torch_layer() -> None:

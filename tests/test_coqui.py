@@ -20,6 +20,8 @@ from tests.audio import audio_seconds, write_voice_like_wav
 from tests.containers import image_python
 from tests.processes import REPO, backend_worker, chorus_server
 
+pytestmark = pytest.mark.images
+
 BUILDER = REPO / "tests" / "tiny_models" / "coqui_models.py"
 
 CONFIGS = {

@@ -25,6 +25,8 @@ from tests.audio import decode
 from tests.containers import built_image, require_engine
 from tests.processes import chorus_server
 
+pytestmark = pytest.mark.images
+
 #: Near the input limit: several seconds of synthesis, a GPU slot held all along.
 LONG_TEXT = " ".join(["The quick brown fox jumps over the lazy dog, and the dog sleeps on."] * 60)
 _numbers = itertools.count()

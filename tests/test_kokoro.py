@@ -20,6 +20,8 @@ from tests.tiny_models.harness import backend_python, build_tiny_model, router, 
 from tests.tiny_models.harness import pcm as worker_pcm
 from tests.tiny_models.kokoro_model import FRAMES_PER_TOKEN, SAMPLES_PER_FRAME
 
+pytestmark = pytest.mark.images
+
 RATE = 24000
 #: The example config, as shipped, over the tiny files laid out where it names them.
 EXAMPLE = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "tts-kokoro.yaml").read_text())

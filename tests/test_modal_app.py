@@ -247,6 +247,7 @@ def deployed_app(tmp_path_factory):
         return load_app(monkeypatch, write_configs(tmp_path_factory.mktemp("configs"), ALL_BACKENDS))
 
 
+@pytest.mark.images
 @pytest.mark.parametrize("name", ["router", *BACKENDS])
 def test_a_modal_container_runs_as_root_with_the_apps_settings(deployed_app, tmp_path, name):
     """Modal mounts the app file and the packages under /root: the image's USER (non-root, for
@@ -315,6 +316,7 @@ def run_as_modal(deployed_app, name: str, tmp_path: Path, code: str) -> str:
     return result.stdout.strip().splitlines()[-1]
 
 
+@pytest.mark.images
 @pytest.mark.parametrize("name", list(BACKENDS))
 def test_every_cache_a_backend_reads_lies_in_the_volume(deployed_app, tmp_path, name):
     paths = json.loads(run_as_modal(deployed_app, name, tmp_path, CACHE_PROBE))
@@ -322,6 +324,7 @@ def test_every_cache_a_backend_reads_lies_in_the_volume(deployed_app, tmp_path, 
     assert not outside, f"{name} reads caches outside the models Volume: {outside}"
 
 
+@pytest.mark.images
 @pytest.mark.parametrize("name", list(BACKENDS))
 def test_no_backend_queries_cuda_at_import(deployed_app, tmp_path, name):
     assert run_as_modal(deployed_app, name, tmp_path, CUDA_PROBE) == "imported"

@@ -12,6 +12,8 @@ from tests.audio import audio_seconds
 from tests.tiny_models.harness import pcm as worker_pcm
 from tests.tiny_models.harness import router, synthesize, tiny_worker
 
+pytestmark = pytest.mark.images
+
 RATE = 24000
 PARLER = {"name": "tiny-parler", "backend": "parler-tts", "parameters": {"model": "tiny-parler"}}
 TEXT = "Hello there, friend."

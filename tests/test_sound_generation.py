@@ -13,6 +13,8 @@ from tests.audio import audio_seconds, decode
 from tests.processes import chorus_server
 from tests.tiny_models.harness import offline_env, tiny_worker
 
+pytestmark = pytest.mark.images
+
 RATE = 32000
 PROMPT = "Rain on a tin roof. Distant thunder. A dog barks twice."
 

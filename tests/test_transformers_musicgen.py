@@ -18,6 +18,8 @@ from router.settings import Settings
 from tests.tiny_models.harness import pcm as worker_pcm
 from tests.tiny_models.harness import synthesize, tiny_worker
 
+pytestmark = pytest.mark.images
+
 RATE = 32000
 MUSIC = {"name": "tiny-music", "backend": "transformers-musicgen", "parameters": {"model": "tiny-musicgen"}}
 # A hub id that is in no models directory and no cache: with HF_HUB_OFFLINE=1 it must fail at
