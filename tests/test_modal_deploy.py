@@ -183,8 +183,8 @@ def test_each_backend_class_is_defined_as_the_router_calls_it(monkeypatch, tmp_p
             # GPU, CPU, memory, windows, concurrency and warm containers are each model's own,
             # sent with its calls (with_options, with_concurrency, update_autoscaler).
             "gpu": None, "cpu": None, "memory": None,
-            # The client's defaults: startup_timeout falls back to timeout, 300 s; each call gets 300 s
-            # per call unless the model's own `timeout` says otherwise.
+            # The client's defaults: a call may take 300 s unless the model's own `timeout` says
+            # otherwise; starting a container, startup_timeout, falls back to that 300 s.
             "timeout": 300, "startup_timeout": 300,
             "min_containers": 0, "max_containers": None, "scaledown_window": None,
             "max_concurrent_inputs": None, "target_concurrent_inputs": None,
