@@ -75,10 +75,14 @@ KOKORO_VOICES_FILE = "voices-v1.0.bin"
 #: process or worker keeps loaded at once; CHORUS_CONFIGLESS_MODELS sets it, 0 refuses them.
 CONFIGLESS_MODELS = 4
 
-#: Modal's GPU types (modal.com/docs/guide/gpu), weakest first.
-GPU_TYPES = ("T4", "L4", "A10G", "L40S", "A100", "A100-40GB", "A100-80GB", "H100", "H200", "B200")
-MAX_GPU_COUNT = 8
-_GPU_SPEC = re.compile(r"^(?P<type>[A-Za-z0-9-]+?)(?::(?P<count>\d+))?$")
+#: Modal's GPU types (its GPU guide; A10G is A10's older name) and the most of each one container
+#: may have: Modal's server checks both only at a container's first start, so Chorus checks them
+#: when it reads the config.
+GPU_MAX_COUNT = {
+    "T4": 8, "L4": 8, "A10": 4, "A10G": 4, "L40S": 8, "A100": 8, "A100-40GB": 8, "A100-80GB": 8,
+    "RTX-PRO-6000": 8, "H100": 8, "H100!": 8, "H200": 8, "B200": 8, "B200+": 8,
+}
+_GPU_SPEC = re.compile(r"^(?P<type>[A-Za-z0-9!+-]+?)(?::(?P<count>\d+))?$")
 
 
 class DeploySettings(BaseModel):
@@ -101,6 +105,12 @@ class DeploySettings(BaseModel):
     #: audio is still delivered in order. Each counts as one of the model's inputs.
     fan_out: int = Field(1, ge=1, le=16)
     timeout: int = Field(600, ge=1, le=86400)
+    #: Modal: seconds a container may take to start, its model's load included (Modal's own
+    #: default is 300). Sized for the example checkpoints: the slowest to load, XTTS v2, takes
+    #: 27 s on two cores and the largest, Parler-TTS mini (3.5 GB), 20 s (bench/costs.md); a
+    #: container gets an eighth of a core unless `cpu` asks for more, some 16 times slower: about
+    #: 7 minutes, before the Volume's first read of the weights.
+    startup_timeout: int = Field(900, ge=1, le=86400)
 
     @field_validator("gpu")
     @classmethod
@@ -112,11 +122,13 @@ class DeploySettings(BaseModel):
         match = _GPU_SPEC.match(spec.strip())
         name = match["type"].upper() if match else ""
         count = int(match["count"] or 1) if match else 0
-        if name not in GPU_TYPES or not 1 <= count <= MAX_GPU_COUNT:
+        if name not in GPU_MAX_COUNT:
             raise ValueError(
-                f"unknown GPU '{spec}'; Modal offers {', '.join(GPU_TYPES)}, optionally with a "
-                f"count from 1 to {MAX_GPU_COUNT} (e.g. 'A10G' or 'H100:2'), or null for CPU"
+                f"unknown GPU '{spec}'; Modal offers {', '.join(GPU_MAX_COUNT)}, optionally with a "
+                "count (e.g. 'L4' or 'H100:2'), or null for CPU"
             )
+        if not 1 <= count <= GPU_MAX_COUNT[name]:
+            raise ValueError(f"GPU '{spec}': a container may have 1 to {GPU_MAX_COUNT[name]} {name} GPUs")
         return name if count == 1 else f"{name}:{count}"
 
     @model_validator(mode="after")

@@ -1,10 +1,15 @@
 """How each backend's image is built: one Dockerfile for every worker, told apart by build
 arguments that follow from the backend's folder. docker compose, `make images` and the Modal app
-all build with these, and the tests check that compose names the same ones."""
+all build with these, and the tests check that compose names the same ones.
+
+Modal's builder gets the same Dockerfile rendered (`modal_dockerfile`): its client uploads as the
+build context only the files that literal COPY sources match, expanding no build argument, and
+its builder implements no VOLUME."""
 
 from __future__ import annotations
 
 import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,3 +83,51 @@ def image_builds(backends: list[str]) -> list[ImageBuild]:
         if has_gpu_variant(backend):
             builds.append(ImageBuild(f"{backend}:gpu", WORKER_DOCKERFILE, worker_build_args(backend, gpu=True)))
     return builds
+
+
+#: What a container engine reads when it runs an image rather than when it builds one. Modal runs
+#: its own entry point, as root (the app's files are mounted under /root), keeps no volume of the
+#: image's and checks no health, and its builder implements no VOLUME: it gets none of these.
+RUN_TIME_INSTRUCTIONS = frozenset({"USER", "VOLUME", "EXPOSE", "HEALTHCHECK", "CMD", "ENTRYPOINT", "STOPSIGNAL"})
+_ARGUMENT = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
+
+
+def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
+    """(KEYWORD, the rest) of each instruction, continuation lines joined and comments dropped,
+    as Docker reads them."""
+    instructions: list[tuple[str, str]] = []
+    pending = ""
+    for line in text.splitlines():
+        if line.lstrip().startswith("#"):
+            continue  # a comment, even between continuation lines
+        pending += line.strip()
+        if pending.endswith("\\"):
+            pending = pending[:-1].rstrip() + " "
+            continue
+        if pending:
+            keyword, _, rest = pending.partition(" ")
+            instructions.append((keyword.upper(), rest.strip()))
+        pending = ""
+    return instructions
+
+
+def modal_dockerfile(dockerfile: str, build_args: dict[str, str]) -> tuple[str, list[str]]:
+    """`dockerfile` (relative to the repository) as Modal's builder is given it: its base image,
+    and the instructions after FROM with every build argument resolved (each ARG gets its value,
+    and COPY and ENV name it literally) and none of `RUN_TIME_INSTRUCTIONS`. The layers are the
+    ones compose builds, so the two install the same."""
+    base = ""
+    values: dict[str, str] = {}
+    commands: list[str] = []
+    for keyword, rest in dockerfile_instructions((REPO / dockerfile).read_text()):
+        if keyword == "FROM":
+            base = rest
+        elif keyword == "ARG":
+            name, _, default = rest.partition("=")
+            values[name] = build_args.get(name, default)
+            commands.append(f"ARG {name}={shlex.quote(values[name])}")
+        elif keyword not in RUN_TIME_INSTRUCTIONS:
+            if keyword in ("COPY", "ADD", "ENV", "WORKDIR"):
+                rest = _ARGUMENT.sub(lambda match: values.get(match[1] or match[2], match[0]), rest)
+            commands.append(f"{keyword} {rest}")
+    return base, commands

@@ -27,7 +27,7 @@ import modal
 
 from functions import BACKENDS, modal_class_name
 from functions.config import ConfigError, ModelConfig, validate_configs
-from functions.images import ROUTER_DOCKERFILE, WORKER_DOCKERFILE, worker_build_args
+from functions.images import ROUTER_DOCKERFILE, WORKER_DOCKERFILE, modal_dockerfile, worker_build_args
 
 #: The repository on the machine that deploys; in a container this file is /root/modal_app.py.
 REPO = Path(__file__).resolve().parent.parent
@@ -73,12 +73,16 @@ def _image(
     env: dict[str, str] | None = None,
     ignore: Any = None,
 ) -> modal.Image:
-    """The image docker compose builds from `dockerfile` with `build_args`, plus the Chorus
-    packages and the configs this app was deployed with, added at container start."""
-    image = modal.Image.from_dockerfile(REPO / dockerfile, context_dir=REPO, build_args=build_args or {})
-    # Modal puts the app file and the packages under /root; the image's non-root USER (kept
-    # for compose) could not read them, whether or not Modal applies it.
-    image = image.dockerfile_commands(["USER root"]).env(
+    """The image docker compose builds from `dockerfile` with `build_args`, in the form Modal's
+    builder takes (`modal_dockerfile`: build arguments resolved, no run-time instructions, so it
+    ends as root whatever layers Modal adds), plus the Chorus packages and the configs this app
+    was deployed with, added at container start."""
+    if modal.is_local():
+        base, commands = modal_dockerfile(dockerfile, build_args or {})
+    else:
+        # In a container the image is built already, and images/ is not there to be read.
+        base, commands = "scratch", []
+    image = modal.Image.from_registry(base).dockerfile_commands(commands, context_dir=REPO).env(
         {"CHORUS_CONFIGS_DIR": CONTAINER_CONFIGS_DIR, "CHORUS_MODELS_DIR": MODELS_DIR, **(env or {})}
     )
     sources = {"ignore": ignore} if ignore is not None else {}
@@ -153,18 +157,21 @@ def _backend_class(backend: str) -> Any:
         "model": modal.parameter(),
     }
     user_cls = type(name, (BackendService,), body)
-    # Images are built where the app is deployed; in a container (its image already running)
-    # the images/ folder the build arguments come from is absent.
     # A backend with a GPU variant (Kokoro's onnxruntime-gpu) gets it when one of its models asks
     # for a GPU; that variant also runs on the CPU, for the models that do not.
-    gpu = any(c.deploy.gpu for c in CONFIGS.values() if c.backend == backend)
+    configs = [c for c in CONFIGS.values() if c.backend == backend]
+    gpu = any(c.deploy.gpu for c in configs)
+    # Read from images/, which a container does not have (nor needs: its image is built).
     build_args = worker_build_args(backend, gpu=gpu) if modal.is_local() else {}
     # GPU, windows, time-out and concurrency are each model's own: the router asks for them
-    # with `with_options` and `with_concurrency` (see router/runners/modal.py).
+    # with `with_options` and `with_concurrency` (see router/runners/modal.py). A container's
+    # start-up (the snap=True load) is bounded per class, `with_options` cannot change it: the
+    # largest any of the backend's models asks for.
     return app.cls(
         image=_image(WORKER_DOCKERFILE, "functions", build_args=build_args),
         volumes={MODELS_DIR: models_volume},
         enable_memory_snapshot=True,
+        startup_timeout=max(c.deploy.startup_timeout for c in configs),
     )(user_cls)
 
 
@@ -203,16 +210,18 @@ def web():
 
 def keep_models_warm(lookup: Any = modal.Cls.from_name) -> dict[str, int]:
     """`deploy.min_containers` for each model that asks for warm containers: a class decorator
-    would give every model of the backend the same number, and each deploy resets what
-    `update_autoscaler` set, so `make deploy` runs this right after `modal deploy`."""
+    would give every model of the backend the same number, and each deploy resets what was set
+    here, so `make deploy` runs this right after `modal deploy`."""
     from router.runners.modal import model_instance
 
     warm = {name: c.deploy.min_containers for name, c in CONFIGS.items() if c.deploy.min_containers}
     for name, count in warm.items():
         config = CONFIGS[name]
-        model_instance(lookup(APP_NAME, modal_class_name(config.backend)), config).update_autoscaler(
-            min_containers=count
-        )
+        instance = model_instance(lookup(APP_NAME, modal_class_name(config.backend)), config)
+        # `Function.autoscaler` is the client's current API; an instance's methods share its
+        # function, the model's variant (modal 1.6.4: the instance's own update_autoscaler still
+        # goes through the one it deprecates).
+        instance.synthesize.autoscaler.update(min_containers=count)
     return warm
 
 

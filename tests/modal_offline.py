@@ -17,6 +17,17 @@ APP_FILE = REPO / "infra" / "modal_app.py"
 
 _counter = itertools.count()
 
+#: One model per backend, most of them on a GPU.
+ALL_BACKENDS = [
+    {"name": "voice-a", "backend": "piper", "parameters": {"model": "a.onnx"}},
+    {"name": "xtts", "backend": "coqui", "parameters": {"model": "tts_models/x"}, "deploy": {"gpu": "T4"}},
+    {"name": "bark", "backend": "bark", "parameters": {"model": "suno/bark"}, "deploy": {"gpu": "A100-80GB"}},
+    {"name": "parler", "backend": "parler-tts", "parameters": {"model": "p/q"}, "deploy": {"gpu": "L4"}},
+    {"name": "music", "backend": "transformers-musicgen", "parameters": {"model": "m/n"}, "deploy": {"gpu": "H100:2"}},
+    {"name": "valle", "backend": "vall-e-x", "deploy": {"gpu": "L40S", "timeout": 1200}},
+    {"name": "kokoro", "backend": "kokoro", "deploy": {"gpu": "T4"}},
+]
+
 # Loaded into each subprocess: refuses every connection that leaves the machine.
 NO_NETWORK = '''
 import socket

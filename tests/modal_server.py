@@ -457,10 +457,6 @@ class ModalRecorder:
     #: The image builder version the workspace reports (a client may ask for another: each
     #: image records the one it was built with).
     builder_version: str = DEFAULT_BUILDER_VERSION
-    #: False: a failed image check is recorded (in `errors` of the image) but the build reports
-    #: success, so the rest of a deploy can be inspected. Modal fails it: keep True unless a test
-    #: says why not.
-    fail_builds: bool = True
     environment: str = "main"
     #: Secrets that exist: name -> their keys (and values).
     secrets: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -775,7 +771,7 @@ class ModalServer(_Unimplemented):
             record = recorder.images.get(base.image_id)
             if record is None:
                 raise GRPCError(Status.NOT_FOUND, f"base image {base.image_id} not found")
-            if not record.built and recorder.fail_builds:
+            if not record.built:
                 raise GRPCError(Status.FAILED_PRECONDITION, f"base image {base.image_id} failed to build")
             bases[base.docker_tag] = record
         context: dict[str, str] = {}
@@ -836,7 +832,7 @@ class ModalServer(_Unimplemented):
             for line in record.logs + record.errors
         ]
         await stream.send_message(api_pb2.ImageJoinStreamingResponse(task_logs=logs, entry_id="1"))
-        if record.errors and self.recorder.fail_builds:
+        if record.errors:
             result = api_pb2.GenericResult(
                 status=api_pb2.GenericResult.GENERIC_STATUS_FAILURE, exception="\n\n".join(record.errors)
             )
@@ -901,7 +897,7 @@ class ModalServer(_Unimplemented):
         image = recorder.images.get(function.image_id)
         if image is None:
             raise GRPCError(Status.NOT_FOUND, f"image {function.image_id} not found")
-        if not image.built and recorder.fail_builds:
+        if not image.built:
             raise GRPCError(Status.FAILED_PRECONDITION, f"image {function.image_id} failed to build")
         for mount_id in function.mount_ids:
             if mount_id not in recorder.mounts:
@@ -1041,7 +1037,6 @@ def modal_server(
     *,
     builder_version: str = DEFAULT_BUILDER_VERSION,
     secrets_present: dict[str, dict[str, str]] | None = None,
-    fail_builds: bool = True,
 ) -> Iterator[ModalRecorder]:
     """A ModalServer on a free loopback port, in a thread of its own (the client's synchronous
     calls block the calling thread while its own event loop, in another thread, talks to this
@@ -1050,7 +1045,6 @@ def modal_server(
         token_id=f"ak-test{secrets.token_hex(8)}",
         token_secret=f"as-test{secrets.token_hex(16)}",
         builder_version=builder_version,
-        fail_builds=fail_builds,
         secrets=dict(secrets_present or {}),
     )
     for name in recorder.secrets:

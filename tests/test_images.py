@@ -22,8 +22,10 @@ from dockerfile_parse import DockerfileParser
 from functions import BACKENDS
 from functions.images import (
     ROUTER_DOCKERFILE,
+    RUN_TIME_INSTRUCTIONS,
     WORKER_DOCKERFILE,
     locked_packages,
+    modal_dockerfile,
     normalised_name,
     uses_torch,
     worker_build_args,
@@ -248,3 +250,36 @@ def test_hadolint_catches_a_bad_dockerfile(tmp_path: Path) -> None:
     bad.write_text("FROM python:latest\nRUN pip install starlette\nCMD python -m functions.worker\n")
     result = subprocess.run([hadolint(), "--no-color", str(bad)], capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "DL3007" in result.stdout
+
+
+def _normalised(instruction: str) -> str:
+    return " ".join(instruction.split())
+
+
+@pytest.mark.parametrize("image", [*ALL_IMAGES, "kokoro:gpu"])
+def test_modal_builds_the_layers_compose_builds(image: str) -> None:
+    """What the Modal app hands Modal's builder (functions.images.modal_dockerfile) is the
+    Dockerfile compose builds, read by dockerfile-parse with the same build arguments: the same
+    base, every instruction that installs or copies anything in the same order with the build
+    arguments filled in; only what a container engine reads at run time is left out."""
+    backend, _, variant = image.partition(":")
+    kind, args = ("router", {}) if image == "router" else ("worker", worker_build_args(backend, gpu=variant == "gpu"))
+    parsed = dockerfile(kind, args)
+    base, commands = modal_dockerfile(DOCKERFILES[kind], args)
+    assert base == parsed.baseimage
+    values: dict[str, str] = {}
+    expected = []
+    for item in parsed.structure:
+        kind, value = item["instruction"], item["value"]
+        if kind == "ARG":
+            name, _, default = value.partition("=")
+            values[name] = args.get(name, default)
+            expected.append(f"ARG {name}={values[name]}")
+        elif kind not in ("FROM", "COMMENT", *RUN_TIME_INSTRUCTIONS):
+            if kind != "RUN":  # the shell reads a RUN's variables from the ARGs above it
+                for name, filled in values.items():
+                    value = value.replace(f"${{{name}}}", filled)
+            expected.append(f"{kind} {value}")
+    assert [_normalised(c) for c in commands] == [_normalised(c) for c in expected]
+    assert "$" not in " ".join(c for c in commands if c.startswith("COPY")), "a COPY source Modal's client takes literally"
+    assert not {c.split()[0] for c in commands} & RUN_TIME_INSTRUCTIONS

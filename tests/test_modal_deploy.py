@@ -4,10 +4,10 @@
 would and records every layer, uploaded file and function definition the client sent.
 
 What is asserted is what Modal must receive for the deploy to work: the router's and each
-backend's image built from its Dockerfile with every COPY source among the files the client
-uploaded, then made to run as root with the app's settings (the worker images do not build on
-Modal yet: that test is marked xfail); each backend class defined as the router's Modal runner
-calls it; the per-model settings `keep_models_warm` sends. The last tests check the server
+backend's image built from its Dockerfile, rendered for Modal (functions.images.modal_dockerfile),
+with every COPY source among the files the client uploaded, running as root with the app's
+settings whatever the workspace's image builder version; each backend class defined as the
+router's Modal runner calls it; the per-model settings `keep_models_warm` sends. The last tests check the server
 itself: that it fails what Modal fails.
 
 Each deploy imports the app afresh: the client hydrates the app's module-level objects (its
@@ -24,11 +24,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from modal.exception import ImageBuildError
 
 from functions import BACKENDS
-from functions.images import ROUTER_DOCKERFILE, worker_build_args
-from tests.modal_offline import load_app, write_configs
+from functions.images import ROUTER_DOCKERFILE, WORKER_DOCKERFILE, modal_dockerfile, worker_build_args
+from tests.modal_offline import ALL_BACKENDS, load_app, write_configs
 from tests.modal_server import ModalRecorder, build_context, modal_server
 from tests.processes import REPO
 
@@ -36,21 +35,15 @@ pytestmark = pytest.mark.timeout(120)
 
 SECRETS = {"chorus-api-key": {"CHORUS_API_KEYS": "test-key"}}
 
-#: One model per backend, most of them on a GPU.
-ALL_BACKENDS = [
-    {"name": "voice-a", "backend": "piper", "parameters": {"model": "a.onnx"}},
-    {"name": "xtts", "backend": "coqui", "parameters": {"model": "tts_models/x"}, "deploy": {"gpu": "T4"}},
-    {"name": "bark", "backend": "bark", "parameters": {"model": "suno/bark"}, "deploy": {"gpu": "A100-80GB"}},
-    {"name": "parler", "backend": "parler-tts", "parameters": {"model": "p/q"}, "deploy": {"gpu": "L4"}},
-    {"name": "music", "backend": "transformers-musicgen", "parameters": {"model": "m/n"}, "deploy": {"gpu": "H100:2"}},
-    {"name": "valle", "backend": "vall-e-x", "deploy": {"gpu": "L40S", "timeout": 1200}},
-    {"name": "kokoro", "backend": "kokoro", "deploy": {"gpu": "T4"}},
-]
 #: What images/worker/install.sh reads from a backend's folder, where the folder has it.
 INSTALLED = ("requirements.txt", "requirements-gpu.txt", "system-packages.txt")
 
 #: The image builder versions modal 1.6.4 builds with that a workspace may be on.
 BUILDER_VERSIONS = ["2024.10", "2025.06", "2026.10"]
+
+
+def gpu_wanted(backend: str) -> bool:
+    return any(config.get("deploy", {}).get("gpu") for config in ALL_BACKENDS if config["backend"] == backend)
 
 
 def deploy(app) -> None:
@@ -63,38 +56,36 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def dockerfile_layers(modal_api: ModalRecorder, image_id: str, dockerfile: str) -> tuple[list, list]:
-    """The image's layers split in two: those that hold the Dockerfile (its FROM line in a layer
-    of its own on builders after 2025.06), and those added after it."""
+def rendered_layer(modal_api: ModalRecorder, image_id: str, dockerfile: str, build_args: dict[str, str]):
+    """The layer that holds `dockerfile` as the app renders it for Modal, after checking what
+    comes before it: Python's image, and on builders up to 2024.10 the client's own install,
+    which runs as root since no USER came yet."""
+    base, commands = modal_dockerfile(dockerfile, build_args)
     layers = modal_api.lineage(image_id)
-    lines = (REPO / dockerfile).read_text().split("\n")
-    if layers[0].dockerfile_commands == lines:
-        return layers[:1], layers[1:]
-    start = next(i for i, line in enumerate(lines) if line.startswith("FROM "))
-    assert [layer.dockerfile_commands for layer in layers[:2]] == [[lines[start]], ["FROM base", *lines[start + 1:]]]
-    return layers[:2], layers[2:]
+    at = next(i for i, layer in enumerate(layers) if layer.dockerfile_commands == ["FROM base", *commands])
+    assert layers[0].registry_bases == [base]
+    assert all(layer.user in ("", "root") for layer in layers[:at])
+    return layers[at]
 
 
 def assert_built_from(modal_api: ModalRecorder, image_id: str, dockerfile: str, build_args: dict[str, str]) -> None:
-    """Built from `dockerfile` as compose builds it, the repository its context: the build
-    arguments, and a context that holds, unchanged, exactly the files the client selects."""
-    from_dockerfile, _ = dockerfile_layers(modal_api, image_id, dockerfile)
-    built = from_dockerfile[-1]
-    assert built.build_args == build_args
-    assert set(built.context) == build_context(REPO / dockerfile, context_dir=REPO)
+    """Built from `dockerfile` as compose builds it, the repository its context: a context that
+    holds, unchanged, exactly the files the client selects for those commands."""
+    built = rendered_layer(modal_api, image_id, dockerfile, build_args)
+    _, commands = modal_dockerfile(dockerfile, build_args)
+    assert set(built.context) == build_context(commands=commands, context_dir=REPO)
     assert_runs_as_the_app_needs(modal_api, image_id)
 
 
 def assert_runs_as_the_app_needs(modal_api: ModalRecorder, image_id: str) -> None:
-    """Every file uploaded as a build context is the repository's, unchanged; the image ends
-    with the app's own layers: root (after every layer Modal adds), the configs and models where
-    the app mounts them."""
+    """Every file uploaded as a build context is the repository's, unchanged; the image runs as
+    root (the app's files are mounted under /root) with the configs and models where the app
+    mounts them."""
     layers = modal_api.lineage(image_id)
     uploaded = {path: digest for layer in layers for path, digest in layer.context.items()}
     assert {path: digest for path, digest in uploaded.items() if sha256(REPO / path) != digest} == {}
-    assert ["FROM base", "USER root"] in [layer.dockerfile_commands for layer in layers]
     final = layers[-1]
-    assert final.user == "root"
+    assert final.user in ("", "root")
     assert final.env["CHORUS_CONFIGS_DIR"] == "/chorus/configs"
     assert final.env["CHORUS_MODELS_DIR"] == "/models"
 
@@ -142,35 +133,27 @@ def test_the_router_deploys_built_as_compose_builds_it(monkeypatch, tmp_path, no
 
 
 @pytest.mark.parametrize("builder_version", BUILDER_VERSIONS)
-def test_what_the_client_adds_after_a_dockerfile(monkeypatch, tmp_path, no_network, no_token, builder_version):
-    """modal 1.6.4's layers between the router's Dockerfile and the app's `USER root`: on
-    builders up to 2024.10 it installs its own requirements there, as the Dockerfile's last USER
-    (the app's `USER root` comes after); 2025.06 adds an empty `FROM base`; later ones add none."""
+def test_what_the_client_adds_comes_before_the_dockerfile(monkeypatch, tmp_path, no_network, no_token, builder_version):
+    """modal 1.6.4 installs its own requirements on builders up to 2024.10; after a Dockerfile it
+    would run as the Dockerfile's last USER. The app's images start from Python's image and put
+    the Dockerfile's commands after whatever the client adds, so any builder version works."""
     app = load_app(monkeypatch, write_configs(tmp_path / "configs", []))
     with modal_server(builder_version=builder_version, secrets_present=SECRETS) as modal_api:
         deploy(app)
 
-    _, added = dockerfile_layers(modal_api, modal_api.function("web").image_id, ROUTER_DOCKERFILE)
-    clients = added[: [layer.dockerfile_commands for layer in added].index(["FROM base", "USER root"])]
-    if builder_version <= "2024.10":
-        (layer,) = clients
-        assert layer.dockerfile_commands[:2] == ["FROM base", "COPY /modal_requirements.txt /modal_requirements.txt"]
-        assert any("pip install" in command for command in layer.dockerfile_commands)
-        assert layer.user == "10001:10001"
-    elif builder_version == "2025.06":
-        assert [layer.dockerfile_commands for layer in clients] == [["FROM base"]]
-    else:
-        assert clients == []
+    image_id = modal_api.function("web").image_id
+    base = modal_api.lineage(image_id)[0]
+    rendered_layer(modal_api, image_id, ROUTER_DOCKERFILE, {})
+    installs = any("pip install" in command for command in base.dockerfile_commands)
+    assert installs == (builder_version <= "2024.10")
     assert modal_api.function("web").definition.mount_client_dependencies == (builder_version > "2024.10")
 
 
 def test_each_backend_class_is_defined_as_the_router_calls_it(monkeypatch, tmp_path, no_network, no_token):
-    """Each backend's class as `modal deploy` defines it. The worker images do not build on Modal
-    yet (the next test): here the server lets a failed image check pass, so that the classes
-    they carry are sent and can be inspected. Their images are the next test's."""
+    """Each backend's class as `modal deploy` defines it."""
     configs = write_configs(tmp_path / "configs", ALL_BACKENDS)
     app = load_app(monkeypatch, configs)
-    with modal_server(secrets_present=SECRETS, fail_builds=False) as modal_api:
+    with modal_server(secrets_present=SECRETS) as modal_api:
         deploy(app)
 
     published = modal_api.published[modal_api.deployed[app.APP_NAME]]
@@ -183,9 +166,10 @@ def test_each_backend_class_is_defined_as_the_router_calls_it(monkeypatch, tmp_p
             # GPU, CPU, memory, windows, concurrency and warm containers are each model's own,
             # sent with its calls (with_options, with_concurrency, update_autoscaler).
             "gpu": None, "cpu": None, "memory": None,
-            # The client's defaults: a call may take 300 s unless the model's own `timeout` says
-            # otherwise; starting a container, startup_timeout, falls back to that 300 s.
-            "timeout": 300, "startup_timeout": 300,
+            # A call may take the client's default 300 s unless the model's own `timeout` says
+            # otherwise (with_options); starting a container, the class's own bound: the
+            # configs' default startup_timeout, sized for a large checkpoint's load.
+            "timeout": 300, "startup_timeout": 900,
             "min_containers": 0, "max_containers": None, "scaledown_window": None,
             "max_concurrent_inputs": None, "target_concurrent_inputs": None,
             "volumes": {"/models": "chorus-models"}, "secrets": [],
@@ -202,14 +186,17 @@ def test_each_backend_class_is_defined_as_the_router_calls_it(monkeypatch, tmp_p
         assert {path: files.get(path) for path in expected} == expected, backend
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ImageBuildError,
-    reason="images/worker/Dockerfile's `COPY images/worker/install.sh images/${BACKEND}/ ...`: "
-    "modal's client uploads the files its literal COPY sources match and expands no ARG, so no file "
-    "of images/<backend>/ reaches Modal's builder, which expands ${BACKEND} and finds nothing; the "
-    "Dockerfile's VOLUME is refused too",
-)
+def test_a_class_may_start_for_as_long_as_its_slowest_model_asks(monkeypatch, tmp_path, no_network, no_token):
+    configs = write_configs(tmp_path / "configs", [
+        {"name": "quick", "backend": "piper", "parameters": {"model": "a.onnx"}, "deploy": {"startup_timeout": 60}},
+        {"name": "slow", "backend": "piper", "parameters": {"model": "b.onnx"}, "deploy": {"startup_timeout": 1800}},
+    ])
+    app = load_app(monkeypatch, configs)
+    with modal_server(secrets_present=SECRETS) as modal_api:
+        deploy(app)
+    assert modal_api.describe(modal_api.function("PiperBackend.*"))["startup_timeout"] == 1800
+
+
 def test_every_worker_image_builds_on_modal(monkeypatch, tmp_path, no_network, no_token):
     app = load_app(monkeypatch, write_configs(tmp_path / "configs", ALL_BACKENDS))
     with modal_server(secrets_present=SECRETS) as modal_api:
@@ -227,12 +214,10 @@ def test_every_worker_image_builds_on_modal(monkeypatch, tmp_path, no_network, n
             needed.append(REPO / "images/worker/torch.txt")
         for path in needed:
             assert uploaded.get(path.relative_to(REPO).as_posix()) == sha256(path), (backend, path.name)
-        assert_runs_as_the_app_needs(modal_api, image_id)
+        assert_built_from(modal_api, image_id, WORKER_DOCKERFILE, worker_build_args(backend, gpu=gpu_wanted(backend)))
 
 
-# modal 1.6.4's Cls instances have no other way to set warm containers: their update_autoscaler
-# calls the deprecated Function.update_autoscaler.
-@pytest.mark.filterwarnings("ignore:.*update_autoscaler")
+@pytest.mark.filterwarnings("error::modal.exception.DeprecationError")
 def test_keep_models_warm_sets_each_models_own_containers(monkeypatch, tmp_path, no_network, no_token):
     """`python infra/modal_app.py` after a deploy: each model that asks for warm containers gets
     them on its own variant of its backend's class, with its GPU and windows."""
@@ -242,7 +227,7 @@ def test_keep_models_warm_sets_each_models_own_containers(monkeypatch, tmp_path,
         {"name": "cold", "backend": "piper", "parameters": {"model": "b.onnx"}},
     ])
     app = load_app(monkeypatch, configs)
-    with modal_server(secrets_present=SECRETS, fail_builds=False) as modal_api:
+    with modal_server(secrets_present=SECRETS) as modal_api:
         deploy(app)
         assert app.keep_models_warm() == {"warm": 2}
 
