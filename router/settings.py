@@ -78,6 +78,9 @@ class Settings(BaseModel):
     #: (streams of text) open at once on one socket.
     websocket_max_sockets: int = Field(64, ge=1)
     websocket_max_contexts: int = Field(16, ge=1)
+    #: The longest a socket stays open, in seconds: none by default; on Modal a little under the
+    #: web function's time-out, which would otherwise cut it with no word (the Modal app sets it).
+    websocket_max_seconds: float | None = Field(None, gt=0)
     #: Home Assistant's Wyoming protocol: the TCP port it is served on (on `host`), off when None;
     #: and the name it is advertised under by zeroconf (`_wyoming._tcp.local.`), not advertised
     #: when None.
@@ -164,6 +167,7 @@ _ENV_NAMES = {
     "cache_max_mb": "CHORUS_CACHE_MAX_MB",
     "websocket_max_sockets": "CHORUS_WEBSOCKET_MAX_SOCKETS",
     "websocket_max_contexts": "CHORUS_WEBSOCKET_MAX_CONTEXTS",
+    "websocket_max_seconds": "CHORUS_WEBSOCKET_MAX_SECONDS",
     "wyoming_port": "CHORUS_WYOMING_PORT",
     "wyoming_zeroconf": "CHORUS_WYOMING_ZEROCONF",
 }

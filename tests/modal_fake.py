@@ -62,7 +62,7 @@ class FakeModal:
     cold_start: float = 0.0
     containers: list[Container] = field(default_factory=list)
     calls: list[Call] = field(default_factory=list)
-    #: min_containers set per variant by update_autoscaler.
+    #: The autoscaler settings updated per variant (`Function.autoscaler.update`).
     autoscaler: dict[tuple, dict[str, int]] = field(default_factory=dict)
     looked_up: list[tuple[str, str]] = field(default_factory=list)
     #: Calls for which it answers True never finish until cancelled (still on a busy GPU).
@@ -193,9 +193,6 @@ class FakeObj:
             raise AttributeError(f"{self.cls.name} has no method {name}")
         return FakeMethod(self, name, member._get_raw_f())
 
-    def update_autoscaler(self, *, min_containers: int | None = None, **others: int | None) -> None:
-        self.cls.modal.autoscaler[self.variant] = {"min_containers": min_containers, **others}
-
 
 class _Interface:
     """One way of calling a method: refused synchronously (the router runs on an event loop),
@@ -215,6 +212,7 @@ class FakeMethod:
         self.remote = _Interface("remote", self._remote)
         self.remote_gen = _Interface("remote_gen", self._remote_gen)
         self.spawn = _Interface("spawn", self._spawn)
+        self.autoscaler = _Autoscaler(obj)
 
     def _call(self, args: tuple) -> Call:
         call = Call(self.obj.variant, self.name, args)
@@ -238,6 +236,19 @@ class FakeMethod:
         call = self._call(args)
         call.task = asyncio.ensure_future(self.obj.cls.modal._run(self.obj.cls, call))
         return FakeFunctionCall(call)
+
+
+class _Autoscaler:
+    """`Function.autoscaler`: a method's updates apply to its instance's function, the variant."""
+
+    def __init__(self, obj: FakeObj):
+        self._obj = obj
+
+    def update(self, **settings: int | None) -> None:
+        known = {"min_containers", "max_containers", "buffer_containers", "scaledown_window"}
+        if set(settings) - known:
+            raise TypeError(f"update() got unexpected arguments {sorted(set(settings) - known)}")
+        self._obj.cls.modal.autoscaler.setdefault(self._obj.variant, {}).update(settings)
 
 
 class FakeFunctionCall:

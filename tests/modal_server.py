@@ -461,6 +461,8 @@ class ModalRecorder:
     #: Secrets that exist: name -> their keys (and values).
     secrets: dict[str, dict[str, str]] = field(default_factory=dict)
     volumes: dict[str, str] = field(default_factory=dict)
+    #: What each Volume holds: name -> the paths of its files.
+    volume_files: dict[str, set[str]] = field(default_factory=dict)
     dicts: dict[str, str] = field(default_factory=dict)
     #: sha256 -> content, as uploaded.
     #: Secret name -> its id.
@@ -679,6 +681,36 @@ class ModalServer(_Unimplemented):
         await stream.send_message(
             api_pb2.VolumeGetOrCreateResponse(volume_id=self.recorder.volumes[name], version=request.version, metadata=metadata)
         )
+
+    async def VolumeListFiles(self, stream) -> None:
+        await self._list_volume(stream, api_pb2.VolumeListFilesResponse)
+
+    async def VolumeListFiles2(self, stream) -> None:
+        await self._list_volume(stream, api_pb2.VolumeListFiles2Response)
+
+    async def _list_volume(self, stream, response: type) -> None:
+        """A file: itself; a folder: what it holds (all of it when recursive); else NOT_FOUND."""
+        request = await stream.recv_message()
+        names = {volume_id: name for name, volume_id in self.recorder.volumes.items()}
+        files = self.recorder.volume_files.get(names.get(request.volume_id, ""), set())
+        path = request.path.strip("/")
+        if path in files:
+            entries = {path: api_pb2.FileEntry.FileType.FILE}
+        else:
+            prefix = f"{path}/" if path else ""
+            inside = [file[len(prefix):] for file in files if file.startswith(prefix)]
+            if not inside:
+                raise GRPCError(Status.NOT_FOUND, f"No such file or directory: {request.path}")
+            entries = {}
+            for rest in inside:
+                parts = rest.split("/")
+                shown = range(1, len(parts) + 1) if request.recursive else range(1, 2)
+                for depth in shown:
+                    kind = api_pb2.FileEntry.FileType.FILE if depth == len(parts) else api_pb2.FileEntry.FileType.DIRECTORY
+                    entries[prefix + "/".join(parts[:depth])] = kind
+        await stream.send_message(response(entries=[
+            api_pb2.FileEntry(path=entry, type=kind) for entry, kind in sorted(entries.items())
+        ]))
 
     async def SecretGetOrCreate(self, stream) -> None:
         request: api_pb2.SecretGetOrCreateRequest = await stream.recv_message()
@@ -1037,6 +1069,7 @@ def modal_server(
     *,
     builder_version: str = DEFAULT_BUILDER_VERSION,
     secrets_present: dict[str, dict[str, str]] | None = None,
+    volume_files: dict[str, set[str]] | None = None,
 ) -> Iterator[ModalRecorder]:
     """A ModalServer on a free loopback port, in a thread of its own (the client's synchronous
     calls block the calling thread while its own event loop, in another thread, talks to this
@@ -1046,6 +1079,7 @@ def modal_server(
         token_secret=f"as-test{secrets.token_hex(16)}",
         builder_version=builder_version,
         secrets=dict(secrets_present or {}),
+        volume_files={name: set(files) for name, files in (volume_files or {}).items()},
     )
     for name in recorder.secrets:
         recorder._secret_ids[name] = recorder.new_id("st")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -27,7 +28,7 @@ import pytest
 
 from functions import BACKENDS
 from functions.images import ROUTER_DOCKERFILE, WORKER_DOCKERFILE, modal_dockerfile, worker_build_args
-from tests.modal_offline import ALL_BACKENDS, load_app, write_configs
+from tests.modal_offline import ALL_BACKENDS, APP_FILE, NO_NETWORK, load_app, write_configs
 from tests.modal_server import ModalRecorder, build_context, modal_server
 from tests.processes import REPO
 
@@ -115,6 +116,8 @@ def test_the_router_deploys_built_as_compose_builds_it(monkeypatch, tmp_path, no
     assert_built_from(modal_api, web.image_id, ROUTER_DOCKERFILE, {})
     final = modal_api.lineage(web.image_id)[-1]
     assert final.env["CHORUS_MODE"] == "modal" and final.env["CHORUS_MODAL_APP"] == app.APP_NAME
+    # A WebSocket is one call of this function: the router ends it, with a message, before Modal would.
+    assert float(final.env["CHORUS_WEBSOCKET_MAX_SECONDS"]) < modal_api.describe(web)["timeout"]
 
     assert modal_api.describe(web) == {
         "gpu": None, "cpu": None, "memory": None, "timeout": 900, "startup_timeout": 900,
@@ -364,3 +367,35 @@ def test_only_the_servers_own_token_is_accepted(tmp_path, no_network, no_token):
         os.environ["MODAL_TOKEN_SECRET"] = "as-someone-else"
         with pytest.raises(modal.exception.AuthError, match="Invalid token"):
             deploy(app)
+
+
+def test_make_deploy_warns_of_weights_the_volume_lacks(monkeypatch, tmp_path, no_network, no_token):
+    """`make deploy`'s second step, `python infra/modal_app.py`, run as written against a Volume
+    that holds some of what the configs name."""
+    configs = write_configs(tmp_path / "configs", [
+        {"name": "tts-1", "backend": "piper", "parameters": {"model": "en_US-joe-medium.onnx"}},
+        {"name": "voice", "backend": "piper", "parameters": {"model": "voices/a.onnx"}},
+        {"name": "absent", "backend": "piper", "parameters": {"model": "voices/b.onnx"}},
+        {"name": "bark", "backend": "bark", "parameters": {"model": "suno/bark-small"}},
+        {"name": "music", "backend": "transformers-musicgen", "parameters": {"model": "facebook/musicgen-small"}},
+        {"name": "xtts", "backend": "coqui", "parameters": {"model": "tts_models/multilingual/multi-dataset/xtts_v2"}},
+        {"name": "kokoro", "backend": "kokoro"},
+    ])
+    held = {"voices/a.onnx", "voices/a.onnx.json", "kokoro-v1.0.onnx",
+            "huggingface/hub/models--suno--bark-small/snapshots/1/config.json",
+            "huggingface/hub/models--coqui--XTTS-v2/snapshots/1/model.pth"}
+    app = load_app(monkeypatch, configs)
+    with modal_server(secrets_present=SECRETS, volume_files={"chorus-models": held}):
+        deploy(app)
+        (tmp_path / "site").mkdir()
+        (tmp_path / "site" / "sitecustomize.py").write_text(NO_NETWORK, encoding="utf-8")
+        env = {**os.environ, "PYTHONPATH": str(tmp_path / "site"), "CHORUS_CONFIGS_DIR": str(configs)}
+        result = subprocess.run([sys.executable, str(APP_FILE)], env=env, capture_output=True, text=True,
+                                timeout=120, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    warned = {line.split("'")[1]: line for line in result.stdout.splitlines() if line.startswith("warning:")}
+    assert set(warned) == {"absent", "music", "kokoro"}, result.stdout
+    assert "parameters.model: voices/b.onnx" in warned["absent"]
+    assert "parameters.model: facebook/musicgen-small" in warned["music"]
+    assert "tts.voices_file: voices-v1.0.bin" in warned["kokoro"] and "kokoro-v1.0.onnx" not in warned["kokoro"]
+    assert "modal volume put chorus-models" in warned["absent"]

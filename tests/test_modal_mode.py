@@ -289,7 +289,13 @@ def test_modal_errors_map_to_the_routers_errors():
     from modal import exception as modal_errors
 
     from functions.serving import ServingError
-    from router.errors import BackendUnavailable, InvalidRequest, ModelNotFound, SynthesisFailed
+    from router.errors import (
+        BackendTimeout,
+        BackendUnavailable,
+        InvalidRequest,
+        ModelNotFound,
+        SynthesisFailed,
+    )
 
     runner = ModalRunner("chorus")
     cases = [
@@ -299,7 +305,7 @@ def test_modal_errors_map_to_the_routers_errors():
         (ServingError("synthesis_failed", "out of memory"), SynthesisFailed, "out of memory"),
         (modal_errors.NotFoundError("no such class"), BackendUnavailable, "modal deploy"),
         (modal_errors.ConnectionError("lost"), BackendUnavailable, "lost"),
-        (modal_errors.FunctionTimeoutError("too slow"), SynthesisFailed, "too slow"),
+        (modal_errors.FunctionTimeoutError("too slow"), BackendTimeout, "too slow"),
         (RuntimeError("boom"), SynthesisFailed, "boom"),
     ]
     for raised, expected, text in cases:

@@ -50,6 +50,9 @@ _BOUNDARY = re.compile(r"[.!?…。！？,;:，；：—][\"'”’)\]]*\s")
 _SENTENCE_END = re.compile(r"[.!?…。！？][\"'”’)\]]*\s")
 #: Ends the job a context is speaking (after a flush), and, as None, the context.
 _JOB_END = object()
+#: The most audio one message carries, before base64: a longer stretch goes in several messages.
+#: Modal's web endpoints carry no message over 2 MiB; this keeps every one near 1 MiB.
+MAX_MESSAGE_AUDIO = 768 * 1024
 
 
 class SocketOptions(BaseModel):
@@ -373,16 +376,23 @@ class Socket:
                         spaces = CharTimes(context.spaces, [origin] * len(context.spaces), [origin] * len(context.spaces))
                         spaces.extend(times)
                         times, context.spaces = spaces, []
-                    alignment = _alignment_ms(times)
-                    message: dict[str, Any] = {
-                        "audio": base64.b64encode(segment.audio).decode() if segment.audio else None,
-                        "isFinal": None,
-                        "normalizedAlignment": alignment,
-                        "alignment": alignment,
-                    }
-                    if self.multi:
-                        message["contextId"] = context.id
-                    await self.send(message)
+                    await self._send_audio(context, segment.audio, _alignment_ms(times))
+
+    async def _send_audio(self, context: Context, audio: bytes, alignment: dict[str, list] | None) -> None:
+        """`audio` in messages of at most MAX_MESSAGE_AUDIO (whole samples), the characters heard
+        in it with the last."""
+        parts = [audio[at:at + MAX_MESSAGE_AUDIO] for at in range(0, len(audio), MAX_MESSAGE_AUDIO)] or [b""]
+        for number, part in enumerate(parts, 1):
+            last = number == len(parts)
+            message: dict[str, Any] = {
+                "audio": base64.b64encode(part).decode() if part else None,
+                "isFinal": None,
+                "normalizedAlignment": alignment if last else None,
+                "alignment": alignment if last else None,
+            }
+            if self.multi:
+                message["contextId"] = context.id
+            await self.send(message)
 
     async def cancel_all(self) -> None:
         for context in self.contexts.values():
@@ -440,7 +450,13 @@ async def _serve(websocket: WebSocket, voice_id: str, multi: bool) -> None:
         if options.authorization:
             presented.append(options.authorization.removeprefix("Bearer ").strip().encode())
         socket.authorize(presented)
-        await socket.run()
+        limit = service.settings.websocket_max_seconds
+        try:
+            async with asyncio.timeout(limit):
+                await socket.run()
+        except TimeoutError:
+            raise SocketError("max_duration_exceeded", f"This connection reached the server's limit of "
+                              f"{limit:g} seconds per socket; open a new one to go on.", fatal=True) from None
         await _close(websocket, 1000)
     except SocketError as exc:
         await _refuse(websocket, exc.code, exc.message)

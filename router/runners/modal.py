@@ -29,6 +29,7 @@ from functions.config import ModelConfig
 from functions.protocol import Spoken, SynthesisRequest, WordTimes
 from functions.serving import ServingError
 from router.errors import (
+    BackendTimeout,
     BackendUnavailable,
     ChorusError,
     ModelStarting,
@@ -187,6 +188,10 @@ class ModalRunner(Runner):
             return exc
         if isinstance(exc, ServingError):
             return backend_error(backend, exc.code, exc.message, exc.param)
+        if isinstance(exc, _modal_timeout()):
+            # A call past its model's `deploy.timeout`, or a container that did not start within
+            # its class's `deploy.startup_timeout`: Modal says which.
+            return BackendTimeout(f"backend '{backend}' timed out on Modal: {exc}")
         problem = _modal_problem(self.app_name, backend, exc)
         if problem is not None:
             return BackendUnavailable(f"backend '{backend}' is unavailable on Modal: {problem}")
@@ -209,6 +214,14 @@ async def _cancel(call: Any) -> None:
         log.warning("cannot cancel a Modal call: %s", exc)
 
 
+def _modal_timeout() -> tuple[type[BaseException], ...]:
+    try:
+        from modal.exception import FunctionTimeoutError
+    except ImportError:
+        return ()
+    return (FunctionTimeoutError,)
+
+
 def _modal_problem(app_name: str, backend: str, exc: Exception) -> str | None:
     """What a user can do about a Modal error that keeps the backend from being reached, or None
     for one that happened while it ran."""
@@ -226,8 +239,6 @@ def _modal_problem(app_name: str, backend: str, exc: Exception) -> str | None:
             f"app '{app_name}' has no class {modal_class_name(backend)} ({exc}); add a config "
             f"that uses backend '{backend}' and run `modal deploy infra/modal_app.py`"
         )
-    if isinstance(exc, errors.FunctionTimeoutError):
-        return None
     if isinstance(exc, (errors.ConnectionError, errors.TimeoutError, errors.ResourceExhaustedError,
                         errors.ServiceError, errors.InternalError)):
         return str(exc) or exc.__class__.__name__
