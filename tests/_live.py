@@ -54,7 +54,7 @@ def piper_setup(root: Path, **deploy: object) -> tuple[Path, Path]:
 
 class ScriptedRunner(Runner):
     """The real InProcessRunner (real Piper), plus: a count of chunk syntheses begun and of the
-    PCM pieces the backend made; the most chunk streams open at once; the PCM of each chunk; and
+    PCM pieces the backend made (word times, where asked for, pass through uncounted); the most chunk streams open at once; the PCM of each chunk; and
     faults on cue (RAISE: fails before any audio; HANG: blocks a worker thread before any audio
     until `release` is set; DIE: fails after this chunk's audio; SILENT: makes no sound at all)."""
 
@@ -98,6 +98,9 @@ class ScriptedRunner(Runner):
             await asyncio.sleep(self.chunk_delay.get(text, 0))
             made = b""
             async for pcm in chunks:
+                if not isinstance(pcm, bytes):
+                    yield pcm  # the word times a request for them gets (the WebSockets' do)
+                    continue
                 self.pieces += 1
                 made += pcm
                 if SILENT not in text:

@@ -1,22 +1,41 @@
 """Voice-agent frameworks' own TTS plugins, unchanged, pointed at a real Chorus: LiveKit Agents'
 ElevenLabs plugin (its streaming multi-stream-input socket, with word timings, and its HTTP
 `/stream` path) and its OpenAI plugin (`/v1/audio/speech` as server-sent events). No room and no
-worker: the plugins run standalone, the way LiveKit's own plugin tests drive them."""
+worker: the plugins run standalone, the way LiveKit's own plugin tests drive them.
+
+Most users leave the plugins at their defaults, so those are tested as they come: ElevenLabs'
+`mp3_22050_32` (and every other encoding the plugin offers) and OpenAI's `mp3` as server-sent
+events, each speaking a reply in full; only the base URL, the voice and the model name (ElevenLabs'
+own model names mean nothing to Chorus) are set. A barge-in is tested against the app served in
+this process, whose runner counts the chunks the backend begins."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import typing
 
 import anyio
 import pytest
 
+from tests._agents import (
+    LONG_MARK,
+    LONG_REPLY,
+    REPLY,
+    SENTENCE_CHUNKS,
+    WatchedRunner,
+    assert_whole,
+    http_seconds,
+)
+from tests._live import live_app, piper_setup
 from tests.audio import PIPER_RATE, SHORT_SECONDS, SHORT_TEXT, assert_speech, decode
 
 aiohttp = pytest.importorskip("aiohttp")
 pytest.importorskip("livekit.agents")
 from livekit.agents import APIConnectOptions  # noqa: E402
-from livekit.agents.types import USERDATA_TIMED_TRANSCRIPT  # noqa: E402
+from livekit.agents.types import NOT_GIVEN, USERDATA_TIMED_TRANSCRIPT  # noqa: E402
 from livekit.plugins import elevenlabs, openai  # noqa: E402
+from livekit.plugins.elevenlabs.models import TTSEncoding  # noqa: E402
 
 pytestmark = pytest.mark.anyio
 
@@ -42,7 +61,9 @@ class Spoken:
 
 
 def eleven(url: str, session: aiohttp.ClientSession, encoding: str = "pcm_22050") -> elevenlabs.TTS:
-    # model: Chorus's model name (the plugin's default, eleven_turbo_v2_5, is ElevenLabs' own).
+    """The plugin with `encoding` (NOT_GIVEN: its default, mp3_22050_32) and every other option
+    at its default. model: Chorus's model name (the plugin's default, eleven_turbo_v2_5, is
+    ElevenLabs' own)."""
     return elevenlabs.TTS(api_key="not-needed", base_url=f"{url}/v1", voice_id=VOICE, model="tts-1",
                           encoding=encoding, http_session=session)
 
@@ -56,12 +77,16 @@ async def speak_streamed(tts: elevenlabs.TTS, text: str) -> Spoken:
             stream.push_text(word + " ")
             await asyncio.sleep(0)
         stream.end_input()
-        async for event in stream:
-            frame = event.frame
-            spoken.pcm += bytes(frame.data)
-            spoken.rates.add(frame.sample_rate)
-            spoken.channels.add(frame.num_channels)
-            spoken.words += frame.userdata.get(USERDATA_TIMED_TRANSCRIPT, [])
+        try:
+            async for event in stream:
+                frame = event.frame
+                spoken.pcm += bytes(frame.data)
+                spoken.rates.add(frame.sample_rate)
+                spoken.channels.add(frame.num_channels)
+                spoken.words += frame.userdata.get(USERDATA_TIMED_TRANSCRIPT, [])
+        except Exception as exc:
+            heard = f"{spoken.seconds:.2f} s of audio" if spoken.rates else "no audio"
+            raise AssertionError(f"the stream failed after {heard}: {exc!r}") from exc
     finally:
         await stream.aclose()
     return spoken
@@ -155,3 +180,164 @@ async def test_livekit_openai_plugin_reads_server_sent_events(server):
         await tts.aclose()
     assert frame.sample_rate == 24000 and frame.num_channels == 1
     assert_pcm_speech(bytes(frame.data), 24000, SHORT_SECONDS)
+
+
+# --- The plugins at their defaults, each speaking a reply in full ----------------------------
+
+#: Every encoding the ElevenLabs plugin offers; its default (mp3_22050_32) is tested as the
+#: default (no encoding given). Less "mp3_44100": the plugin lists it, but it is no ElevenLabs
+#: output format (ElevenLabs' own SDK lists every MP3 code with its bit rate) and Chorus refuses
+#: it as it refuses any code ElevenLabs does not document.
+ENCODINGS = tuple(e for e in typing.get_args(TTSEncoding) if e != "mp3_44100")
+DEFAULT_ENCODING = "mp3_22050_32"
+
+
+def encoding_option(encoding: str):
+    return NOT_GIVEN if encoding == DEFAULT_ENCODING else encoding
+
+
+def rate_of(encoding: str) -> int:
+    return int(encoding.split("_")[1])
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS, ids=lambda e: f"{e}-default" if e == DEFAULT_ENCODING else e)
+async def test_livekit_elevenlabs_stream_speaks_a_reply_whole(server, encoding):
+    """tts.stream() (the multi-stream-input socket) as an agent uses it: the LLM's words pushed
+    as they come, then end_input(). With auto_mode (the default) each sentence goes out with
+    flush=true, then an empty flush and close_context; the plugin decodes the context's audio as
+    one stream (one decoder per context), so an MP3 context must be one MP3 stream.
+
+    Its timed words are the reply's words, none ending before it starts. (The plugin takes each
+    message's alignment as it comes, and ElevenLabs times each generation from its own start: the
+    clock restarts with each flushed sentence, so the words are not in order across sentences.)"""
+    reference = await http_seconds(server.url, REPLY)
+    spoken = await streamed(server.url, REPLY, encoding_option(encoding))
+    assert spoken.rates == {rate_of(encoding)} and spoken.channels == {1}
+    assert_whole(spoken.seconds, reference, f"LiveKit's ElevenLabs stream() ({encoding})")
+    assert "".join(spoken.words).split() == REPLY.split()
+    backwards = [(str(w), w.start_time, w.end_time) for w in spoken.words if w.end_time < w.start_time]
+    assert not backwards, f"words that end before they start: {backwards}"
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS, ids=lambda e: f"{e}-default" if e == DEFAULT_ENCODING else e)
+async def test_livekit_elevenlabs_synthesize_speaks_a_reply_whole(server, encoding):
+    """tts.synthesize(): POST /v1/text-to-speech/{voice}/stream?output_format=...&enable_logging=true."""
+    reference = await http_seconds(server.url, REPLY)
+    async with aiohttp.ClientSession() as session:
+        tts = eleven(server.url, session, encoding_option(encoding))
+        try:
+            with anyio.fail_after(60):
+                frame = await tts.synthesize(REPLY, conn_options=NO_RETRY).collect()
+        finally:
+            await tts.aclose()
+    assert frame.sample_rate == rate_of(encoding) and frame.num_channels == 1
+    assert_whole(frame.duration, reference, f"LiveKit's ElevenLabs synthesize() ({encoding})")
+
+
+#: What the OpenAI plugin may ask for; mp3 is its default.
+RESPONSE_FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")
+
+
+@pytest.mark.parametrize("response_format", RESPONSE_FORMATS, ids=lambda f: f"{f}-default" if f == "mp3" else f)
+async def test_livekit_openai_speaks_a_reply_whole(server, response_format):
+    """openai.TTS() at its defaults: gpt-4o-mini-tts, voice ash, response_format mp3, and
+    stream_format=sse (the plugin asks SSE of every model but tts-1 and tts-1-hd); it decodes
+    the deltas of one response as one stream."""
+    fmt = NOT_GIVEN if response_format == "mp3" else response_format
+    reference = await http_seconds(server.url, REPLY)
+    tts = openai.TTS(base_url=f"{server.url}/v1", api_key="not-needed", response_format=fmt)
+    try:
+        with anyio.fail_after(60):
+            frame = await tts.synthesize(REPLY, conn_options=NO_RETRY).collect()
+    finally:
+        await tts.aclose()
+    assert frame.num_channels == 1
+    assert_whole(frame.duration, reference, f"LiveKit's OpenAI plugin ({response_format})")
+
+
+# --- Barge-in ------------------------------------------------------------------------------
+
+
+class InactiveContextFinal(logging.Handler):
+    """The plugin logs (at debug level) each message the server sends for a context it no longer
+    listens to: once a stream is closed, the server's final message for it shows here."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.seen = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        data = record.__dict__.get("lk.pii.data")
+        if isinstance(data, dict) and data.get("isFinal"):
+            self.seen.set()
+
+
+@pytest.fixture
+def inactive_final():
+    plugin_log = logging.getLogger("livekit.plugins.elevenlabs")
+    handler, level = InactiveContextFinal(), plugin_log.level
+    plugin_log.addHandler(handler)
+    plugin_log.setLevel(logging.DEBUG)
+    yield handler
+    plugin_log.removeHandler(handler)
+    plugin_log.setLevel(level)
+
+
+async def first_audio(stream) -> None:
+    """Until the stream's first audio frame."""
+    event = await stream.__anext__()
+    assert len(event.frame.data) > 0
+
+
+async def test_livekit_barge_in_while_the_reply_is_written_stops_the_backend(tmp_path, inactive_final):
+    """The user speaks while the LLM is still writing a long reply: at the first audio the agent
+    closes the stream, and the plugin sends close_context (its sentences went out with
+    flush=true, but no empty flush ended the text). The backend stops within one chunk, and the
+    next reply on the same TTS (the same socket) speaks whole."""
+    configs, models = piper_setup(tmp_path)
+    runner = WatchedRunner(models)
+    with live_app(configs, models, runner, chunk_chars=SENTENCE_CHUNKS) as url:
+        reference = await http_seconds(url, REPLY)
+        async with aiohttp.ClientSession() as session:
+            tts = eleven(url, session, NOT_GIVEN)
+            try:
+                with anyio.fail_after(180):
+                    stream = tts.stream(conn_options=NO_RETRY)
+                    for word in LONG_REPLY.split(" "):
+                        stream.push_text(word + " ")
+                    await first_audio(stream)
+                    begun = runner.begun_with(LONG_MARK)
+                    await stream.aclose()
+                    await inactive_final.seen.wait()
+                    after = runner.begun_with(LONG_MARK)
+                    assert after <= begun + 1, (f"{begun} chunks of the interrupted reply were begun at the "
+                                                f"barge-in, {after} by its final message")
+                    following = await speak_streamed(tts, REPLY)
+            finally:
+                await tts.aclose()
+    assert_whole(following.seconds, reference, "the reply after the barge-in")
+
+
+async def test_livekit_reply_after_a_barge_in_on_a_closed_reply_speaks_whole(tmp_path):
+    """The LLM had finished: the plugin sent the whole reply, an empty flush and close_context.
+    At the first audio the agent closes the stream; the plugin sends nothing more (it already
+    closed the context) and drops what still comes for it. The next reply on the same socket
+    still speaks whole. (The server is never told of this barge-in, so no server can stop the
+    backend's work on the old reply: nothing about it is asserted here.)"""
+    configs, models = piper_setup(tmp_path)
+    with live_app(configs, models, chunk_chars=SENTENCE_CHUNKS) as url:
+        reference = await http_seconds(url, REPLY)
+        async with aiohttp.ClientSession() as session:
+            tts = eleven(url, session, NOT_GIVEN)
+            try:
+                with anyio.fail_after(180):
+                    stream = tts.stream(conn_options=NO_RETRY)
+                    for word in LONG_REPLY.split(" "):
+                        stream.push_text(word + " ")
+                    stream.end_input()
+                    await first_audio(stream)
+                    await stream.aclose()
+                    following = await speak_streamed(tts, REPLY)
+            finally:
+                await tts.aclose()
+    assert_whole(following.seconds, reference, "the reply after the barge-in")
