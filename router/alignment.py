@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from anyio import to_thread
 
 from functions.protocol import WordTimes
-from router.encoding import AudioFormat, StreamEncoder
+from router.encoding import StreamEncoder
 
 if TYPE_CHECKING:
     from router.speech import TimedAudio
@@ -150,12 +150,15 @@ class TimedSegment:
     alignment: CharTimes | None
 
 
-async def timed_segments(timed: TimedAudio, fmt: AudioFormat, *, whole_chunks: bool) -> AsyncIterator[TimedSegment]:
-    """`timed`'s audio encoded as `fmt`, with its characters' times. With `whole_chunks`, each
-    text chunk's audio is held until it is complete and sent with its characters (ElevenLabs'
-    `sync_alignment`); otherwise audio leaves as the backend makes it, one piece behind, and a
-    chunk's characters come with its last piece."""
-    encoder = StreamEncoder(fmt, timed.sample_rate)
+async def timed_segments(
+    timed: TimedAudio, encoder: StreamEncoder, *, whole_chunks: bool
+) -> AsyncIterator[TimedSegment]:
+    """`timed`'s audio encoded by `encoder`, with its characters' times. With `whole_chunks`,
+    each text chunk's audio is held until it is complete and sent with its characters
+    (ElevenLabs' `sync_alignment`); otherwise audio leaves as the backend makes it, one piece
+    behind, and a chunk's characters come with its last piece. What follows the last chunk (the
+    spaces after its last word) ends it, with no audio. The encoder is the caller's to finish: a
+    WebSocket context encodes every text it is given into one stream."""
     timeline = Timeline(timed.sample_rate)
     held: list[bytes] = []  # PCM of the current chunk not sent yet
     words: list[WordTimes] = []
@@ -176,7 +179,6 @@ async def timed_segments(timed: TimedAudio, fmt: AudioFormat, *, whole_chunks: b
                 held, words, samples = [], [], 0
     if not timeline.seconds:
         raise timed.no_audio()
-    tail = await to_thread.run_sync(encoder.finish)
     rest = timeline.rest(timed.text)
-    if tail or rest:
-        yield TimedSegment(tail, rest)
+    if rest:
+        yield TimedSegment(b"", rest)

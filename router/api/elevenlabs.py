@@ -8,6 +8,7 @@ import re
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 
+from anyio import to_thread
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -15,7 +16,7 @@ from starlette.convertors import Convertor, register_url_convertor
 
 from router.alignment import CharTimes, TimedSegment, timed_segments
 from router.api.common import AudioResponse, family_route, speech_service
-from router.encoding import AudioFormat
+from router.encoding import AudioFormat, StreamEncoder
 from router.errors import InvalidRequest, VoiceNotFound
 from router.speech import SpeechJob, SpeechService, model_voices
 
@@ -144,7 +145,8 @@ async def voice_not_found(voice_id: str) -> AsyncIterator[None]:
 
 
 def alignment_json(times: CharTimes | None) -> dict | None:
-    if times is None:
+    # No characters, no alignment: an empty one is a broken one to clients (Pipecat warns).
+    if not times:
         return None
     return {
         "characters": times.characters,
@@ -178,7 +180,8 @@ async def text_to_speech_with_timestamps(
     job.request = job.request.model_copy(update={"word_times": True})
     async with voice_not_found(voice_id):
         timed = await service.timed(job)
-    segments = timed_segments(timed, fmt, whole_chunks=False)
+    encoder = StreamEncoder(fmt, timed.sample_rate)
+    segments = _with_tail(timed_segments(timed, encoder, whole_chunks=False), encoder)
     if not request.url.path.endswith("/stream/with-timestamps"):
         audio, alignment = bytearray(), CharTimes()
         async with aclosing(segments):
@@ -189,6 +192,24 @@ async def text_to_speech_with_timestamps(
     # The first line is made before the status is sent, so that its errors are proper ones.
     first = await anext(segments)
     return AudioResponse(segments, _lines(first, segments), media_type="application/x-ndjson")
+
+
+async def _with_tail(segments: AsyncIterator[TimedSegment], encoder: StreamEncoder) -> AsyncIterator[TimedSegment]:
+    """`segments`, then the encoder's last bytes, with the spaces after the last word if the
+    segments ended with those."""
+    ending: TimedSegment | None = None  # one with no audio, sent with the next bytes
+    async with aclosing(segments):
+        async for segment in segments:
+            if ending is not None:
+                yield ending
+                ending = None
+            if segment.audio:
+                yield segment
+            else:
+                ending = segment
+    tail = await to_thread.run_sync(encoder.finish)
+    if tail or ending is not None:
+        yield TimedSegment(tail, ending.alignment if ending is not None else None)
 
 
 async def _lines(first: TimedSegment, rest: AsyncIterator[TimedSegment]) -> AsyncIterator[bytes]:

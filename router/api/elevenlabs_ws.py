@@ -19,6 +19,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
+from anyio import to_thread
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.websockets import WebSocketState
@@ -34,7 +35,7 @@ from router.api.elevenlabs import (
 )
 from router.auth import key_matches, presented_keys
 from router.chunking import FLUSH
-from router.encoding import AudioFormat
+from router.encoding import AudioFormat, StreamEncoder
 from router.errors import ChorusError
 from router.speech import SpeechService
 
@@ -127,6 +128,11 @@ class Context:
     speaker: asyncio.Task[None] | None = None
     #: Spaces that ended a job, timed with the next message.
     spaces: list[str] = field(default_factory=list)
+    #: The context's one audio stream: every job's audio goes through it, so a client decodes
+    #: one file (one MP3 stream, one Ogg stream) however many times the text was flushed.
+    encoder: StreamEncoder | None = None
+    #: A job is being spoken: the socket is not idle, whatever the client last sent.
+    speaking: bool = False
 
     def add(self, text: str, auto_mode: bool, limit: int) -> None:
         self.flushed = False
@@ -207,11 +213,15 @@ class Socket:
         self.contexts: dict[str | None, Context] = {}
         self._send_lock = asyncio.Lock()
         self._authorized = not service.settings.api_keys
+        self._last_active = asyncio.get_running_loop().time()
 
     async def send(self, message: dict[str, Any]) -> None:
+        """Sends `message` while the socket is open; a client that has left gets nothing (its
+        contexts are stopped by the reader, which sees it leave)."""
         async with self._send_lock:
             if self.websocket.application_state == WebSocketState.CONNECTED:
-                await self.websocket.send_json(message)
+                with contextlib.suppress(WebSocketDisconnect, OSError, RuntimeError):
+                    await self.websocket.send_json(message)
 
     async def error(self, code: str, message: str, context: Context | None = None) -> None:
         payload: dict[str, Any] = {"message": message, "error": code, "code": POLICY_VIOLATION}
@@ -227,16 +237,13 @@ class Socket:
         """Read the client's messages until it closes, ends, or idles past inactivity_timeout."""
         first = True
         while True:
+            raw = await self._receive()
             try:
-                raw = await asyncio.wait_for(self.websocket.receive_text(), self._idle_limit())
-            except TimeoutError:
-                seconds = self.options.inactivity_timeout
-                raise SocketError("input_timeout_exceeded", f"Have not received a new text input within the "
-                                  f"timeout of {seconds:g} seconds. Streaming input terminated.", fatal=True) from None
-            try:
+                if raw is None:
+                    raise SocketError("invalid_message", "messages are JSON text; a binary frame is not one")
                 message = ClientMessage.model_validate_json(raw)
-            except ValidationError as exc:
-                problem = _message_problem(exc)
+            except (ValidationError, SocketError) as exc:
+                problem = exc.message if isinstance(exc, SocketError) else _message_problem(exc)
                 if first:
                     raise SocketError("invalid_message", problem, fatal=True) from None
                 await self.error("invalid_message", problem)
@@ -248,21 +255,48 @@ class Socket:
                     raise SocketError("invalid_api_key", "invalid API key: send it in the xi-api-key header, the "
                                       "authorization query parameter or the first message", fatal=True)
                 first = False
+            self.active()
             if await self.handle(message):
                 return
 
-    def _idle_limit(self) -> float | None:
-        """Idle sockets close; a socket whose every context has its whole text waits for its audio."""
-        waiting = [context for context in self.contexts.values() if not context.closing]
-        return self.options.inactivity_timeout if waiting or not self.contexts else None
+    async def _receive(self) -> str | None:
+        """The client's next text message (None for a binary frame). The socket is idle while no
+        message comes and no context is speaking: past inactivity_timeout of that, it closes."""
+        receiving = asyncio.ensure_future(self.websocket.receive())
+        try:
+            while not receiving.done():
+                await asyncio.wait({receiving}, timeout=self._idle_left())
+                if not receiving.done() and self._idle_left() == 0:
+                    seconds = self.options.inactivity_timeout
+                    raise SocketError("input_timeout_exceeded", f"Have not received a new text input within the "
+                                      f"timeout of {seconds:g} seconds. Streaming input terminated.", fatal=True)
+        finally:
+            receiving.cancel()
+        message = receiving.result()
+        if message["type"] == "websocket.disconnect":
+            raise WebSocketDisconnect(message.get("code", 1000))
+        return message.get("text")
+
+    def active(self) -> None:
+        """The client spoke, or a context's speech went on: the idle time starts again."""
+        self._last_active = asyncio.get_running_loop().time()
+
+    def _idle_left(self) -> float:
+        """Seconds until the socket counts as idle. It is not idle while it waits on its own
+        speech (a context speaking, or every context closing with its whole text given): then
+        the whole timeout, after which it looks again."""
+        timeout = self.options.inactivity_timeout
+        contexts = self.contexts.values()
+        if any(context.speaking for context in contexts) or (contexts and all(c.closing for c in contexts)):
+            return timeout
+        return max(timeout - (asyncio.get_running_loop().time() - self._last_active), 0)
 
     async def handle(self, message: ClientMessage) -> bool:
         """Act on one message; True when the socket is to close."""
         if message.close_socket:
+            # The client is done with every context: what is still being made is not heard.
             for context in list(self.contexts.values()):
-                if not context.closing:
-                    context.end(self._limit())
-            await self.finish_all()
+                await self.interrupt(context)
             return True
         key = message.context_id if self.multi else None
         if self.multi and key is None:
@@ -315,18 +349,22 @@ class Socket:
         return self.service.settings.input_limit("elevenlabs")
 
     async def close_context(self, context: Context) -> None:
-        if context.closing:
-            return
-        if context.flushed:
+        """The client's `close_context`. After an empty flush (the whole reply given) the speech
+        finishes; otherwise, or on a context already finishing, it is a barge-in: the speech
+        stops now, mid-sentence, and what is buffered is dropped (ElevenLabs: closing a context
+        whose audio is still being made interrupts it)."""
+        if context.flushed and not context.closing:
             context.end(self._limit())
             return
-        # Barge-in: the speech stops now, mid-sentence, and what is buffered is dropped.
+        await self.interrupt(context)
+
+    async def interrupt(self, context: Context) -> None:
         assert context.speaker is not None
         context.speaker.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await context.speaker
-        self.contexts.pop(context.id, None)
-        await self.send(self._final(context))
+        if self.contexts.pop(context.id, None) is not None:
+            await self.send(self._final(context))
 
     async def finish_all(self) -> None:
         speakers = [context.speaker for context in self.contexts.values() if context.speaker is not None]
@@ -336,10 +374,19 @@ class Socket:
         return {"isFinal": True, "contextId": context.id} if self.multi else {"isFinal": True}
 
     async def speak(self, context: Context) -> None:
-        """Each of the context's jobs in turn; then its final message."""
+        """Each of the context's jobs in turn; then the end of its audio and its final message."""
         try:
             while (pieces := await context.next_job()) is not None:
-                await self._speak_job(context, pieces)
+                context.speaking = True
+                try:
+                    await self._speak_job(context, pieces)
+                finally:
+                    context.speaking = False
+                    self.active()
+            if context.encoder is not None:
+                tail = await to_thread.run_sync(context.encoder.finish)
+                if tail:
+                    await self._send_audio(context, tail, None)
         except Exception as exc:
             if not isinstance(exc, ChorusError):
                 log.exception("a WebSocket context failed")
@@ -360,7 +407,9 @@ class Socket:
         job.request = job.request.model_copy(update={"word_times": True})
         async with voice_not_found(self.voice_id):
             timed = await self.service.timed(job)
-            segments = timed_segments(timed, self.fmt, whole_chunks=self.options.sync_alignment)
+            if context.encoder is None:
+                context.encoder = StreamEncoder(self.fmt, timed.sample_rate)
+            segments = timed_segments(timed, context.encoder, whole_chunks=self.options.sync_alignment)
             async with aclosing(segments):
                 async for segment in segments:
                     times = segment.alignment
