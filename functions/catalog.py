@@ -23,6 +23,10 @@ from functions.config import (
 )
 from functions.protocol import InvalidRequestError, ModelNotFoundError
 
+#: The model LocalAI's own examples name (`{"model": "tts", "input": ...}`): the default model,
+#: unless a config or a file of the models directory has that name.
+LOCALAI_EXAMPLE_MODEL = "tts"
+
 
 class ModelCatalog:
     def __init__(self, configs: Iterable[ModelConfig], models_dir: Path, configless: int = CONFIGLESS_MODELS):
@@ -52,7 +56,7 @@ class ModelCatalog:
             config = self._configs[name]
         elif name in self._aliases:
             config = self._aliases[name]
-        elif not name:
+        elif not name or (name == LOCALAI_EXAMPLE_MODEL and not (self.models_dir / name).exists()):
             config = self._default(backend, configless)
         elif configless and self.configless:
             return self._configless(name, backend or "piper")

@@ -17,6 +17,9 @@ class BodyLimit:
     any of it reaches a route: by Content-Length at once, or as soon as a chunked body passes
     the limit."""
 
+    #: What is read and thrown away of a body too large before the 413 is sent.
+    DRAIN_BYTES = 64 * 1024 * 1024
+
     def __init__(self, app: ASGIApp, max_bytes: int, render: ErrorRender):
         self.app = app
         self.max_bytes = max_bytes
@@ -28,7 +31,7 @@ class BodyLimit:
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            await self._refuse(scope, receive, send)
+            await self._refuse(scope, receive, send, more=True)
             return
         # Read the body here (the route reads all of it anyway) and replay it: a limit checked
         # inside `receive` could only fail halfway through the route's parsing.
@@ -38,10 +41,11 @@ class BodyLimit:
             if message["type"] == "http.disconnect":
                 return
             body += message.get("body", b"")
+            more = message.get("more_body", False)
             if len(body) > self.max_bytes:
-                await self._refuse(scope, receive, send)
+                await self._refuse(scope, receive, send, more=more)
                 return
-            if not message.get("more_body", False):
+            if not more:
                 break
         replayed = False
 
@@ -54,13 +58,23 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, more: bool) -> None:
+        """413, once the client has sent the rest of its body (`more`): a client that writes all
+        of its body before it reads (httpx's and openai's async clients) sees a connection reset,
+        not the answer, if the server stops reading and closes. Past DRAIN_BYTES it is closed."""
+        drained = 0
+        while more and drained <= self.DRAIN_BYTES:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            drained += len(message.get("body", b""))
+            more = message.get("more_body", False)
         response = self.render(
             Request(scope),
             413,
             f"the request body is larger than {self.max_bytes} bytes",
             "request_too_large",
         )
-        # The client may still be sending: close rather than read the rest.
-        response.headers["Connection"] = "close"
+        if more:
+            response.headers["Connection"] = "close"
         await response(scope, receive, send)

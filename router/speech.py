@@ -32,6 +32,9 @@ from router.stalls import with_stall_timeout
 log = logging.getLogger("chorus")
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+#: Half of a UTF-16 surrogate pair with no other half: JSON can carry one (`"\\ud800"`), but it
+#: is no character, and no backend can encode it.
+_LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 @dataclass
@@ -154,7 +157,7 @@ class SpeechService:
             text = _scrub(text)
             if not text.strip():
                 raise InvalidRequest(f"'{text_param}' must not be empty", param=text_param)
-            _check_length(text, limit, text_param)
+            check_text(text, limit, text_param)
         else:
             text = ""
         # LocalAI's route (or any request naming a backend) serves models that no config names.
@@ -195,7 +198,7 @@ class SpeechService:
             # A prompt cut in two would describe two other sounds.
             split=config.backend not in PROMPT_BACKENDS,
             scrub=_scrub,
-            check=lambda text: _check_length(text, job.limit, job.text_param),
+            check=lambda text: check_text(text, job.limit, job.text_param),
         )
         try:
             first_text = await source.next()
@@ -368,9 +371,14 @@ def _scrub(text: str) -> str:
     return _CONTROL.sub(" ", text)
 
 
-def _check_length(text: str, limit: int, param: str) -> None:
+def check_text(text: str, limit: int, param: str) -> None:
     if len(text) > limit:
         raise InvalidRequest(f"'{param}' is {len(text)} characters long; the limit is {limit}", param=param)
+    if (broken := _LONE_SURROGATE.search(text)) is not None:
+        raise InvalidRequest(
+            f"'{param}' is not valid Unicode: character {broken.start()} is half of a UTF-16 surrogate "
+            f"pair (U+{ord(broken[0]):04X}) with no other half", param=param,
+        )
 
 
 async def _one_piece(text: str) -> AsyncIterator[object]:

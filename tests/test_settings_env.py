@@ -66,6 +66,33 @@ def test_a_chunked_body_over_the_limit_is_413_too(server, path, field, body):
     assert_family_error(response, 413)
 
 
+#: Far more than a socket's buffers hold: the client is still writing when the server answers.
+LARGE_BODY = 4_000_000
+
+
+@pytest.mark.anyio
+async def test_an_async_client_writing_a_large_body_reads_the_413(server):
+    """httpx's and openai's async clients (LiveKit's OpenAI plugin) write the whole body before
+    they read: a server that answers and closes mid-body gives them a connection reset, not the
+    413, unless it reads the rest first."""
+    import openai
+
+    too_big = {"model": "tts-1", "voice": "alloy", "input": "x" * LARGE_BODY}
+    async with httpx.AsyncClient(base_url=server, timeout=60) as client:
+        for _ in range(5):
+            assert_family_error(await client.post("/v1/audio/speech", json=too_big), 413)
+    sdk = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key="not-needed", max_retries=0)
+    for _ in range(3):
+        with pytest.raises(openai.APIStatusError) as refused:
+            await sdk.audio.speech.create(**too_big)
+        assert refused.value.status_code == 413
+    await sdk.close()
+    # Nothing of it stays: the server serves the next request.
+    async with httpx.AsyncClient(base_url=server, timeout=60) as client:
+        response = await client.post("/v1/audio/speech", json={**too_big, "input": "Still here.", "response_format": "wav"})
+    assert response.status_code == 200 and decode(response.content).duration > 0.3
+
+
 def test_a_content_length_that_is_not_a_number_is_refused(server):
     host, port = server.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as sock:

@@ -93,21 +93,38 @@ def speech_service(request: Request) -> SpeechService:
 class AudioResponse(StreamingResponse):
     """Sends `stream` (or `body`, made from it: SSE events, JSON lines) and closes the stream
     however the response ends, even when it is never iterated (a client gone before the status
-    line), so the model's place and the backend's stream are always released."""
+    line), so the model's place and the backend's stream are always released. A client that
+    leaves before the end is logged (the access log has already said 200)."""
 
     def __init__(
         self, stream: AudioStream | Stream[Any], body: AsyncIterator[bytes] | None = None,
         media_type: str | None = None,
     ):
         super().__init__(
-            stream if body is None else body,
+            self._counted(stream if body is None else body),
             media_type=media_type or stream.media_type,
             headers=getattr(stream, "headers", None),
         )
         self.stream = stream
+        self._sent = 0
+        #: "sent" once the body has ended, "failed" if it raised: otherwise its client left.
+        self._outcome = ""
+
+    async def _counted(self, body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        try:
+            async for data in body:
+                yield data
+                self._sent += len(data)
+        except Exception:
+            self._outcome = "failed"
+            raise
+        self._outcome = "sent"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             await self.stream.aclose()
+            if not self._outcome:
+                log.info('%s %s: the client left after %d bytes of audio; its synthesis was stopped',
+                         scope.get("method", ""), scope.get("path", ""), self._sent)

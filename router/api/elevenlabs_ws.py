@@ -37,7 +37,7 @@ from router.auth import key_matches, presented_keys
 from router.chunking import FLUSH
 from router.encoding import AudioFormat, StreamEncoder
 from router.errors import ChorusError
-from router.speech import SpeechService
+from router.speech import SpeechService, check_text
 
 log = logging.getLogger("chorus")
 router = APIRouter()
@@ -329,11 +329,14 @@ class Socket:
             context.end(limit)  # stream-input: the end of the text
             await self.finish_all()
             return True
-        if text and len(text) > limit:
-            await self.error("invalid_request", f"'text' is {len(text)} characters long; the limit is {limit}",
-                             context)
-        elif text:
-            context.add(text, self.options.auto_mode, limit)
+        try:
+            if text:
+                check_text(text, limit, "text")
+        except ChorusError as exc:
+            await self.error(exc.code, exc.message, context)
+        else:
+            if text:
+                context.add(text, self.options.auto_mode, limit)
         if message.flush:
             context.flush(not text, limit)
         return False
