@@ -86,6 +86,10 @@ class Settings(BaseModel):
     #: when None.
     wyoming_port: int | None = Field(None, ge=0, le=65535)
     wyoming_zeroconf: str | None = Field(None, min_length=1, max_length=63)
+    #: Wyoming connections open at once, and the seconds one may stay open with no event and no
+    #: speech (Home Assistant opens one per request).
+    wyoming_max_connections: int = Field(64, ge=1)
+    wyoming_idle_timeout: float = Field(60.0, gt=0)
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
@@ -170,6 +174,8 @@ _ENV_NAMES = {
     "websocket_max_seconds": "CHORUS_WEBSOCKET_MAX_SECONDS",
     "wyoming_port": "CHORUS_WYOMING_PORT",
     "wyoming_zeroconf": "CHORUS_WYOMING_ZEROCONF",
+    "wyoming_max_connections": "CHORUS_WYOMING_MAX_CONNECTIONS",
+    "wyoming_idle_timeout": "CHORUS_WYOMING_IDLE_TIMEOUT",
 }
 #: Settings whose variable holds a list: `a, b` or `name=value, ...`.
 _PARSERS = {

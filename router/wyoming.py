@@ -41,7 +41,14 @@ from wyoming.tts import (
 )
 
 from functions import PROMPT_BACKENDS
-from router.errors import ChorusError, InvalidRequest, ModelNotFound, SynthesisFailed, VoiceNotFound
+from router.errors import (
+    ChorusError,
+    InvalidRequest,
+    ModelNotFound,
+    Overloaded,
+    SynthesisFailed,
+    VoiceNotFound,
+)
 from router.speech import SpeechService, model_voices
 
 log = logging.getLogger("chorus")
@@ -201,10 +208,16 @@ class Connection:
     async def _next_event(self) -> Event | None:
         """The next event; None once the client has closed. Raises MalformedEvent for a frame
         that does not parse or breaks a bound."""
+        # Idle is no event and no speech: a client still hearing its answer is not idle.
+        speaking = self._speech is not None and not self._speech.done()
+        idle = None if speaking else self.service.settings.wyoming_idle_timeout
         try:
-            event = await async_read_event(self._frames)  # type: ignore[arg-type]  # a reader in all but name
+            event = await asyncio.wait_for(async_read_event(self._frames), idle)  # type: ignore[arg-type]
         except asyncio.IncompleteReadError:
             return None  # closed mid-frame
+        except TimeoutError:
+            log.info("a Wyoming connection sent nothing for %g s: closed", idle)
+            return None
         except Exception as exc:  # JSON that is no object, a length that is no number, no type...
             raise MalformedEvent(f"malformed event ({type(exc).__name__}: {exc})") from None
         if event is None and (self._frames.problem or not self._reader.at_eof()):
@@ -397,10 +410,16 @@ class WyomingServer:
             await self._advertisement.start()
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connection = Connection(self.service, reader, writer)
+        limit = self.service.settings.wyoming_max_connections
+        if len(self._connections) >= limit:
+            await connection.refuse(Overloaded(f"this server has {limit} Wyoming connections open, its "
+                                               "limit: try again when one has closed", retry_after=1))
+            return
         task = asyncio.current_task()
         self._connections.add(task)
         try:
-            await Connection(self.service, reader, writer).serve()
+            await connection.serve()
         finally:
             self._connections.discard(task)
 

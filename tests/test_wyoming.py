@@ -29,7 +29,7 @@ from router.errors import BackendUnavailable
 from router.runners import PcmStream
 from router.wyoming import SERVICE_TYPE
 from tests._live import HANG, ScriptedRunner, live_app, piper_setup, write_config
-from tests.audio import PIPER_RATE, SHORT_SECONDS, SHORT_TEXT, Decoded, assert_speech, decode
+from tests.audio import LONGER_TEXT, PIPER_RATE, SHORT_SECONDS, SHORT_TEXT, Decoded, assert_speech, decode
 from tests.processes import CONFIGS, chorus_server, free_port
 
 pytestmark = pytest.mark.anyio
@@ -240,6 +240,44 @@ async def test_a_refusal_is_an_error_event_then_the_end_of_the_connection(port, 
     assert Info.from_event((await answer(port, [Describe()], until="info"))[0]).tts
 
 
+def limited_server(tmp_path_factory: pytest.TempPathFactory, **limits: object) -> Iterator[int]:
+    configs, models = piper_setup(tmp_path_factory.mktemp("wyoming-limited"))
+    port = free_port()
+    with live_app(configs, models, wyoming_port=port, **limits):
+        yield port
+
+
+@pytest.fixture(scope="module")
+def impatient(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """A Wyoming listener that closes a connection idle for 0.2 s: less than its voice takes to
+    speak a paragraph."""
+    yield from limited_server(tmp_path_factory, wyoming_idle_timeout=0.2)
+
+
+@pytest.fixture(scope="module")
+def crowded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """A Wyoming listener that takes three connections at once."""
+    yield from limited_server(tmp_path_factory, wyoming_max_connections=3)
+
+
+async def test_an_idle_connection_is_closed_but_not_while_it_hears_its_answer(impatient):
+    async with client(impatient) as idle:
+        assert await idle.read_event() is None  # the server closed it: nothing was asked
+    # Synthesising a paragraph takes longer than the idle time: it still comes whole.
+    assert_speech(speech(await answer(impatient, [Synthesize(text=LONGER_TEXT)])), (6.0, 20.0))
+
+
+async def test_past_the_connection_limit_a_client_gets_an_error_event(crowded):
+    async with client(crowded) as first, client(crowded) as second, client(crowded) as third:
+        for held in (first, second, third):
+            await held.write_event(Describe().event())
+            assert (await held.read_event()).type == "info"
+        error = refusal(await answer(crowded, [Describe()], until=None))
+        assert error.code == "overloaded" and "3 Wyoming connections" in error.text
+    # Once they have closed, the next client is served.
+    assert Info.from_event((await answer(crowded, [Describe()], until="info"))[0]).tts
+
+
 async def test_a_wrong_data_type_is_refused(port):
     error = refusal(await answer(port, [Event("synthesize", {"text": ["not", "a", "string"]})], until=None))
     assert error.code == "invalid_request"
@@ -296,6 +334,14 @@ async def test_a_malformed_frame_never_takes_the_server_down(port, data, close, 
         assert error.code == "malformed_event" and problem in error.text, error
     events = await answer(port, [Synthesize(text="Still here.", voice=SynthesizeVoice(name=JOE))])
     assert_speech(speech(events), (0.4, 2.5))
+
+
+async def test_a_lone_surrogate_in_the_text_is_the_clients_error(port):
+    """JSON can escape half a UTF-16 surrogate pair; it is no character (the wyoming package
+    cannot even encode it: this frame is written by hand)."""
+    header = json.dumps({"type": "synthesize", "data": {"text": "\ud800 broken", "voice": {"name": JOE}}})
+    error = Error.from_event(await _raw(port, header.encode() + b"\n"))
+    assert error.code == "invalid_request" and "surrogate" in error.text, error
 
 
 async def test_a_frame_whose_rest_never_comes_is_refused(port, monkeypatch):
