@@ -11,7 +11,8 @@ talks to it over a small protocol:
   `X-Channels: 1`). A request that asks for `word_times` gets frames instead (PCM and word
   times, `functions.protocol.frame`, `application/x-chorus-framed-pcm`).
 - `POST /voices` `{"config": ModelConfig}` -> `{"voices": [...]}`.
-- `GET /healthz` -> 200 once the start-up load is done, else 503.
+- `GET /healthz` -> 200 once the start-up load is done, else 503: `"status": "loading"`, or
+  `"failed"` with its `problem` when it can load nothing (its configs cannot be read) and never will.
 
 Errors are JSON, `{"error": {"message", "code", "param"}}`, with status 400 (the request asks
 for something the model cannot do), 503 (loading, or the backend is not in this image) or 500
@@ -90,11 +91,19 @@ class Worker:
         self.pool = BackendPool(models_dir, configless_limit())
         self.ready = False
         self.failures: dict[str, str] = {}
+        #: Why the worker can load none of its models (its configs cannot be read): it will never
+        #: be ready, and says so rather than look as if it were still loading.
+        self.problem: str | None = None
 
     async def load_all(self) -> None:
         """Load this backend's configs. A model that fails to load is reported on /healthz and
         in its requests' errors; it does not keep the worker's other models from serving."""
-        configs = load_configs(self.configs_dir, self.models_dir) if self.configs_dir.is_dir() else []
+        try:
+            configs = load_configs(self.configs_dir, self.models_dir) if self.configs_dir.is_dir() else []
+        except (ConfigError, OSError) as exc:
+            self.problem = str(exc) if isinstance(exc, ConfigError) else repr(exc)
+            log.error("the worker cannot load its models: %s", self.problem)
+            return
         for config in configs:
             if config.backend != self.backend:
                 continue
@@ -107,6 +116,9 @@ class Worker:
         self.ready = True
 
     async def loaded(self, config: ModelConfig) -> LoadedBackend:
+        if self.problem is not None:
+            raise WorkerError(503, "backend_unavailable",
+                              f"the {self.backend} worker cannot load its models: {self.problem}")
         if not self.ready:
             raise WorkerError(503, "loading", f"the {self.backend} worker is still loading its models")
         if config.backend != self.backend:
@@ -123,11 +135,13 @@ class Worker:
 
     async def healthz(self, request: Request) -> JSONResponse:
         body = {
-            "status": "ready" if self.ready else "loading",
+            "status": "failed" if self.problem else "ready" if self.ready else "loading",
             "backend": self.backend,
             "models": [config.name for config in self.pool.loaded()],
             "failed": self.failures,
         }
+        if self.problem:
+            body["problem"] = self.problem
         return JSONResponse(body, status_code=200 if self.ready else 503)
 
     async def voices(self, request: Request) -> Response:
@@ -202,7 +216,6 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: Starlette):
         loading = asyncio.create_task(worker.load_all())
-        loading.add_done_callback(_report_load_failure)
         yield
         loading.cancel()
 
@@ -216,15 +229,6 @@ def create_app(
     )
     app.state.worker = worker
     return app
-
-
-def _report_load_failure(task: asyncio.Task) -> None:
-    # A configs directory that does not parse leaves the worker unready: /healthz stays 503 and
-    # the log says which file and field are at fault.
-    if not task.cancelled() and task.exception() is not None:
-        exc = task.exception()
-        message = str(exc) if isinstance(exc, ConfigError) else repr(exc)
-        log.error("the worker cannot load its models: %s", message)
 
 
 def main(argv: list[str] | None = None) -> None:

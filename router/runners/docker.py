@@ -20,6 +20,7 @@ import asyncio
 import logging
 import math
 import socket
+import stat
 import time
 import uuid
 from collections.abc import Callable
@@ -39,7 +40,7 @@ from router.errors import BackendUnavailable, Overloaded
 from router.metrics import Metrics
 from router.runners import PcmStream
 from router.runners.http import HttpRunner
-from router.settings import Settings
+from router.settings import Settings, SettingsError
 
 log = logging.getLogger("chorus")
 
@@ -47,6 +48,8 @@ WORKER_PORT = 9000
 #: Where the worker image reads configs and models (images/worker/Dockerfile).
 CONFIGS_MOUNT = "/app/configs"
 MODELS_MOUNT = "/models"
+#: The user the worker image runs as (images/worker/Dockerfile's USER).
+WORKER_UID = 10001
 #: Lines of a failed worker's log written to the router's log (never to a client).
 LOG_LINES = 30
 
@@ -62,6 +65,24 @@ class WorkerContainer:
     #: Requests streaming from it now.
     active: int = 0
     last_used: float = field(default_factory=time.monotonic)
+
+
+def _worker_can_read(path: Path) -> bool:
+    """Whether the worker's user can read `path` (and list it, for a folder), by its mode bits
+    alone: the class of owner, group or others that applies to that user."""
+    info = path.stat()
+    shift = 6 if info.st_uid == WORKER_UID else 3 if info.st_gid == WORKER_UID else 0
+    needed = (stat.S_IROTH | (stat.S_IXOTH if path.is_dir() else 0)) << shift
+    return info.st_mode & needed == needed
+
+
+def _health_problem(response: httpx.Response) -> str | None:
+    """What a worker's /healthz says keeps it from ever being ready, if it says so."""
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    return body.get("problem") if isinstance(body, dict) and body.get("status") == "failed" else None
 
 
 class DockerRunner(HttpRunner):
@@ -87,6 +108,16 @@ class DockerRunner(HttpRunner):
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DockerRunner:
+        """Refuses (SettingsError) configs a worker could not read: it would start, fail to load
+        anything, and be started again for every request."""
+        configs = settings.configs_dir
+        for path in [configs, *sorted(configs.glob("*"))] if configs.is_dir() else []:
+            if not _worker_can_read(path):
+                mode = f"{path.stat().st_mode & 0o777:04o}"
+                raise SettingsError(
+                    f"docker mode: the workers run as uid {WORKER_UID} and could not read {path} (mode {mode}, "
+                    f"owner uid {path.stat().st_uid}): make it readable by others (chmod o+r, and o+x for a "
+                    f"folder) or owned by uid {WORKER_UID}")
         return cls(settings)
 
     def observe(self, metrics: Metrics) -> None:
@@ -353,6 +384,10 @@ class DockerRunner(HttpRunner):
                     response = await self.client.get(f"{url}/healthz", timeout=self._probe_timeout)
                     if response.status_code == 200:
                         return url
+                    if (problem := _health_problem(response)) is not None:
+                        log.error("the worker for backend '%s' cannot load its models: %s", backend, problem)
+                        raise BackendUnavailable(f"backend '{backend}' cannot start: its worker cannot load its "
+                                                 "models (the router's log says why)")
                 except httpx.HTTPError:
                     pass  # not listening yet
             await asyncio.sleep(0.05)
