@@ -18,7 +18,15 @@ prints medians:
       throughput rather than the writer's pace): audio seconds received per wall second, from
       the first text sent to the last context's isFinal, for one context alone and for eight
       contexts on one socket, taken in turn each run, and the ratio of the two (bounded by the
-      CPU cores, whose count is printed).
+      CPU cores, whose count is printed);
+  (c) a LiveKit turn, as its ElevenLabs plugin sends it (multi-stream-input, auto_mode and
+      sync_alignment on, each sentence with flush, then an empty flush and close_context), at its
+      default mp3_22050_32 and at pcm_22050, taken in turn each run: the time from the first
+      sentence's text to its first audio message, and the MP3 turn's against the PCM one's
+      (target: within 20 ms);
+  (d) a barge-in on a reply already flushed and closed (thirty sentences), as Pipecat and LiveKit
+      end every turn: a second close_context on its first audio, then the time to the last
+      audio message and to isFinal (target: under 100 ms).
 Per-message compression is off unless `--deflate`: the figures are the server's, not zlib's.
 """
 
@@ -138,6 +146,51 @@ async def multi_stream_input(url: str, contexts: int, options: dict) -> float:
     return sum(seconds.values()) / wall
 
 
+#: A reply long enough to be interrupted: thirty sentences, over two minutes of speech.
+REPLY = " ".join(f"This is sentence {n} of a long answer that the agent reads out to the caller." for n in range(30))
+
+
+async def livekit_turn(url: str, output_format: str, options: dict) -> float:
+    """One LiveKit turn of TEXT: seconds from the first sentence's text to its first audio."""
+    query = f"output_format={output_format}&auto_mode=true&sync_alignment=true&inactivity_timeout=180"
+    second = TEXT.removeprefix(FIRST).strip()
+    async with connect(f"{url}/v1/text-to-speech/{VOICE}/multi-stream-input?{query}", **options["connect"]) as socket:
+        await socket.send(json.dumps({"text": " ", "voice_settings": {}, "context_id": "turn"}))
+        sent = time.perf_counter()
+        await socket.send(json.dumps({"text": FIRST + " ", "flush": True, "context_id": "turn"}))
+        for message in ({"text": second + " ", "flush": True}, {"text": "", "flush": True}, {"close_context": True}):
+            await socket.send(json.dumps({**message, "context_id": "turn"}))
+        heard = None
+        while not (message := await receive(socket)).get("isFinal"):
+            if message.get("audio") and heard is None:
+                heard = time.perf_counter()
+        await socket.send(json.dumps({"close_socket": True}))
+    if heard is None:
+        raise ServerError("no audio before isFinal")
+    return heard - sent
+
+
+async def barge_in(url: str, options: dict) -> tuple[float, float]:
+    """REPLY flushed and closed, then interrupted on its first audio: seconds from the barge-in
+    to the last audio message, and to isFinal."""
+    query = f"output_format=pcm_{RATE}&auto_mode=true&sync_alignment=true"
+    async with connect(f"{url}/v1/text-to-speech/{VOICE}/multi-stream-input?{query}", **options["connect"]) as socket:
+        for message in ({"text": " "}, {"text": REPLY + " ", "flush": True}, {"text": "", "flush": True},
+                        {"close_context": True}):
+            await socket.send(json.dumps({**message, "context_id": "long"}))
+        while not (await receive(socket)).get("audio"):
+            pass
+        barged = time.perf_counter()
+        await socket.send(json.dumps({"close_context": True, "context_id": "long"}))
+        last_audio = barged
+        while not (message := await receive(socket)).get("isFinal"):
+            if message.get("audio"):
+                last_audio = time.perf_counter()
+        final = time.perf_counter()
+        await socket.send(json.dumps({"close_socket": True}))
+    return last_audio - barged, final - barged
+
+
 async def measure(url: str, direct: PiperBackend, args: argparse.Namespace) -> dict[str, float]:
     query = f"output_format=pcm_{RATE}&auto_mode=true&sync_alignment={str(args.sync_alignment).lower()}"
     options = {"query": query, "connect": {"proxy": None, "max_size": None,
@@ -167,9 +220,22 @@ async def measure(url: str, direct: PiperBackend, args: argparse.Namespace) -> d
     for _ in range(args.throughput_runs):
         alone.append(await multi_stream_input(url, 1, options))
         together.append(await multi_stream_input(url, CONTEXTS, options))
+    turns: dict[str, list[float]] = {"mp3_22050_32": [], f"pcm_{RATE}": []}
+    await livekit_turn(url, "mp3_22050_32", options)  # warm-up
+    for run in range(args.runs):
+        # In turn, each first every other run.
+        for output_format in sorted(turns, reverse=bool(run % 2)):
+            turns[output_format].append(await livekit_turn(url, output_format, options))
+    mp3, pcm = turns["mp3_22050_32"], turns[f"pcm_{RATE}"]
+    last_audio, stopped = [], []
+    for _ in range(args.runs):
+        audio, final_message = await barge_in(url, options)
+        last_audio.append(audio)
+        stopped.append(final_message)
     return {"piper": statistics.median(piper), "heard": statistics.median(heard),
             "final": statistics.median(final), "alone": statistics.median(alone),
-            "together": statistics.median(together)}
+            "together": statistics.median(together), "mp3": statistics.median(mp3), "pcm": statistics.median(pcm),
+            "last_audio": statistics.median(last_audio), "stopped": statistics.median(stopped)}
 
 
 def main() -> None:
@@ -204,6 +270,14 @@ def main() -> None:
     print(f"    1 context:  {alone:6.2f} audio s per wall s")
     print(f"    {CONTEXTS} contexts: {together:6.2f} audio s per wall s  ratio {together / alone:.2f} "
           f"({os.cpu_count()} CPU cores)")
+    mp3, pcm = figures["mp3"], figures["pcm"]
+    print(f"(c) a LiveKit turn (sentences with flush), median of {args.runs}: first sentence's text -> its first audio")
+    print(f"    mp3_22050_32 (LiveKit's default): {mp3 * 1000:7.1f} ms")
+    print(f"    pcm_{RATE}:                      {pcm * 1000:7.1f} ms  (MP3 {(mp3 - pcm) * 1000:+.1f} ms; "
+          f"target: within 20 ms)")
+    print(f"(d) barge-in on a flushed and closed reply, median of {args.runs}")
+    print(f"    barge-in -> last audio message: {figures['last_audio'] * 1000:7.1f} ms (target: under 100 ms)")
+    print(f"    barge-in -> isFinal:            {figures['stopped'] * 1000:7.1f} ms")
 
 
 if __name__ == "__main__":
