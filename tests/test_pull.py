@@ -23,7 +23,9 @@ def run_chorus(tmp_path: Path, *args: str, env: dict[str, str] | None = None) ->
     site = tmp_path / "site"
     site.mkdir(exist_ok=True)
     (site / "sitecustomize.py").write_text(NO_NETWORK, encoding="utf-8")
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    # No proxy either: every attempt then names the host it was for.
+    environment = {k: v for k, v in os.environ.items()
+                   if not k.startswith("HF_") and k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
     environment.update(PYTHONPATH=f"{site}{os.pathsep}{REPO}", HF_HOME=str(tmp_path / "hf"),
                        NO_NETWORK_LOG=str(tmp_path / "blocked.log"), **(env or {}))
     return subprocess.run(
