@@ -6,9 +6,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import ssl
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from functions.config import ConfigError, UnsafePathError, resolve_in, validate_configs
@@ -39,8 +41,26 @@ def serve(args: argparse.Namespace) -> int:
         if path is not None and not Path(path).is_file():
             raise SettingsError(f"--{flag.replace('_', '-')}: {path} is not a file")
     app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level, **tls)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level, **tls,
+                **({"ssl_context_factory": _without_session_tickets} if args.ssl_certfile else {}))
     return 0
+
+
+def _without_session_tickets(config: object, default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+    """uvicorn's TLS context, issuing no TLS 1.3 session tickets.
+
+    A TLS 1.3 server sends its tickets just after the handshake, as the client sends its first
+    request. A client that reads in one thread while another writes (websockets' sync client,
+    which ElevenLabs' Python SDK uses for its sockets) then has its reader thread take the tickets
+    in from the SSL object while the other thread writes the WebSocket upgrade through it, and
+    OpenSSL does not allow one SSL object in two threads at once: about one connection in a
+    thousand lost its upgrade request (the server never saw it) and waited for an answer that never
+    came, its reader thread stuck in the read past the client's own time-out. Without tickets there
+    is nothing to read before the answer. What it costs: a client that reconnects does a full
+    handshake instead of resuming its session."""
+    context = default()
+    context.num_tickets = 0
+    return context
 
 
 async def _write_speech(

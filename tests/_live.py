@@ -5,9 +5,9 @@ and injects faults on cue."""
 
 from __future__ import annotations
 
-import asyncio
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -53,21 +53,82 @@ def piper_setup(root: Path, **deploy: object) -> tuple[Path, Path]:
 
 
 class ScriptedRunner(Runner):
-    """The real InProcessRunner (real Piper), plus: a count of chunk syntheses begun and of the
-    PCM pieces the backend made (word times, where asked for, pass through uncounted); the most chunk streams open at once; the PCM of each chunk; and
+    """The real InProcessRunner (real Piper), plus: a count of chunk syntheses begun (and their
+    texts) and of the PCM pieces the backend made (word times, where asked for, pass through
+    uncounted); the chunk streams open now and the most open at once; the requests holding the
+    model now (Runner.hold) and in all; the PCM of each chunk;
     faults on cue (RAISE: fails before any audio; HANG: blocks a worker thread before any audio
-    until `release` is set; DIE: fails after this chunk's audio; SILENT: makes no sound at all)."""
+    until `release` is set; DIE: fails after this chunk's audio; SILENT: makes no sound at all);
+    and gates: a chunk whose text is in `gated` waits before its first piece until the test
+    opens its gate, so that a test can hold a synthesis at a known point, do something, and let
+    it go on.
 
-    def __init__(self, models_dir: Path, chunk_delay: dict[str, float] | None = None):
+    The server runs in a thread of its own: every figure changes under one lock, and the test
+    waits on them (`wait_until`, `wait_begun`, `wait_idle`, `wait_at_gate`) instead of sleeping."""
+
+    #: How long a gated chunk waits for its gate before failing its request: a hang guard only.
+    GATE_TIMEOUT = 120
+
+    def __init__(self, models_dir: Path, gated: Iterable[str] = ()):
         self.inner = InProcessRunner(models_dir)
+        self._changed = threading.Condition()
         self.begun = 0
+        #: the text of each chunk synthesis begun, in order
+        self.begun_texts: list[str] = []
         self.pieces = 0
         self.open = 0
         self.most_open = 0
+        #: requests holding the model now, and hold() calls in all
+        self.holding = 0
+        self.holds = 0
         self.pcm_by_text: dict[str, bytes] = {}
         self.release = threading.Event()
-        #: text -> seconds to wait before its first piece (to reorder completions)
-        self.chunk_delay = chunk_delay or {}
+        self.gates = {text: threading.Event() for text in gated}
+        #: gated chunks waiting at their gate now, by text
+        self.at_gate: Counter[str] = Counter()
+
+    # -- what a test waits on ------------------------------------------------------------------
+
+    def wait_until(self, condition: Callable[[], bool], timeout: float = 60, what: str = "the runner's state") -> None:
+        """Until `condition()` holds (it reads this runner's figures); fails after `timeout`
+        seconds, a hang guard, saying where the runner stood."""
+        with self._changed:
+            if not self._changed.wait_for(condition, timeout):
+                raise AssertionError(f"{what}: not reached within {timeout} s ({self.state()})")
+
+    def wait_begun(self, count: int, timeout: float = 60) -> None:
+        self.wait_until(lambda: self.begun >= count, timeout, f"{count} chunk syntheses begun")
+
+    def wait_idle(self, timeout: float = 60) -> None:
+        """Until no request holds the model and no chunk stream is open: every synthesis has
+        ended server-side (finished, failed or stopped)."""
+        self.wait_until(lambda: self.holding == 0 and self.open == 0, timeout, "an idle backend")
+
+    def wait_at_gate(self, text: str, count: int = 1, timeout: float = 60) -> None:
+        """Until `count` chunks of `text` wait at its gate."""
+        self.wait_until(lambda: self.at_gate[text] >= count, timeout, f"{count} chunk(s) at the gate of {text!r}")
+
+    def open_gate(self, text: str) -> None:
+        self.gates[text].set()
+
+    def open_all(self) -> None:
+        self.release.set()
+        for gate in self.gates.values():
+            gate.set()
+
+    def state(self) -> str:
+        waiting = {text: n for text, n in self.at_gate.items() if n}
+        return (f"begun {self.begun}, open {self.open}, holding {self.holding}, pieces {self.pieces}, "
+                f"at gates {waiting}")
+
+    def _note(self, **changes: int) -> None:
+        with self._changed:
+            for name, delta in changes.items():
+                setattr(self, name, getattr(self, name) + delta)
+            self.most_open = max(self.most_open, self.open)
+            self._changed.notify_all()
+
+    # -- the runner ----------------------------------------------------------------------------
 
     async def start(self, preload: list[ModelConfig]) -> None:
         await self.inner.start(preload)
@@ -79,57 +140,116 @@ class ScriptedRunner(Runner):
         return await self.inner.voices(config)
 
     async def close(self) -> None:
-        self.release.set()
+        self.open_all()
         await self.inner.close()
 
+    def hold(self, config: ModelConfig) -> Callable[[], None]:
+        let_go = self.inner.hold(config)
+        self._note(holding=1, holds=1)
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                let_go()
+                self._note(holding=-1)
+
+        return release
+
     async def stream(self, config: ModelConfig, request: SynthesisRequest) -> PcmStream:
-        self.begun += 1
+        with self._changed:
+            self.begun_texts.append(request.text)
+        self._note(begun=1)
         if RAISE in request.text:
             raise SynthesisFailed("backend 'piper' failed: scripted crash")
         real = await self.inner.stream(config, request)
         return PcmStream(real.sample_rate, self._chunks(real.chunks, request.text))
 
     async def _chunks(self, chunks: Stream[bytes], text: str) -> AsyncIterator[bytes]:
-        self.open += 1
-        self.most_open = max(self.most_open, self.open)
+        self._note(open=1)
         try:
             if HANG in text:
                 await to_thread.run_sync(self.release.wait, 60)
-            await asyncio.sleep(self.chunk_delay.get(text, 0))
+            if text in self.gates:
+                await self._wait_at_gate(text)
             made = b""
             async for pcm in chunks:
                 if not isinstance(pcm, bytes):
                     yield pcm  # the word times a request for them gets (the WebSockets' do)
                     continue
-                self.pieces += 1
+                self._note(pieces=1)
                 made += pcm
                 if SILENT not in text:
                     yield pcm
-            self.pcm_by_text[text] = made
+            with self._changed:
+                self.pcm_by_text[text] = made
             if DIE in text:
                 raise SynthesisFailed("backend 'piper' failed: the worker died mid-stream")
         finally:
-            self.open -= 1
+            self._note(open=-1)
             await chunks.aclose()
+
+    async def _wait_at_gate(self, text: str) -> None:
+        with self._changed:
+            self.at_gate[text] += 1
+            self._changed.notify_all()
+        try:
+            # Abandoned if the request goes away meanwhile: a closed stream stops at once.
+            opened = await to_thread.run_sync(self.gates[text].wait, self.GATE_TIMEOUT, abandon_on_cancel=True)
+        finally:
+            with self._changed:
+                self.at_gate[text] -= 1
+                self._changed.notify_all()
+        if not opened:
+            raise SynthesisFailed(f"backend 'piper' failed: the test never opened the gate of {text!r}")
+
+
+class Arrivals:
+    """The HTTP requests that have reached the app, by path (counted as they enter it, before
+    anything is done with them): a test waits until a request it sent from another thread is
+    in the server."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self.count: Counter[str] = Counter()
+
+    def wrap(self, app: Any) -> Any:
+        async def counted(scope: dict, receive: Any, send: Any) -> None:
+            if scope["type"] == "http":
+                with self._changed:
+                    self.count[scope["path"]] += 1
+                    self._changed.notify_all()
+            await app(scope, receive, send)
+
+        return counted
+
+    def wait(self, path: str, count: int, timeout: float = 60) -> None:
+        with self._changed:
+            if not self._changed.wait_for(lambda: self.count[path] >= count, timeout):
+                raise AssertionError(f"{count} requests to {path} did not arrive within {timeout} s "
+                                     f"({self.count[path]} did)")
 
 
 @contextmanager
 def live_app(
-    configs: Path, models: Path, runner: Runner | None = None, **settings: object
+    configs: Path, models: Path, runner: Runner | None = None, arrivals: Arrivals | None = None,
+    **settings: object,
 ) -> Iterator[str]:
     """create_app(...) served by real uvicorn on a free loopback port; yields its URL once
-    /readyz answers 200, and stops the server afterwards whatever happens."""
+    /readyz answers 200, and stops the server afterwards whatever happens. `arrivals`, if
+    given, counts the requests that reach the app."""
     port = free_port()
     config = Settings(configs_dir=configs, models_dir=models, port=port, **settings)
     registry = ModelRegistry.from_dir(configs, models)
     app = create_app(config, registry, runner or InProcessRunner(models))
-    with serving(app, port=port) as url:
+    with serving(app if arrivals is None else arrivals.wrap(app), port=port) as url:
         try:
             yield url
         finally:
-            # A HANG request holds a worker thread: let it go so that the server can stop.
+            # A HANG or gated request holds a worker thread: let it go so that the server can stop.
             if isinstance(runner, ScriptedRunner):
-                runner.release.set()
+                runner.open_all()
 
 
 #: The API families, each with its own error shape.

@@ -7,7 +7,8 @@ containers Modal would start.
   else waits, as Modal queues it.
 - A container starts the way Modal's does: the user class is instantiated, its `snap=True` enter
   hooks run (timed: what a memory snapshot keeps), then its `snap=False` ones (timed: what every
-  restore pays), in a thread, with a GPU-less `cold_start` delay before.
+  restore pays), in a thread, with a GPU-less `cold_start` delay before; a test that needs a cold
+  start longer than the router waits holds the start (`hold_starts`) instead of timing it.
 - Method calls keep Modal's rules: `.remote` on a generator, `.remote_gen` on a plain method and
   `.spawn` on a generator fail with Modal's own error; the synchronous interface from the event
   loop is refused (it would block the router); arguments, results and errors cross by pickle;
@@ -60,6 +61,9 @@ class FakeModal:
     app: Any
     #: Seconds a new container takes before its enter hooks run (scheduling, image pull).
     cold_start: float = 0.0
+    #: While it answers True, new containers wait before they start (a cold start that lasts as
+    #: long as the test says; it is asked from the fake's event loop, so it reads thread-safe state).
+    hold_starts: Callable[[], bool] | None = None
     containers: list[Container] = field(default_factory=list)
     calls: list[Call] = field(default_factory=list)
     #: The autoscaler settings updated per variant (`Function.autoscaler.update`).
@@ -113,7 +117,17 @@ class FakeModal:
         finally:
             self._waiting[variant] -= 1
 
+    async def settled(self, timeout: float = 60) -> None:
+        """Until every call made so far has ended (answered, failed or cancelled); `timeout` is a
+        hang guard."""
+        tasks = [call.task for call in self.calls if call.task is not None]
+        if tasks:
+            _, running = await asyncio.wait(tasks, timeout=timeout)
+            assert not running, f"{len(running)} of {len(tasks)} Modal calls still running after {timeout} s"
+
     async def _start(self, cls: FakeCls, container: Container) -> None:
+        while self.hold_starts is not None and self.hold_starts():
+            await asyncio.sleep(0.005)
         await asyncio.sleep(self.cold_start)
         obj = cls.modal_cls(**dict(container.variant[3]))
         instance = synchronizer._translate_in(obj)._cached_user_cls_instance()

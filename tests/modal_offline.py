@@ -28,20 +28,29 @@ ALL_BACKENDS = [
     {"name": "kokoro", "backend": "kokoro", "deploy": {"gpu": "T4"}},
 ]
 
-# Loaded into each subprocess: refuses every connection that leaves the machine.
+# Loaded into each subprocess: refuses every connection that leaves the machine, and notes each
+# refusal (a line naming the host) in the file NO_NETWORK_LOG names, if it is set: a test counts the
+# attempts a command made rather than timing it.
 NO_NETWORK = '''
+import os
 import socket
+def _note(what):
+    if os.environ.get("NO_NETWORK_LOG"):
+        with open(os.environ["NO_NETWORK_LOG"], "a", encoding="utf-8") as log:
+            log.write(f"{what}\\n")
 _connect = socket.socket.connect
 def _connect_local(self, address):
     host = address[0] if isinstance(address, tuple) else None
     if self.family == socket.AF_UNIX or host in ("127.0.0.1", "::1", "localhost"):
         return _connect(self, address)
+    _note(host)
     raise ConnectionRefusedError(f"network blocked in tests: {address}")
 socket.socket.connect = _connect_local
 _getaddrinfo = socket.getaddrinfo
 def _getaddrinfo_local(host, *args, **kwargs):
     if host in (None, "localhost", "127.0.0.1", "::1"):
         return _getaddrinfo(host, *args, **kwargs)
+    _note(host)
     raise socket.gaierror(socket.EAI_NONAME, f"network blocked in tests: {host}")
 socket.getaddrinfo = _getaddrinfo_local
 '''

@@ -8,9 +8,9 @@ from __future__ import annotations
 import asyncio
 import errno
 import shutil
-import time
+import threading
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import aclosing
 from pathlib import Path
 
@@ -18,7 +18,8 @@ import httpx
 import pytest
 
 from router.cache import SynthesisCache
-from tests._live import DIE, RAISE, ScriptedRunner, assert_family_error, live_app, piper_setup
+from router.chunking import chunk_text
+from tests._live import DIE, RAISE, Arrivals, ScriptedRunner, assert_family_error, live_app, piper_setup
 from tests.audio import decode
 
 SPEECH = "/v1/audio/speech"
@@ -45,16 +46,15 @@ def test_identical_requests_hit_and_cost_no_backend_time(setup, tmp_path):
     with live_app(configs, models, runner, cache_dir=cache) as url, httpx.Client(base_url=url, timeout=60) as client:
         miss = client.post(SPEECH, json=body())
         assert miss.status_code == 200 and miss.headers["x-chorus-cache"] == "miss"
-        begun = runner.begun
-        start = time.perf_counter()
+        backend = runner.begun, runner.pieces, runner.holds
         hit = client.post(SPEECH, json=body())
-        hit_seconds = time.perf_counter() - start
         assert hit.headers["x-chorus-cache"] == "hit"
         assert hit.headers["content-type"] == miss.headers["content-type"]
         assert hit.content == miss.content
-        assert runner.begun == begun, "a hit must not call the backend"
+        # No backend time: no chunk begun, no audio made, the model not even held (bench/responsiveness.py
+        # times a hit against a miss).
+        assert (runner.begun, runner.pieces, runner.holds) == backend, "a hit must not touch the backend"
         assert decode(hit.content).duration > 1.0
-        assert hit_seconds < 1.0
         # The same request through another family with the same output is the same audio,
         # but ElevenLabs asks for another format: its own entry.
         eleven = client.post("/v1/text-to-speech/alloy", params={"output_format": "wav_22050"}, json={"text": TEXT})
@@ -105,9 +105,11 @@ def test_failed_and_abandoned_responses_are_not_stored(setup, tmp_path):
         with pytest.raises(httpx.RemoteProtocolError):
             client.post(SPEECH, json=body(input=broken))
         long_text = " ".join(f"Sentence {n} that nobody waits for." for n in range(20))
+        begun = runner.begun
         with client.stream("POST", SPEECH, json=body(input=long_text)) as response:
             next(response.iter_raw())
-        time.sleep(1)
+        runner.wait_idle()  # the abandoned synthesis has ended server-side
+        assert runner.begun - begun < len(chunk_text(long_text, 60)), "the abandoned text was synthesised to its end"
         assert entries(cache) == []
         assert list((cache / "partial").iterdir()) == []
         # A broken take never comes back as a hit.
@@ -153,34 +155,69 @@ def test_off_without_a_directory_or_with_size_zero(setup, tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
-#: Three chunks at chunk_chars=60, each held back a little so that requests overlap.
+#: Three chunks at chunk_chars=60; a test holds one at its gate (ScriptedRunner) so that requests
+#: meet a synthesis at a known point of it.
 SLOW_CHUNKS = ["The first of three parts takes its time.", "So does the second part here, slowly.",
                "And the third one closes it, at last."]
 SLOW_TEXT = " ".join(SLOW_CHUNKS)
 
 
-def slow_runner(models: Path, seconds: float = 0.6) -> ScriptedRunner:
-    return ScriptedRunner(models, chunk_delay={chunk: seconds for chunk in SLOW_CHUNKS})
+class Listener:
+    """One request, streamed in a thread of `pool`: `wait_begun()` returns once its response
+    has begun (status and headers in: a follower has joined its take), `result()` is the whole
+    response, or the error that cut it."""
 
+    def __init__(self, pool: ThreadPoolExecutor, url: str, text: str = SLOW_TEXT):
+        self._begun = threading.Event()
+        self._future: Future[httpx.Response] = pool.submit(self._run, url, text)
 
-def post_after(url: str, delay: float, text: str = SLOW_TEXT) -> httpx.Response:
-    """`text` asked for `delay` seconds from now: requests that arrive at chosen moments of
-    another's synthesis."""
-    time.sleep(delay)
-    return httpx.post(f"{url}{SPEECH}", json=body(input=text), timeout=60)
+    def _run(self, url: str, text: str) -> httpx.Response:
+        try:
+            with httpx.Client(base_url=url, timeout=120) as client, \
+                    client.stream("POST", SPEECH, json=body(input=text)) as response:
+                self._begun.set()
+                response.read()
+                return response
+        finally:
+            self._begun.set()
+
+    def wait_begun(self, timeout: float = 60) -> httpx.Response | None:
+        assert self._begun.wait(timeout), f"no response began within {timeout} s"
+        if self._future.done():
+            return self._future.result()  # an error before the response began is raised here
+        return None
+
+    def result(self) -> httpx.Response:
+        return self._future.result(timeout=120)
+
+    def outcome(self) -> str:
+        try:
+            return f"{self.result().status_code}"
+        except httpx.RemoteProtocolError:
+            return "aborted"  # no truncated file passed off as complete
 
 
 def test_identical_requests_at_once_share_one_synthesis(setup, tmp_path):
     configs, models = setup
-    runner = slow_runner(models)
+    runner = ScriptedRunner(models, gated=SLOW_CHUNKS[:2])
+    arrivals = Arrivals()
     cache = tmp_path / "cache"
-    with live_app(configs, models, runner, cache_dir=cache, chunk_chars=60) as url:
-        with ThreadPoolExecutor(3) as pool:
-            # One arrives before the first bytes, one after.
-            responses = list(pool.map(lambda delay: post_after(url, delay), [0, 0.2, 1.0]))
+    with live_app(configs, models, runner, arrivals, cache_dir=cache, chunk_chars=60) as url, \
+            ThreadPoolExecutor(3) as pool:
+        first = Listener(pool, url)
+        runner.wait_at_gate(SLOW_CHUNKS[0])  # its first bytes are being made
+        early = Listener(pool, url)  # one arrives before the first bytes ...
+        arrivals.wait(SPEECH, 2)
+        runner.open_gate(SLOW_CHUNKS[0])
+        early.wait_begun()
+        runner.wait_at_gate(SLOW_CHUNKS[1])
+        late = Listener(pool, url)  # ... one after them, while the rest is made
+        late.wait_begun()
+        runner.open_gate(SLOW_CHUNKS[1])
+        responses = [first.result(), early.result(), late.result()]
         metrics = httpx.get(f"{url}/metrics").text
     assert [r.status_code for r in responses] == [200, 200, 200]
-    assert sorted(r.headers["x-chorus-cache"] for r in responses) == ["miss", "shared", "shared"]
+    assert [r.headers["x-chorus-cache"] for r in responses] == ["miss", "shared", "shared"]
     assert runner.begun == len(SLOW_CHUNKS), "each chunk is synthesised once for all three"
     assert responses[1].content == responses[0].content == responses[2].content
     assert decode(responses[0].content).duration > 4.0
@@ -190,19 +227,21 @@ def test_identical_requests_at_once_share_one_synthesis(setup, tmp_path):
 
 def test_a_follower_gets_everything_when_the_first_client_leaves(setup, tmp_path):
     configs, models = setup
-    runner = slow_runner(models)
+    runner = ScriptedRunner(models, gated=[SLOW_CHUNKS[1]])
     cache = tmp_path / "cache"
     with live_app(configs, models, runner, cache_dir=cache, chunk_chars=60) as url, httpx.Client(base_url=url, timeout=60) as client:
         with client.stream("POST", SPEECH, json=body(input=SLOW_TEXT)) as first:
             assert first.headers["x-chorus-cache"] == "miss"
             reading = first.iter_raw()  # kept: a dropped iterator closes the connection
             next(reading)
+            runner.wait_at_gate(SLOW_CHUNKS[1])  # the rest of the take is still to be made
             with ThreadPoolExecutor(1) as pool:
-                follower = pool.submit(client.post, SPEECH, json=body(input=SLOW_TEXT))
-                time.sleep(0.5)
+                follower = Listener(pool, url)
+                follower.wait_begun()  # it follows the take now
                 first.close()
+                runner.open_gate(SLOW_CHUNKS[1])
+                response = follower.result()
         # The first client is gone; the one that followed still gets the whole take.
-        response = follower.result()
         assert response.status_code == 200 and response.headers["x-chorus-cache"] == "shared"
         assert decode(response.content).duration > 4.0
         assert runner.begun == len(SLOW_CHUNKS)
@@ -212,40 +251,42 @@ def test_a_follower_gets_everything_when_the_first_client_leaves(setup, tmp_path
 
 def test_when_every_follower_leaves_the_backend_stops(setup, tmp_path):
     configs, models = setup
-    runner = slow_runner(models, seconds=1.0)
+    runner = ScriptedRunner(models, gated=[SLOW_CHUNKS[1]])
     cache = tmp_path / "cache"
     with live_app(configs, models, runner, cache_dir=cache, chunk_chars=60) as url, httpx.Client(base_url=url, timeout=60) as client:
         with client.stream("POST", SPEECH, json=body(input=SLOW_TEXT)) as first:
             reading = first.iter_raw()  # kept: a dropped iterator closes the connection
             next(reading)
+            runner.wait_at_gate(SLOW_CHUNKS[1])
             with httpx.Client(base_url=url, timeout=60) as other, other.stream("POST", SPEECH, json=body(input=SLOW_TEXT)) as second:
                 assert second.headers["x-chorus-cache"] == "shared"
                 next(second.iter_raw())
-        time.sleep(2.5)
+        # Both left while the second part waited at its gate: nobody listens, so the synthesis
+        # ends there (a server that went on would hold the model at that gate).
+        runner.wait_idle()
         assert runner.begun < len(SLOW_CHUNKS), "nobody listens: the rest is not synthesised"
         assert entries(cache) == [] and list((cache / "partial").iterdir()) == []
         # And the next identical request starts afresh rather than following the dead take.
+        runner.open_gate(SLOW_CHUNKS[1])
         response = client.post(SPEECH, json=body(input=SLOW_TEXT))
         assert response.headers["x-chorus-cache"] == "miss" and decode(response.content).duration > 4.0
 
 
 def test_a_take_that_fails_fails_its_followers_too(setup, tmp_path):
     configs, models = setup
-    dying = f"{SLOW_CHUNKS[0]} {DIE} is what the second part does."
-    runner = ScriptedRunner(models, chunk_delay={SLOW_CHUNKS[0]: 0.3, f"{DIE} is what the second part does.": 1.0})
+    dying_part = f"{DIE} is what the second part does."
+    dying = f"{SLOW_CHUNKS[0]} {dying_part}"
+    runner = ScriptedRunner(models, gated=[dying_part])
     cache = tmp_path / "cache"
-    with live_app(configs, models, runner, cache_dir=cache, chunk_chars=60) as url:
-
-        def ask(delay: float) -> str:
-            try:
-                response = post_after(url, delay, dying)
-            except httpx.RemoteProtocolError:
-                return "aborted"  # no truncated file passed off as complete
-            return f"{response.status_code}"
-
-        with ThreadPoolExecutor(2) as pool:
-            assert list(pool.map(ask, [0, 0.6])) == ["aborted", "aborted"]
-        assert entries(cache) == [] and list((cache / "partial").iterdir()) == []
+    with live_app(configs, models, runner, cache_dir=cache, chunk_chars=60) as url, ThreadPoolExecutor(2) as pool:
+        first = Listener(pool, url, dying)
+        runner.wait_at_gate(dying_part)  # its first part is out, the failing one about to be made
+        follower = Listener(pool, url, dying)
+        follower.wait_begun()
+        runner.open_gate(dying_part)
+        assert [first.outcome(), follower.outcome()] == ["aborted", "aborted"]
+    assert runner.begun == 2, "the follower followed: the failing take was made once"
+    assert entries(cache) == [] and list((cache / "partial").iterdir()) == []
 
 
 def test_an_error_before_the_first_bytes_is_every_waiters_error(setup, tmp_path):
@@ -262,11 +303,16 @@ def test_an_error_before_the_first_bytes_is_every_waiters_error(setup, tmp_path)
 def test_a_take_too_big_to_keep_is_still_whole_for_everyone(setup, tmp_path):
     # The cap (50 kB) is under one chunk's audio: nothing is stored, nobody gets less.
     configs, models = setup
-    runner = slow_runner(models)
+    runner = ScriptedRunner(models, gated=[SLOW_CHUNKS[1]])
     cache = tmp_path / "cache"
-    with live_app(configs, models, runner, cache_dir=cache, cache_max_mb=0.05, chunk_chars=60) as url:
-        with ThreadPoolExecutor(2) as pool:
-            responses = list(pool.map(lambda delay: post_after(url, delay), [0, 1.0]))
+    with live_app(configs, models, runner, cache_dir=cache, cache_max_mb=0.05, chunk_chars=60) as url, \
+            ThreadPoolExecutor(2) as pool:
+        first = Listener(pool, url)
+        runner.wait_at_gate(SLOW_CHUNKS[1])  # past the cap already, the rest still to come
+        follower = Listener(pool, url)
+        follower.wait_begun()
+        runner.open_gate(SLOW_CHUNKS[1])
+        responses = [first.result(), follower.result()]
         alone = httpx.post(f"{url}{SPEECH}", json=body(input=SLOW_TEXT), timeout=60)
     assert [r.headers["x-chorus-cache"] for r in responses] == ["miss", "shared"]
     assert responses[0].content == responses[1].content

@@ -5,7 +5,6 @@ the real Piper voice behind the real in-process runner, with faults injected on 
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -81,13 +80,14 @@ def test_each_family_reports_the_failure_in_its_shape(served):
 
 
 def test_a_backend_that_hangs_times_out_cleanly(served):
+    # The hang is cut by the model's own timeout (3 s), named in the error; alongside's client
+    # timeout (60 s) only turns a hang of the router into a failure. (How soon the 504 comes
+    # against deploy.timeout: bench/responsiveness.py.)
     url, _ = served
-    start = time.perf_counter()
     response = alongside(url, lambda client: speech(client, f"{HANG}. This never speaks."))
-    waited = time.perf_counter() - start
     error = assert_family_error(response, 504)
     assert error["code"] == "backend_timeout"
-    assert 2.5 < waited < 20, f"answered after {waited:.1f} s; the model's timeout is 3 s"
+    assert "3 s (deploy.timeout)" in error["message"], error["message"]
     good_request_works(url)
 
 
@@ -120,13 +120,12 @@ def test_a_disconnected_client_stops_costing_backend_time(setup):
                 assert response.status_code == 200
                 next(response.iter_raw())
                 at_disconnect = runner.begun
-        # Long enough for several more sentences, had synthesis carried on.
-        time.sleep(3)
+        # Until the synthesis has ended server-side (nothing holds the model, no stream is open):
+        # had it carried on, it would have begun every chunk by then.
+        runner.wait_idle()
         after = runner.begun
         assert after <= at_disconnect + 1, f"{after - at_disconnect} chunks begun after the client left"
         assert after < 10
-        time.sleep(1)
-        assert runner.begun == after, "synthesis went on after the disconnect"
         assert runner.open == 0, "a backend stream was left open"
         good_request_works(url)
 
@@ -144,7 +143,7 @@ def test_a_disconnect_cancels_fanned_out_chunks_too(tmp_path, setup):
             with client.stream("POST", SPEECH, json={"model": "tts-1", "input": text, "voice": "alloy", "response_format": "pcm"}) as response:
                 next(response.iter_raw())
                 at_disconnect = runner.begun
-        time.sleep(3)
+        runner.wait_idle()  # the synthesis has ended server-side, fanned-out chunks and all
         assert runner.begun <= at_disconnect + 3
         assert runner.begun < 12
         assert runner.open == 0

@@ -7,12 +7,14 @@ and a worker killed mid-stream: test_containers.py.)
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from enum import Enum, auto
 
 import pytest
+from anyio import to_thread
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -47,7 +49,7 @@ class WorkerScript(Enum):
 
     #: All of PATTERN in PIECES, 0.2 s apart: longer in all than a 1 s read time-out, no gap as long.
     STREAMS_SLOWLY = auto()
-    #: As STREAMS_SLOWLY, but silent for 3 s after the third piece.
+    #: As STREAMS_SLOWLY, but silent after the third piece until the test is over.
     STALLS_AFTER_THIRD_PIECE = auto()
     #: A 200 and PATTERN[:4000], then the connection ends without the chunked body's last chunk.
     DIES_MID_STREAM = auto()
@@ -75,11 +77,14 @@ class ScriptedWorker:
     def __init__(self) -> None:
         self.script: WorkerScript | None = None
         self.bodies: list[SynthesizeBody] = []
-        #: scripts whose answer stopped early because the router went away
+        #: scripts whose answer stopped early because the router went away, and those that ended
         self.abandoned: list[WorkerScript] = []
+        self.finished: list[WorkerScript] = []
         self.healthy = True
         #: how many times the router asked for the voices
         self.voice_lists = 0
+        #: set when a test is over: a stalled answer goes on (to nobody, by then)
+        self.unstall = threading.Event()
         self.app = Starlette(
             routes=[
                 Route("/healthz", self.healthz, methods=["GET"]),
@@ -116,11 +121,9 @@ class ScriptedWorker:
                 yield piece
             finished = True
         finally:
-            if not finished:
-                self.abandoned.append(script)
+            (self.finished if finished else self.abandoned).append(script)
 
-    @staticmethod
-    async def pieces(script: WorkerScript) -> AsyncIterator[bytes]:
+    async def pieces(self, script: WorkerScript) -> AsyncIterator[bytes]:
         if script is WorkerScript.ENDS_ON_HALF_A_SAMPLE:
             yield PATTERN[:1001]
             return
@@ -136,7 +139,8 @@ class ScriptedWorker:
             yield PATTERN[offset : offset + size]
             offset += size
             if script is WorkerScript.STALLS_AFTER_THIRD_PIECE and number == 2:
-                await asyncio.sleep(3)
+                # Silent for as long as the test runs: longer than any read time-out it sets.
+                await to_thread.run_sync(self.unstall.wait, 120, abandon_on_cancel=True)
             await asyncio.sleep(0.2)
         yield PATTERN[offset:]
 
@@ -159,9 +163,23 @@ def fresh(worker: ScriptedWorker, script: WorkerScript | None = None) -> Iterato
     worker.script = script
     worker.bodies.clear()
     worker.abandoned.clear()
+    worker.finished.clear()
     worker.healthy = True
     worker.voice_lists = 0
-    yield worker
+    worker.unstall.clear()
+    try:
+        yield worker
+    finally:
+        worker.unstall.set()
+
+
+async def until(condition: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    """Poll `condition` (the runner's view of its workers, which no event announces) until it
+    holds; `timeout` is a hang guard only."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} within {timeout} s"
+        await asyncio.sleep(0.01)
 
 
 def request(text: str = "Hello there.") -> SynthesisRequest:
@@ -194,9 +212,9 @@ async def test_a_workers_voices_are_asked_once_until_it_goes_down(scripted) -> N
                 seen.append((await runner.voices(CONFIG), worker.voice_lists))
             # Down and up again: it may have loaded other models since, so it is asked anew.
             worker.healthy = False
-            await asyncio.sleep(0.4)
+            await until(lambda: not runner.is_ready(), "the runner saw the worker go down")
             worker.healthy = True
-            await asyncio.sleep(0.4)
+            await until(runner.is_ready, "the runner saw the worker come back")
             seen.append((await runner.voices(CONFIG), worker.voice_lists))
         finally:
             await runner.close()
@@ -250,13 +268,11 @@ async def test_a_stream_closed_before_it_is_read_releases_the_worker(scripted) -
         try:
             stream = await runner.stream(CONFIG, request())
             await stream.chunks.aclose()
-            deadline = time.monotonic() + 5
-            while not worker.abandoned:
-                assert time.monotonic() < deadline, "the worker kept streaming to nobody"
-                await asyncio.sleep(0.05)
+            await until(lambda: bool(worker.abandoned or worker.finished), "the worker's answer ended")
         finally:
             await runner.close()
-        assert worker.abandoned == [WorkerScript.STREAMS_SLOWLY]
+        # Cut short, not streamed to its end to nobody.
+        assert worker.abandoned == [WorkerScript.STREAMS_SLOWLY] and worker.finished == []
 
 
 @pytest.mark.anyio
@@ -325,14 +341,12 @@ async def test_readiness_follows_the_workers_healthz(scripted) -> None:
             await runner.start([CONFIG, other])
             seen.append(runner.is_ready())
             worker.healthy = False
-            await asyncio.sleep(0.3)
-            seen.append(runner.is_ready())
+            await until(lambda: not runner.is_ready(), "readiness followed the worker going down")
             worker.healthy = True
-            await asyncio.sleep(0.3)
-            seen.append(runner.is_ready())
+            await until(runner.is_ready, "readiness followed the worker coming back")
         finally:
             await runner.close()
-        assert seen == [False, True, False, True]
+        assert seen == [False, True]
 
 
 @pytest.mark.anyio
@@ -345,18 +359,16 @@ async def test_a_worker_never_reached_holds_readiness_back_only_when_it_is_the_o
         runner = HttpRunner({"piper": url, "coqui": absent}, health_interval=0.05, connect_timeout=1)
         try:
             await runner.start([CONFIG, other])
-            seen = [runner.is_ready()]
+            # The absent worker holds nothing back: ready at once, and readiness follows Piper's.
+            assert runner.is_ready()
             worker.healthy = False
-            await asyncio.sleep(0.3)
-            seen.append(runner.is_ready())
+            await until(lambda: not runner.is_ready(), "readiness followed Piper's worker going down")
             worker.healthy = True
-            await asyncio.sleep(0.3)
-            seen.append(runner.is_ready())
+            await until(runner.is_ready, "readiness followed Piper's worker coming back")
             with pytest.raises(BackendUnavailable, match="backend 'coqui' is unavailable"):
                 await runner.stream(other, request())
         finally:
             await runner.close()
-        assert seen == [True, False, True]
 
 
 @pytest.mark.parametrize(

@@ -6,11 +6,11 @@ leaves cancelling its calls, and a cold start longer than Modal lets a response 
 
 from __future__ import annotations
 
-import asyncio
 import re
 import shutil
 import subprocess
 import textwrap
+import threading
 from pathlib import Path
 
 import httpx
@@ -171,9 +171,10 @@ async def test_a_client_that_leaves_cancels_its_calls_on_modal(monkeypatch, tmp_
         fake.stalls = lambda call: "first" not in call.args[0]["text"]
         stream = await service.audio(job, OPENAI_FORMATS["pcm"])
         assert stream.first
-        # What the response does when its client disconnects.
+        # What the response does when its client disconnects; then until every call has ended
+        # (the stalled ones end only if they are cancelled).
         await stream.aclose()
-        await asyncio.sleep(0.2)
+        await fake.settled()
 
     await in_client(app, scenario)
     later = [call for call in fake.calls if "first" not in call.args[0]["text"] and "Warm" not in call.args[0]["text"]]
@@ -185,20 +186,22 @@ async def test_a_client_that_leaves_cancels_its_calls_on_modal(monkeypatch, tmp_
 
 @pytest.mark.anyio
 async def test_a_cold_start_past_the_wait_answers_503_and_the_retry_finds_it_warm(shipped, tmp_path):
-    fake = FakeModal(shipped, cold_start=1.5)
+    # The container does not start until both requests have been answered: a cold start longer
+    # than the router's wait, whatever the machine's speed.
+    starting = threading.Event()
+    fake = FakeModal(shipped, hold_starts=lambda: not starting.is_set())
     app = router(shipped, fake, tmp_path, start_wait=0.5)
 
     async def scenario(client):
         first = await client.post("/v1/audio/speech", json=speech())
         eleven = await client.post("/v1/text-to-speech/tts-1", json={"text": "Hi there.", "model_id": "tts-1"},
                                    headers={"xi-api-key": "x"})
-        # Until the container is warm and the two calls left running are done (its cold start, then
-        # Piper's load, which patching the voice for word times made seconds long), as a client
-        # retrying after Retry-After would.
-        for _ in range(600):
-            if any(container.instance is not None and not container.busy for container in fake.started()):
-                break
-            await asyncio.sleep(0.1)
+        starting.set()
+        # Until the two calls left running are done (the container's start, then Piper's load,
+        # which patching the voice for word times made seconds long), as a client retrying after
+        # Retry-After would.
+        await fake.settled()
+        assert [container.instance is not None and not container.busy for container in fake.started()] == [True]
         return first, eleven, await client.post("/v1/audio/speech", json=speech())
 
     first, eleven, retry = await in_client(app, scenario)
@@ -223,7 +226,9 @@ def readme_modal_command() -> str:
 
 
 def test_the_readmes_modal_command_gets_its_audio_through_a_long_cold_start(shipped, tmp_path):
-    fake = FakeModal(shipped, cold_start=2.0)
+    # The container starts only once the command has retried: its first request waits past the
+    # router's wait, whatever the machine's speed.
+    fake = FakeModal(shipped, hold_starts=lambda: len(fake.calls) < 2)
     app = router(shipped, fake, tmp_path, start_wait=1.0, api_keys=["your-secret-key"])
     command = re.sub(r"https://<workspace>--chorus-web\.modal\.run", "{url}", readme_modal_command())
     folder = tmp_path / "client"

@@ -28,6 +28,8 @@ class Blocking(Backend):
         self.inside = threading.Event()
         self.release = threading.Event()
         self.ended: list[str] = []
+        #: set once the generator has ended, however
+        self.over = threading.Event()
 
     def load(self) -> None:
         pass
@@ -42,13 +44,15 @@ class Blocking(Backend):
     def synthesize(self, request: SynthesisRequest) -> Iterator[bytes]:
         try:
             self.inside.set()
-            self.release.wait(10)
+            self.release.wait(60)  # a hang guard: the test sets it
             yield b"\0\0" * 160
             yield b"\0\0" * 160
             self.ended.append("exhausted")
         except GeneratorExit:
             self.ended.append(f"closed in {threading.current_thread().name}")
             raise
+        finally:
+            self.over.set()
 
 
 @pytest.mark.anyio
@@ -62,15 +66,12 @@ async def test_a_cancelled_hop_closes_the_generator_once_the_thread_is_out():
                 pass
 
         task = asyncio.ensure_future(consume())
-        await asyncio.to_thread(backend.inside.wait, 10)
+        assert await asyncio.to_thread(backend.inside.wait, 60)
         task.cancel()
         outcome = (await asyncio.gather(task, return_exceptions=True))[0]
         before_release = list(backend.ended)
         backend.release.set()
-        for _ in range(100):
-            if backend.ended:
-                break
-            await asyncio.sleep(0.02)
+        assert await asyncio.to_thread(backend.over.wait, 60), "the generator was never closed"
         return outcome, before_release, backend.ended
 
     outcome, before_release, ended = await scenario()

@@ -5,7 +5,6 @@ is still arriving, and checks streamed text as it checks whole text. Real Piper,
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 
@@ -35,37 +34,41 @@ async def service(tmp_path):
     await runner.close()
 
 
-async def words(text: str, every: float, fed: list[float]):
-    """`text` a word at a time, `every` seconds apart, noting when each word was handed over."""
-    for word in text.split(" "):
-        await asyncio.sleep(every)
-        fed.append(time.perf_counter())
-        yield word + " "
-
-
 def streamed_job(service: SpeechService, pieces):
     return service.prepare(text="", text_param="text", model=None, pieces=pieces, family="elevenlabs")
 
 
-async def all_pcm(stream) -> tuple[bytes, float]:
-    """The PCM and when its first byte came."""
-    first_at, pcm = None, b""
-    async for piece in stream.chunks:
-        first_at = first_at or time.perf_counter()
-        pcm += piece
-    return pcm, first_at
+async def all_pcm(stream) -> bytes:
+    return b"".join([piece async for piece in stream.chunks])
 
 
 async def test_the_first_sentence_is_spoken_while_the_rest_is_still_being_written(service):
-    fed: list[float] = []
-    job = streamed_job(service, words(THREE_SENTENCES, 0.1, fed))
+    """The writer hands over the first sentence a word at a time, then writes nothing more until
+    that sentence's audio has come (a service that waited for the whole text would never speak:
+    the writer's 60 s wait, a hang guard, fails it)."""
+    words = THREE_SENTENCES.split(" ")
+    first_sentence = next(i for i, word in enumerate(words) if word.endswith(".")) + 1
+    spoken = asyncio.Event()
+    handed_over: list[str] = []
+
+    async def writer():
+        for number, word in enumerate(words):
+            if number == first_sentence:
+                await asyncio.wait_for(spoken.wait(), 60)
+            handed_over.append(word)
+            yield word + " "
+
+    job = streamed_job(service, writer())
     stream = await service.pcm(job)
-    pcm, first_audio = await all_pcm(stream)
-    assert first_audio < fed[-1], "the first audio waited for the whole text"
+    first = await anext(stream.chunks)
+    written_when_heard = len(handed_over)
+    spoken.set()
+    pcm = first + await all_pcm(stream)
+    assert first and written_when_heard == first_sentence < len(words), "the first audio waited for more text"
     seconds = len(pcm) / 2 / PIPER_RATE
     whole = await all_pcm(await service.pcm(service.prepare(text=THREE_SENTENCES, text_param="text", model=None)))
     # Cut at the same sentences, so about the same audio as the text given whole.
-    assert abs(seconds - len(whole[0]) / 2 / PIPER_RATE) < 0.5
+    assert abs(seconds - len(whole) / 2 / PIPER_RATE) < 0.5
     assert job.request.text.strip() == THREE_SENTENCES
 
 
@@ -113,7 +116,7 @@ async def test_control_characters_in_a_piece_are_scrubbed(service):
     async def pieces():
         yield "Hello\x00 there."
 
-    pcm, _ = await all_pcm(await service.pcm(streamed_job(service, pieces())))
+    pcm = await all_pcm(await service.pcm(streamed_job(service, pieces())))
     assert len(pcm) / 2 / PIPER_RATE > 0.3
 
 

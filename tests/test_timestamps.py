@@ -155,7 +155,11 @@ def test_a_worker_frames_word_times_and_http_mode_reads_them_back(models: Path, 
     request = SynthesisRequest(model="tts-1", text="Hello world. Goodbye now.", word_times=True)
     app = create_worker("piper", configs, models)
     with TestClient(app) as worker:
-        while worker.get("/healthz").status_code != 200:
+        # The worker loads in the background and offers no event: its /healthz is polled, with a
+        # deadline that only turns a worker that never loads into a failure.
+        deadline = time.monotonic() + 60
+        while (health := worker.get("/healthz")).status_code != 200:
+            assert time.monotonic() < deadline, health.text
             time.sleep(0.05)
         response = worker.post("/synthesize", json={"config": config.model_dump(mode="json"),
                                                      "request": request.model_dump(mode="json")})

@@ -190,9 +190,8 @@ def test_client_disconnect_stops_synthesis(
         with httpx.stream("POST", f"{url}/synthesize", json=body(text), timeout=30) as response:
             assert response.status_code == 200
             next(response.iter_raw())
-        # The chunk being made when the client left may finish; nothing after it is made.
-        assert closed.wait(10), "the backend's generator was never closed"
-        stopped_at = len(made)
-        time.sleep(1.0)
-        assert len(made) == stopped_at
-        assert stopped_at < sentences / 2, f"{stopped_at} of {sentences} sentences were made"
+        # The chunk being made when the client left may finish; nothing after it is made. Once
+        # the generator is closed (its finally has run) it can make nothing more: no need to
+        # watch it for a while.
+        assert closed.wait(60), "the backend's generator was never closed"
+        assert len(made) < sentences / 2, f"{len(made)} of {sentences} sentences were made"

@@ -475,14 +475,30 @@ def _message_problem(exc: ValidationError) -> str:
 
 
 async def _serve(websocket: WebSocket, voice_id: str, multi: bool) -> None:
-    service: SpeechService = websocket.app.state.speech
     state = websocket.app.state
+    service: SpeechService = state.speech
     await websocket.accept()
     if getattr(state, "open_sockets", 0) >= service.settings.websocket_max_sockets:
         await _refuse(websocket, "max_sockets_exceeded",
                       f"this server has {service.settings.websocket_max_sockets} sockets open, its limit")
         return
     state.open_sockets = getattr(state, "open_sockets", 0) + 1
+    try:
+        ending = await _converse(websocket, service, voice_id, multi)
+    finally:
+        # Given back before the close frame goes out: a client that has seen its socket close
+        # may open another at once, even at the limit.
+        state.open_sockets -= 1
+    if isinstance(ending, SocketError):
+        await _refuse(websocket, ending.code, ending.message)
+    elif ending is not None:
+        await _close(websocket, ending)
+
+
+async def _converse(websocket: WebSocket, service: SpeechService, voice_id: str, multi: bool) -> int | SocketError | None:
+    """One socket's conversation, its speech stopped at the end; returns how the socket is to
+    close: a close code, a refusal to send first, or None where there is nothing to send (the
+    client left, or a failed stream-input closed it already)."""
     socket: Socket | None = None
     try:
         try:
@@ -509,13 +525,12 @@ async def _serve(websocket: WebSocket, voice_id: str, multi: bool) -> None:
         except TimeoutError:
             raise SocketError("max_duration_exceeded", f"This connection reached the server's limit of "
                               f"{limit:g} seconds per socket; open a new one to go on.", fatal=True) from None
-        await _close(websocket, 1000)
+        return 1000
     except SocketError as exc:
-        await _refuse(websocket, exc.code, exc.message)
+        return exc
     except (WebSocketDisconnect, RuntimeError):
-        pass  # the client left, or a failed stream-input closed the socket
+        return None  # the client left, or a failed stream-input closed the socket
     finally:
-        state.open_sockets -= 1
         if socket is not None:
             await socket.cancel_all()
 
