@@ -96,6 +96,11 @@ class ScriptedRunner(Runner):
             if not self._changed.wait_for(condition, timeout):
                 raise AssertionError(f"{what}: not reached within {timeout} s ({self.state()})")
 
+    def begun_with(self, mark: str) -> int:
+        """How many chunk syntheses begun so far hold `mark` in their text."""
+        with self._changed:
+            return sum(mark in text for text in self.begun_texts)
+
     def wait_begun(self, count: int, timeout: float = 60) -> None:
         self.wait_until(lambda: self.begun >= count, timeout, f"{count} chunk syntheses begun")
 

@@ -23,11 +23,10 @@ from tests._agents import (
     LONG_REPLY,
     REPLY,
     SENTENCE_CHUNKS,
-    WatchedRunner,
     assert_whole,
     http_seconds,
 )
-from tests._live import live_app, piper_setup
+from tests._live import ScriptedRunner, live_app, piper_setup
 from tests.audio import PIPER_RATE, SHORT_SECONDS, SHORT_TEXT, assert_speech, decode
 
 aiohttp = pytest.importorskip("aiohttp")
@@ -298,7 +297,7 @@ async def test_livekit_barge_in_while_the_reply_is_written_stops_the_backend(tmp
     flush=true, but no empty flush ended the text). The backend stops within one chunk, and the
     next reply on the same TTS (the same socket) speaks whole."""
     configs, models = piper_setup(tmp_path)
-    runner = WatchedRunner(models)
+    runner = ScriptedRunner(models)
     with live_app(configs, models, runner, chunk_chars=SENTENCE_CHUNKS) as url:
         reference = await http_seconds(url, REPLY)
         async with aiohttp.ClientSession() as session:

@@ -37,7 +37,7 @@ POLICY_VIOLATION = 1008
 #: Long enough that speaking all of it takes far longer than a barge-in: about 45 s of audio.
 VERY_LONG_TEXT = " ".join([LONGER_TEXT] * 5)
 
-Message = dict | str
+Message = dict | str | bytes
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -96,7 +96,7 @@ def bounded_sdk(monkeypatch):
 
 def send(ws: ClientConnection, *messages: Message) -> None:
     for message in messages:
-        ws.send(message if isinstance(message, str) else json.dumps(message))
+        ws.send(message if isinstance(message, str | bytes) else json.dumps(message))
 
 
 def receive_until_closed(ws: ClientConnection, timeout: float = 90) -> list[dict]:
@@ -136,6 +136,20 @@ def converse(url: str, messages: Sequence[Message], headers: dict[str, str] | No
             send(ws, *messages)
         received = receive_until_closed(ws)
         return received, ws.close_code
+
+
+def finish(ws: ClientConnection, *contexts: str) -> tuple[list[dict], int | None]:
+    """Messages until every one of `contexts` has its final message, then a close_socket (which
+    stops whatever is still being made) and what follows until the server closes; and its close
+    code."""
+    waiting = set(contexts)
+    received: list[dict] = []
+    while waiting:
+        received += receive_until(ws, lambda m: bool(m.get("isFinal")))
+        waiting.discard(received[-1].get("contextId"))
+    send(ws, {"close_socket": True})
+    received += receive_until_closed(ws)
+    return received, ws.close_code
 
 
 def summary(messages: list[dict]) -> list[dict]:
@@ -384,7 +398,9 @@ def test_interleaved_contexts_each_get_their_own_audio(server):
     ]
     closing = [message for context in texts for message in context_messages(context, "")[2:]]
     url = socket_url(server.url, "multi-stream-input", output_format="pcm_24000", sync_alignment=True)
-    received, close_code = converse(url, [*opening, *interleaved, *closing, {"close_socket": True}])
+    with opened(url) as ws:
+        send(ws, *opening, *interleaved, *closing)
+        received, close_code = finish(ws, *texts)
     assert close_code == 1000, summary(received)
     assert all(message.get("contextId") in texts for message in received), summary(received)
     for context, text in texts.items():
@@ -408,10 +424,9 @@ def test_a_barge_in_stops_one_context_and_the_other_finishes(server):
         send(ws, {"text": LONGER_TEXT + " ", "context_id": "kept"}, {"text": "", "context_id": "kept", "flush": True})
         send(ws, {"text": VERY_LONG_TEXT + " ", "context_id": "barged", "flush": True})
         before = receive_until(ws, lambda m: m.get("contextId") == "barged" and bool(m.get("audio")))
-        send(ws, {"context_id": "barged", "close_context": True}, {"context_id": "kept", "close_context": True},
-             {"close_socket": True})
-        received = before + receive_until_closed(ws)
-        close_code = ws.close_code
+        send(ws, {"context_id": "barged", "close_context": True}, {"context_id": "kept", "close_context": True})
+        rest, close_code = finish(ws, "barged", "kept")
+        received = before + rest
     assert close_code == 1000, summary(received)
 
     barged = for_context(received, "barged")
@@ -438,28 +453,31 @@ def test_keep_alives_make_no_audio_and_keep_the_socket_open(server):
             send(ws, {"text": "", "context_id": "c"})
             with pytest.raises(TimeoutError):
                 ws.recv(timeout=0.5)
-        send(ws, *context_messages("c", SHORT_TEXT)[1:], {"close_socket": True})
-        received = receive_until_closed(ws)
-        close_code = ws.close_code
+        send(ws, *context_messages("c", SHORT_TEXT)[1:])
+        received, close_code = finish(ws, "c")
     assert close_code == 1000, summary(received)
     assert spoken_text(received, "c").strip() == SHORT_TEXT
     assert received[-1] == {"isFinal": True, "contextId": "c"}
     assert_speech(decode(audio_of(received, "c"), raw="pcm", rate=PIPER_RATE))
 
 
-def test_close_socket_lets_every_context_finish(server):
-    url = socket_url(server.url, "multi-stream-input", output_format="pcm_22050")
-    messages = [
-        {"text": " ", "context_id": "a"}, {"text": SHORT_TEXT + " ", "context_id": "a"},
-        {"text": " ", "context_id": "b"}, {"text": "Goodbye for now. ", "context_id": "b", "flush": True},
-        {"close_socket": True},
-    ]
-    received, close_code = converse(url, messages)
+def test_close_socket_stops_every_context_and_closes(server):
+    """The client is done with the socket (Pipecat's hang-up): what is still being made is not
+    heard, each context still open gets its final message, and the socket closes normally."""
+    url = socket_url(server.url, "multi-stream-input", output_format="pcm_22050", auto_mode=True)
+    with opened(url) as ws:
+        send(ws, {"text": " ", "context_id": "a"}, {"text": VERY_LONG_TEXT + " ", "context_id": "a", "flush": True},
+             {"text": " ", "context_id": "b"}, {"text": VERY_LONG_TEXT + " ", "context_id": "b"},
+             {"text": "", "context_id": "b", "flush": True}, {"context_id": "b", "close_context": True})
+        before = receive_until(ws, lambda m: m.get("contextId") == "a" and bool(m.get("audio")))
+        send(ws, {"close_socket": True})
+        received = before + receive_until_closed(ws)
+        close_code = ws.close_code
     assert close_code == 1000, summary(received)
-    assert spoken_text(received, "a").strip() == SHORT_TEXT
-    assert spoken_text(received, "b").strip() == "Goodbye for now."
     assert finals(received, "a") == [{"isFinal": True, "contextId": "a"}]
     assert finals(received, "b") == [{"isFinal": True, "contextId": "b"}]
+    for context in ("a", "b"):
+        assert len(spoken_text(received, context)) < len(VERY_LONG_TEXT) / 3, context
 
 
 # --- refusals ----------------------------------------------------------------------------------
@@ -480,19 +498,29 @@ def test_a_socket_that_cannot_be_served_is_refused_before_any_text(server, endpo
         assert_refused(received, ws.close_code, code)
 
 
+@pytest.mark.parametrize("endpoint", ["stream-input", "multi-stream-input"])
+def test_an_unknown_voice_is_refused_at_connect(server, endpoint):
+    """ElevenLabs refuses a voice it does not have as the socket opens, before any text: its
+    clients expect voice_not_found, then the close (1008)."""
+    received, close_code = converse(socket_url(server.url, endpoint, "no-such-voice"), [])
+    assert received, "no answer at all"
+    assert_error(received[0], "voice_not_found")
+    assert "no-such-voice" in received[0]["message"] and "en_US-joe-medium" in received[0]["message"]
+    assert len(received) == 1, summary(received)
+    assert close_code == POLICY_VIOLATION
+
+
 @pytest.mark.parametrize("endpoint, messages", [
     ("stream-input", [{"text": " "}, {"text": "Hello there. ", "flush": True}]),
     ("multi-stream-input", [{"text": " ", "context_id": "a"}, {"text": "Hello there. ", "context_id": "a", "flush": True}]),
 ])
-def test_an_unknown_voice_is_refused_and_the_socket_closed(server, endpoint, messages):
-    """ElevenLabs' clients expect voice_not_found, and a socket that cannot speak is closed
-    (1008), on either endpoint. (A short inactivity timeout bounds how long a socket left open
-    would wait.)"""
-    url = socket_url(server.url, endpoint, "no-such-voice", inactivity_timeout=3)
+def test_a_voice_only_synthesis_can_judge_is_refused_with_its_first_text(server, endpoint, messages):
+    """A voice that is no plain name (a mix, a description) is the backend's to judge: the
+    refusal comes with the first text, and the socket is closed (1008) all the same."""
+    url = socket_url(server.url, endpoint, "voices/nobody.wav", inactivity_timeout=3)
     received, close_code = converse(url, messages)
     assert received, "no answer at all"
     assert_error(received[0], "voice_not_found", received[0].get("contextId"))
-    assert "no-such-voice" in received[0]["message"]
     assert len(received) == 1, summary(received)
     assert close_code == POLICY_VIOLATION
 
@@ -527,9 +555,10 @@ def test_closing_an_unknown_context_is_an_error(server):
         {"context_id": "nobody", "close_context": True},
         {"text": "No context id at all. "},
         *context_messages("real", SHORT_TEXT),
-        {"close_socket": True},
     ]
-    received, close_code = converse(url, messages)
+    with opened(url) as ws:
+        send(ws, *messages)
+        received, close_code = finish(ws, "real")
     assert close_code == 1000
     assert_error(received[0], "context_not_found")
     assert "nobody" in received[0]["message"]
@@ -543,6 +572,54 @@ def test_an_idle_socket_times_out(server, endpoint):
     with opened(socket_url(server.url, endpoint, inactivity_timeout=1)) as ws:
         received = receive_until_closed(ws, timeout=30)
         assert_refused(received, ws.close_code, "input_timeout_exceeded")
+
+
+def test_the_idle_time_counts_from_the_end_of_the_servers_speech(server):
+    """A client that flushed a long text and waits is not idle while the server still speaks it:
+    it hears all of it, then the socket times out a second after the last audio."""
+    url = socket_url(server.url, "multi-stream-input", output_format="pcm_22050", inactivity_timeout=1)
+    with opened(url) as ws:
+        # About 45 s of speech: several seconds to make, far more than the idle time.
+        send(ws, {"text": " ", "context_id": "c"}, {"text": VERY_LONG_TEXT + " ", "context_id": "c", "flush": True})
+        received = receive_until_closed(ws, timeout=120)
+        close_code = ws.close_code
+    assert close_code == POLICY_VIOLATION
+    assert_error(received[-1], "input_timeout_exceeded")
+    assert spoken_text(received[:-1], "c").strip() == VERY_LONG_TEXT
+    assert_speech(decode(audio_of(received[:-1], "c"), raw="pcm", rate=PIPER_RATE), (30.0, 90.0))
+
+
+@pytest.mark.parametrize("endpoint, opening", [
+    ("stream-input", {"text": " "}), ("multi-stream-input", {"text": " ", "context_id": "a"})])
+def test_a_binary_frame_is_answered_with_an_error(server, endpoint, opening):
+    """Messages are JSON text: a binary frame first refuses the socket (1008); later it is an
+    error message, and the socket goes on."""
+    first, close_code = converse(socket_url(server.url, endpoint, output_format="pcm_22050"), [b"\x00\x01binary"])
+    assert_refused(first, close_code, "invalid_message")
+    assert "binary" in first[0]["message"]
+    context = opening.get("context_id")
+    ending = [{"text": "", "flush": True, "context_id": "a"}, {"close_context": True, "context_id": "a"}] \
+        if context else [{"text": ""}]
+    with opened(socket_url(server.url, endpoint, output_format="pcm_22050")) as ws:
+        send(ws, opening)
+        ws.send(b"\x00\x01binary")
+        send(ws, {**opening, "text": SHORT_TEXT + " "}, *ending)
+        received = receive_until_closed(ws) if not context else finish(ws, "a")[0]
+    assert_error(received[0], "invalid_message")
+    assert spoken_text(received[1:], context).strip() == SHORT_TEXT
+
+
+def test_a_lone_surrogate_in_a_message_is_answered_with_an_error(server):
+    url = socket_url(server.url, output_format="pcm_22050")
+    with opened(url) as ws:
+        send(ws, {"text": " "})
+        ws.send('{"text": "\\ud800 broken "}')
+        send(ws, {"text": SHORT_TEXT + " "}, {"text": ""})
+        received = receive_until_closed(ws)
+        close_code = ws.close_code
+    assert_error(received[0], "invalid_request")
+    assert "surrogate" in received[0]["message"]
+    assert_spoke(received[1:], close_code, SHORT_TEXT)
 
 
 def test_a_socket_waiting_for_more_text_times_out(server):
@@ -619,14 +696,12 @@ def test_a_context_past_the_limit_is_refused(keyed):
         send(ws, {"text": " ", "context_id": "a"}, {"text": " ", "context_id": "b"}, {"text": " ", "context_id": "c"})
         refusal = receive_until(ws, lambda m: "error" in m)
         assert len(refusal) == 1
-        assert_error(refusal[0], "max_active_contexts_exceeded")
+        assert_error(refusal[0], "max_active_conversations")
         # The two open ones still work; once one has ended, a third may open.
         send(ws, *context_messages("a", "First context.")[1:])
         receive_until(ws, lambda m: m.get("isFinal") and m.get("contextId") == "a")
-        send(ws, *context_messages("c", "Third context."), *context_messages("b", "Second context.")[1:],
-             {"close_socket": True})
-        received = receive_until_closed(ws)
-        close_code = ws.close_code
+        send(ws, *context_messages("c", "Third context."), *context_messages("b", "Second context.")[1:])
+        received, close_code = finish(ws, "c", "b")
     assert close_code == 1000, summary(received)
     assert not [m for m in received if "error" in m], summary(received)
     assert spoken_text(received, "c").strip() == "Third context."

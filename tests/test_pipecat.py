@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import anyio
 import pytest
+from anyio import to_thread
 
 from tests._agents import (
     LONG_MARK,
@@ -26,11 +27,10 @@ from tests._agents import (
     REPLY,
     SENTENCE_CHUNKS,
     VOICE,
-    WatchedRunner,
     assert_whole,
     http_seconds,
 )
-from tests._live import live_app, piper_setup
+from tests._live import ScriptedRunner, live_app, piper_setup
 
 aiohttp = pytest.importorskip("aiohttp")
 pytest.importorskip("pipecat")
@@ -298,7 +298,7 @@ async def test_pipecat_barge_in_after_a_closed_reply_stops_the_backend(tmp_path,
     still being made: the backend stops within one chunk, and the next reply on the same
     service (the same socket) speaks whole."""
     configs, models = piper_setup(tmp_path)
-    runner = WatchedRunner(models)
+    runner = ScriptedRunner(models)
     with live_app(configs, models, runner, chunk_chars=SENTENCE_CHUNKS) as url:
         reference = await http_seconds(url, REPLY)
         with anyio.fail_after(180):
@@ -325,7 +325,7 @@ async def test_pipecat_hang_up_mid_reply_stops_the_backend(tmp_path, pipecat_log
     within one chunk of the close_socket: by the time Pipecat has given up on the socket, and
     after."""
     configs, models = piper_setup(tmp_path)
-    runner = WatchedRunner(models)
+    runner = ScriptedRunner(models)
     with live_app(configs, models, runner, chunk_chars=SENTENCE_CHUNKS) as url:
         await http_seconds(url, REPLY)  # the model loaded: the reply's first audio comes at once
         with anyio.fail_after(180):
@@ -335,7 +335,7 @@ async def test_pipecat_hang_up_mid_reply_stops_the_backend(tmp_path, pipecat_log
                 begun = runner.begun_with(LONG_MARK)
                 await agent.hang_up()
             at_close = runner.begun_with(LONG_MARK)
-            await runner.wait_idle()
+            await to_thread.run_sync(runner.wait_idle)
             after = runner.begun_with(LONG_MARK)
     assert at_close <= begun + 1 and after <= begun + 1, (
         f"{begun} chunks of the reply were begun at the close_socket, {at_close} once Pipecat had closed the "

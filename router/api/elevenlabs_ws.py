@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -36,8 +37,8 @@ from router.api.elevenlabs import (
 from router.auth import key_matches, presented_keys
 from router.chunking import FLUSH
 from router.encoding import AudioFormat, StreamEncoder
-from router.errors import ChorusError
-from router.speech import SpeechService, check_text
+from router.errors import ChorusError, VoiceNotFound
+from router.speech import SpeechJob, SpeechService, check_text
 
 log = logging.getLogger("chorus")
 router = APIRouter()
@@ -241,7 +242,13 @@ class Socket:
             try:
                 if raw is None:
                     raise SocketError("invalid_message", "messages are JSON text; a binary frame is not one")
-                message = ClientMessage.model_validate_json(raw)
+                try:
+                    # The standard library's parser, as the HTTP routes': it takes half of a
+                    # surrogate pair, which the text's own check then names.
+                    parsed = json.loads(raw)
+                except ValueError:
+                    raise SocketError("invalid_message", "the message is not valid JSON") from None
+                message = ClientMessage.model_validate(parsed)
             except (ValidationError, SocketError) as exc:
                 problem = exc.message if isinstance(exc, SocketError) else _message_problem(exc)
                 if first:
@@ -313,9 +320,10 @@ class Socket:
             return False
         if context is None:
             if len(self.contexts) >= self.service.settings.websocket_max_contexts:
-                await self.error("max_active_contexts_exceeded",
+                await self.error("max_active_conversations",
                                  f"Maximum simultaneous contexts per WebSocket connection exceeded "
-                                 f"({self.service.settings.websocket_max_contexts})")
+                                 f"({self.service.settings.websocket_max_contexts}). Please close an "
+                                 "existing context before opening a new one.")
                 return False
             context = self.open(key, message)
         elif context.closing:
@@ -507,10 +515,12 @@ async def _converse(websocket: WebSocket, service: SpeechService, voice_id: str,
             raise SocketError("invalid_request", validation_problem(exc)[0], fatal=True) from None
         try:
             fmt = parse_output_format(options.output_format)
-            # The model is checked now, before any text is waited for; the voice, by the backend.
+            # The model and the voice are checked now, before any text is waited for, as
+            # ElevenLabs does.
             body = TextToSpeechBody(text="", model_id=options.model_id, language_code=options.language_code)
             async with voice_not_found(voice_id):
-                prepare(service, voice_id, body, pieces=_nothing())
+                job = prepare(service, voice_id, body, pieces=_nothing())
+            await _check_voice(service, job, voice_id)
         except ChorusError as exc:
             raise SocketError(exc.code, exc.message, fatal=True) from None
         socket = Socket(websocket, service, voice_id, options, fmt, multi)
@@ -533,6 +543,25 @@ async def _converse(websocket: WebSocket, service: SpeechService, voice_id: str,
     finally:
         if socket is not None:
             await socket.cancel_all()
+
+
+#: A voice that is a plain name, not a weighted mix, a description or a path to clone from.
+_PLAIN_VOICE = re.compile(r"^[\w.-]+$")
+
+
+async def _check_voice(service: SpeechService, job: SpeechJob, voice_id: str) -> None:
+    """Refuses a voice the model's backend does not list, where it lists its voices (it ran)
+    and the voice is a plain name: other kinds (a mix, a description) only synthesis can judge."""
+    voice = job.request.voice
+    if voice is None or not _PLAIN_VOICE.match(voice):
+        return
+    try:
+        names = await service.runner.voices(job.config)
+    except ChorusError:
+        return  # the backend cannot be asked now: the first text will say
+    if names is not None and voice not in names:
+        raise VoiceNotFound(f"A voice with the voice_id {voice_id} was not found. Model "
+                            f"'{job.config.name}' has {', '.join(names)}.", param="voice_id")
 
 
 async def _refuse(websocket: WebSocket, code: str, message: str) -> None:
