@@ -101,7 +101,7 @@ class Worker:
         try:
             configs = load_configs(self.configs_dir, self.models_dir) if self.configs_dir.is_dir() else []
         except (ConfigError, OSError) as exc:
-            self.problem = str(exc) if isinstance(exc, ConfigError) else repr(exc)
+            self.problem = str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
             log.error("the worker cannot load its models: %s", self.problem)
             return
         for config in configs:

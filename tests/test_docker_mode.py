@@ -23,7 +23,7 @@ import yaml
 from tests._live import assert_family_error
 from tests.audio import decode
 from tests.containers import built_image, require_engine
-from tests.processes import chorus_server
+from tests.processes import chorus_command, chorus_server
 
 pytestmark = pytest.mark.images
 
@@ -121,7 +121,9 @@ def test_the_first_request_starts_the_worker_and_an_idle_one_is_stopped(engine, 
         assert 'chorus_cold_starts_total{backend="piper"} 1.0' in metrics
         assert 'chorus_workers_running{backend="piper"} 1.0' in metrics
         wait_for(lambda: not workers(engine, project), 60, "the idle worker was not stopped")
-        assert 'chorus_workers_running{backend="piper"} 0.0' in httpx.get(f"{server.url}/metrics").text
+        # The gauge follows once the router has seen the container go.
+        wait_for(lambda: 'chorus_workers_running{backend="piper"} 0.0' in httpx.get(f"{server.url}/metrics").text,
+                 60, "the workers gauge did not come back to 0")
         # Scaled to zero, a request starts it again.
         assert speak(server).status_code == 200
         assert len(workers(engine, project)) == 1
@@ -184,6 +186,20 @@ def stand_in_images(engine):
     yield prefix, broken
     for tag in (f"{prefix}piper", f"{prefix}coqui", f"{prefix}bark", f"{broken}piper"):
         engine.images.remove(tag, noprune=True)
+
+
+@pytest.fixture(scope="module")
+def locked_out(engine):
+    """Piper's image whose worker reads its configs from a folder only root may read, as a
+    configs folder mounted from the host with mode 700 is to the worker's user."""
+    prefix = f"chorus-test-{os.getpid()}-locked/"
+    dockerfile = ("FROM chorus/piper\nUSER root\nRUN mkdir -m 700 /locked && cp -r /app/configs /locked/\n"
+                  "USER 10001:10001\n"
+                  'CMD ["python", "-m", "functions.worker", "--configs", "/locked/configs"]\n')
+    subprocess.run(["docker", "build", "-q", "-t", f"{prefix}piper", "-"], input=dockerfile, text=True,
+                   check=True, capture_output=True)
+    yield prefix
+    engine.images.remove(f"{prefix}piper", noprune=True)
 
 
 def gpu_configs(tmp_path: Path) -> Path:
@@ -266,6 +282,34 @@ def test_a_worker_that_never_becomes_ready_gives_503_and_its_log_stays_in_the_ro
         assert "broken on purpose" not in response.text
         assert "broken on purpose" in server.output()
         assert workers(engine, project) == []
+
+
+def test_a_worker_that_cannot_read_its_configs_gives_503_at_once(engine, project, tmp_path, locked_out):
+    """It will never load anything: it says 'failed', not 'loading', and the router answers at
+    once (not after CHORUS_DOCKER_START_TIMEOUT, here a patience far longer than the test's
+    client waits) with the problem in its log."""
+    configs = write_configs(tmp_path / "configs", **{"tts-1": {}})
+    with docker_router(tmp_path, project, configs, CHORUS_DOCKER_IMAGE_PREFIX=locked_out,
+                       CHORUS_DOCKER_START_TIMEOUT="3600") as server:
+        response = speak(server, timeout=120)
+        assert_family_error(response, 503, code="backend_unavailable")
+        assert "backend 'piper'" in response.json()["error"]["message"]
+        assert "cannot load its models" in response.json()["error"]["message"]
+        assert "Permission denied" in server.output() and "/locked/configs" in server.output()
+        assert workers(engine, project) == []
+
+
+def test_configs_the_workers_cannot_read_are_refused_at_start(tmp_path):
+    """A configs folder only root may read (the router, as root, reads it; the workers' user
+    cannot): `chorus serve` says what to change instead of starting workers that load nothing."""
+    configs = write_configs(tmp_path / "configs", **{"tts-1": {}})
+    configs.chmod(0o700)
+    result = subprocess.run(
+        chorus_command("serve", "--configs", str(configs), "--models", str(tmp_path)),
+        env={**os.environ, "CHORUS_MODE": "docker", "PORT": "0"}, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "uid 10001" in result.stderr and str(configs) in result.stderr and "chmod o+r" in result.stderr
 
 
 def test_a_missing_image_gives_503_naming_the_backend(engine, project, tmp_path):
