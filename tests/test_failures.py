@@ -5,6 +5,7 @@ the real Piper voice behind the real in-process runner, with faults injected on 
 
 from __future__ import annotations
 
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -109,7 +110,8 @@ def test_a_backend_that_dies_mid_stream_aborts_the_response(served):
     good_request_works(url)
 
 
-def test_a_disconnected_client_stops_costing_backend_time(setup):
+def test_a_disconnected_client_stops_costing_backend_time(setup, caplog):
+    caplog.set_level(logging.INFO, logger="chorus")
     configs, models = setup
     sentences = [f"This is sentence number {n} of a long text nobody will hear." for n in range(1, 31)]
     runner = ScriptedRunner(models)
@@ -127,6 +129,8 @@ def test_a_disconnected_client_stops_costing_backend_time(setup):
         assert after <= at_disconnect + 1, f"{after - at_disconnect} chunks begun after the client left"
         assert after < 10
         assert runner.open == 0, "a backend stream was left open"
+        # The access log says 200: the server's own says the client left.
+        assert any("/v1/audio/speech: the client left after" in record.getMessage() for record in caplog.records)
         good_request_works(url)
 
 

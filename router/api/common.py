@@ -124,7 +124,7 @@ class AudioResponse(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self.stream.aclose()
             if not self._outcome:
-                log.info('%s %s: the client left after %d bytes of audio; its synthesis was stopped',
+                log.info("%s %s: the client left after %d bytes of audio; stopping its synthesis",
                          scope.get("method", ""), scope.get("path", ""), self._sent)
+            await self.stream.aclose()
