@@ -11,8 +11,21 @@ containers Modal would start.
   start longer than the router waits holds the start (`hold_starts`) instead of timing it.
 - Method calls keep Modal's rules: `.remote` on a generator, `.remote_gen` on a plain method and
   `.spawn` on a generator fail with Modal's own error; the synchronous interface from the event
-  loop is refused (it would block the router); arguments, results and errors cross by pickle;
-  `FunctionCall.cancel` is recorded and cancels an async method's task, as Modal's does.
+  loop is refused (it would block the router); arguments, results and errors cross by pickle.
+
+It is no more permissive than Modal where Modal's servers decide (modal 1.6.4's client, read):
+- `Cls.from_name` is lazy: an app or class that is not deployed, or a parameter the class does
+  not take, fails at the first call, with the client's NotFoundError;
+- the GPU type and count are Modal's server's to check, at the first call (InvalidError);
+- a container must start within its class's `startup_timeout` (Modal's default 300 s, or what
+  the deploy sent: `deployment`), else the inputs waiting for it fail with FunctionTimeoutError;
+- `FunctionCall.cancel` reaches a container at its next heartbeat (`heartbeat` seconds; Modal's
+  are about 15 s), then cancels the input's task;
+- a container idle for its `scaledown_window` stops, and the next call starts another;
+- a Dict entry not used for seven days is gone (`FakeDict`'s clock).
+
+Private names of the client are used where it has no public one: the user class of a
+`modal.Cls` and its enter hooks (`_find_callables_for_obj`, `_PartialFunctionFlags`).
 """
 
 from __future__ import annotations
@@ -29,9 +42,15 @@ from typing import Any
 import modal
 from modal._partial_function import _find_callables_for_obj, _PartialFunctionFlags
 from modal._utils.async_utils import synchronizer
-from modal.exception import InvalidError
+from modal.exception import FunctionTimeoutError, InvalidError, NotFoundError
+
+from tests.modal_server import GPU_MAX_COUNT, ModalRecorder
 
 _WITH_OPTIONS = inspect.signature(modal.Cls.with_options)
+#: Modal's own bound on a container's start when a class sets none.
+DEFAULT_STARTUP_TIMEOUT = 300
+#: How long a Dict entry outlives its last use.
+DICT_TTL = 7 * 24 * 3600
 
 
 @dataclass
@@ -43,8 +62,11 @@ class Container:
     after_restore: float = 0.0
     busy: int = 0
     instance: Any = None
-    #: What an enter hook raised: Modal fails the inputs that waited for the container.
+    #: What an enter hook raised, or its start's time-out: Modal fails the inputs that waited.
     error: Exception | None = None
+    #: Set once it has stopped (idle past its scaledown_window): no call takes it any more.
+    stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    _stop: asyncio.TimerHandle | None = None
 
 
 @dataclass
@@ -71,17 +93,31 @@ class FakeModal:
     looked_up: list[tuple[str, str]] = field(default_factory=list)
     #: Calls for which it answers True never finish until cancelled (still on a busy GPU).
     stalls: Callable[[Call], bool] | None = None
+    #: What `modal deploy` sent for this app (tests/modal_server.py): each class's startup_timeout
+    #: and which classes exist. Without it: Modal's default time-out, and the app module's classes.
+    deployment: ModalRecorder | None = None
+    #: Seconds until a cancel reaches its container (Modal's heartbeat).
+    heartbeat: float = 0.1
     _waiting: dict[tuple, int] = field(default_factory=dict)
     _starts: set[asyncio.Future] = field(default_factory=set)
 
     def lookup(self, app_name: str, class_name: str) -> FakeCls:
-        if app_name != self.app.APP_NAME:
-            raise modal.exception.NotFoundError(f"App '{app_name}' not found")
-        cls = getattr(self.app, class_name, None)
-        if not isinstance(cls, modal.Cls):
-            raise modal.exception.NotFoundError(f"Lookup failed for Cls '{class_name}' from the '{app_name}' app")
+        """`modal.Cls.from_name`: nothing is asked of Modal until the first call."""
         self.looked_up.append((app_name, class_name))
-        return FakeCls(self, class_name, cls, {}, {"max_inputs": 1})
+        return FakeCls(self, class_name, app_name, {}, {"max_inputs": 1})
+
+    def _deployed_class(self, cls: FakeCls) -> Any:
+        """The class a call reaches, as the client hydrates it at the first call."""
+        deployed = getattr(self.app, cls.name, None) if cls.app_name == self.app.APP_NAME else None
+        if not isinstance(deployed, modal.Cls):
+            raise NotFoundError(f"Lookup failed for Cls '{cls.name}' from the '{cls.app_name}' app: "
+                                f"App '{cls.app_name}' has no Cls '{cls.name}'.")
+        return deployed
+
+    def _startup_timeout(self, class_name: str) -> float:
+        if self.deployment is None:
+            return DEFAULT_STARTUP_TIMEOUT
+        return self.deployment.describe(self.deployment.function(f"{class_name}.*"))["startup_timeout"]
 
     def started(self, class_name: str | None = None) -> list[Container]:
         return [c for c in self.containers if class_name is None or c.variant[0] == class_name]
@@ -100,13 +136,15 @@ class FakeModal:
         self._waiting[variant] = self._waiting.get(variant, 0) + 1
         try:
             while True:
-                mine = [c for c in self.containers if c.variant == variant]
+                mine = [c for c in self.containers if c.variant == variant and not c.stopped.is_set()]
                 for failed in [c for c in mine if c.error is not None]:
                     self.containers.remove(failed)
                     raise pickle.loads(pickle.dumps(failed.error))
                 free = [c for c in mine if c.instance is not None and c.busy < max_inputs]
                 if free:
                     free[0].busy += 1
+                    if free[0]._stop is not None:
+                        free[0]._stop.cancel()
                     return free[0]
                 starting = [c for c in mine if c.instance is None]
                 if len(mine) < limit and self._waiting[variant] > len(starting) * max_inputs:
@@ -126,10 +164,20 @@ class FakeModal:
             assert not running, f"{len(running)} of {len(tasks)} Modal calls still running after {timeout} s"
 
     async def _start(self, cls: FakeCls, container: Container) -> None:
+        timeout = self._startup_timeout(cls.name)
+        try:
+            await asyncio.wait_for(self._enter(cls, container), timeout)
+        except TimeoutError:
+            container.error = FunctionTimeoutError(f"the container did not start within its startup_timeout of "
+                                                   f"{timeout:g} s")
+        except Exception as exc:
+            container.error = exc
+
+    async def _enter(self, cls: FakeCls, container: Container) -> None:
         while self.hold_starts is not None and self.hold_starts():
             await asyncio.sleep(0.005)
         await asyncio.sleep(self.cold_start)
-        obj = cls.modal_cls(**dict(container.variant[3]))
+        obj = cls.deployed(**dict(container.variant[3]))
         instance = synchronizer._translate_in(obj)._cached_user_cls_instance()
 
         def enter(flag: _PartialFunctionFlags) -> float:
@@ -138,12 +186,8 @@ class FakeModal:
                 hook()
             return time.perf_counter() - started
 
-        try:
-            container.before_snapshot = await asyncio.to_thread(enter, _PartialFunctionFlags.ENTER_PRE_SNAPSHOT)
-            container.after_restore = await asyncio.to_thread(enter, _PartialFunctionFlags.ENTER_POST_SNAPSHOT)
-        except Exception as exc:
-            container.error = exc
-            return
+        container.before_snapshot = await asyncio.to_thread(enter, _PartialFunctionFlags.ENTER_PRE_SNAPSHOT)
+        container.after_restore = await asyncio.to_thread(enter, _PartialFunctionFlags.ENTER_POST_SNAPSHOT)
         container.instance = instance
 
     async def _run(self, cls: FakeCls, call: Call) -> Any:
@@ -163,49 +207,65 @@ class FakeModal:
             return pickle.loads(pickle.dumps(result))
         finally:
             container.busy -= 1
+            if not container.busy:
+                window = cls.options.get("scaledown_window", 60)
+                container._stop = asyncio.get_running_loop().call_later(window, self._scale_down, container)
+
+    def _scale_down(self, container: Container) -> None:
+        if not container.busy:
+            container.stopped.set()
 
 
 @dataclass
 class FakeCls:
     modal: FakeModal
     name: str
-    modal_cls: Any
+    app_name: str
     options: dict[str, Any]
     concurrency: dict[str, Any]
 
+    @property
+    def deployed(self) -> Any:
+        return self.modal._deployed_class(self)
+
     def with_options(self, **options: Any) -> FakeCls:
         _WITH_OPTIONS.bind(None, **options)  # Modal's own signature: an unknown option is a TypeError
-        return FakeCls(self.modal, self.name, self.modal_cls, {**self.options, **options}, self.concurrency)
+        return FakeCls(self.modal, self.name, self.app_name, {**self.options, **options}, self.concurrency)
 
     def with_concurrency(self, *, max_inputs: int, target_inputs: int | None = None) -> FakeCls:
         concurrency = {"max_inputs": max_inputs, "target_inputs": target_inputs}
-        return FakeCls(self.modal, self.name, self.modal_cls, self.options, concurrency)
+        return FakeCls(self.modal, self.name, self.app_name, self.options, concurrency)
 
     def __call__(self, **params: Any) -> FakeObj:
-        user_cls = synchronizer._translate_in(self.modal_cls)._user_cls
-        unknown = set(params) - set(user_cls.__annotations__)
-        if unknown:
-            raise InvalidError(f"{self.name} has no parameter {', '.join(sorted(unknown))}")
         variant = (
             self.name,
             tuple(sorted(self.options.items())),
             tuple(sorted(self.concurrency.items())),
             tuple(sorted(params.items())),
         )
-        return FakeObj(self, variant, user_cls)
+        return FakeObj(self, variant, params)
+
+    def check(self, params: dict[str, Any]) -> None:
+        """What Modal checks at the first call: the class, its parameters, the GPU asked for."""
+        user_cls = synchronizer._translate_in(self.deployed)._user_cls
+        unknown = set(params) - set(user_cls.__annotations__)
+        if unknown:
+            raise InvalidError(f"{self.name} has no parameter {', '.join(sorted(unknown))}")
+        gpu = self.options.get("gpu")
+        if gpu is not None:
+            kind, _, count = gpu.upper().partition(":")
+            if kind not in GPU_MAX_COUNT or not 1 <= int(count or 1) <= GPU_MAX_COUNT[kind]:
+                raise InvalidError(f"GPU '{gpu}': not a GPU type and count Modal offers")
 
 
 @dataclass
 class FakeObj:
     cls: FakeCls
     variant: tuple
-    user_cls: type
+    params: dict[str, Any]
 
     def __getattr__(self, name: str) -> FakeMethod:
-        member = self.user_cls.__dict__.get(name) or getattr(self.user_cls, name, None)
-        if not isinstance(member, modal.partial_function.PartialFunction):
-            raise AttributeError(f"{self.cls.name} has no method {name}")
-        return FakeMethod(self, name, member._get_raw_f())
+        return FakeMethod(self, name)
 
 
 class _Interface:
@@ -220,13 +280,23 @@ class _Interface:
 
 
 class FakeMethod:
-    def __init__(self, obj: FakeObj, name: str, raw: Any):
+    def __init__(self, obj: FakeObj, name: str):
         self.obj, self.name = obj, name
-        self.is_generator = inspect.isgeneratorfunction(raw) or inspect.isasyncgenfunction(raw)
         self.remote = _Interface("remote", self._remote)
         self.remote_gen = _Interface("remote_gen", self._remote_gen)
         self.spawn = _Interface("spawn", self._spawn)
         self.autoscaler = _Autoscaler(obj)
+
+    def _resolve(self) -> bool:
+        """The first call's checks (Modal hydrates the class then); whether the method is a generator."""
+        cls = self.obj.cls
+        cls.check(self.obj.params)
+        user_cls = synchronizer._translate_in(cls.deployed)._user_cls
+        member = user_cls.__dict__.get(self.name) or getattr(user_cls, self.name, None)
+        if not isinstance(member, modal.partial_function.PartialFunction):
+            raise AttributeError(f"{cls.name} has no method {self.name}")
+        raw = member._get_raw_f()
+        return inspect.isgeneratorfunction(raw) or inspect.isasyncgenfunction(raw)
 
     def _call(self, args: tuple) -> Call:
         call = Call(self.obj.variant, self.name, args)
@@ -234,22 +304,22 @@ class FakeMethod:
         return call
 
     async def _remote(self, *args: Any) -> Any:
-        if self.is_generator:
+        if self._resolve():
             raise InvalidError("A generator function cannot be called with `.remote(...)`. Use `.remote_gen(...)` instead.")
         return await self.obj.cls.modal._run(self.obj.cls, self._call(args))
 
     async def _remote_gen(self, *args: Any):
-        if not self.is_generator:
+        if not self._resolve():
             raise InvalidError("A non-generator function cannot be called with `.remote_gen(...)`. Use `.remote(...)` instead.")
         raise NotImplementedError("the fake does not stream generators: Chorus calls none")
         yield  # pragma: no cover
 
     async def _spawn(self, *args: Any) -> FakeFunctionCall:
-        if self.is_generator:
+        if self._resolve():
             raise InvalidError("Cannot `spawn` a generator function.")
         call = self._call(args)
         call.task = asyncio.ensure_future(self.obj.cls.modal._run(self.obj.cls, call))
-        return FakeFunctionCall(call)
+        return FakeFunctionCall(call, self.obj.cls.modal.heartbeat)
 
 
 class _Autoscaler:
@@ -266,8 +336,8 @@ class _Autoscaler:
 
 
 class FakeFunctionCall:
-    def __init__(self, call: Call):
-        self.call = call
+    def __init__(self, call: Call, heartbeat: float):
+        self.call, self._heartbeat = call, heartbeat
         self.get = _Interface("get", self._get)
         self.cancel = _Interface("cancel", self._cancel)
 
@@ -275,23 +345,35 @@ class FakeFunctionCall:
         return await asyncio.wait_for(asyncio.shield(self.call.task), timeout)
 
     async def _cancel(self, terminate_containers: bool = False) -> None:
+        # Recorded now; the container hears of it at its next heartbeat.
         self.call.cancelled = True
-        self.call.task.cancel()
+        asyncio.get_running_loop().call_later(self._heartbeat, self.call.task.cancel)
 
 
 class FakeDict:
-    """`modal.Dict`'s get and put, values pickled as Modal stores them."""
+    """`modal.Dict`'s get and put, values pickled as Modal stores them; an entry not used for
+    seven days is gone (`clock` gives the time, so a test can move it on)."""
 
-    def __init__(self):
-        self.data: dict[str, bytes] = {}
+    def __init__(self, clock: Callable[[], float] = time.time):
+        self.data: dict[str, tuple[bytes, float]] = {}
+        self.clock = clock
         self.get = _Interface("get", self._get)
         self.put = _Interface("put", self._put)
 
+    def _live(self, key: str) -> bool:
+        if key in self.data and self.clock() - self.data[key][1] > DICT_TTL:
+            del self.data[key]
+        return key in self.data
+
     async def _get(self, key: str, default: Any = None) -> Any:
-        return pickle.loads(self.data[key]) if key in self.data else default
+        if not self._live(key):
+            return default
+        value, _ = self.data[key]
+        self.data[key] = (value, self.clock())
+        return pickle.loads(value)
 
     async def _put(self, key: str, value: Any, *, skip_if_exists: bool = False) -> bool:
-        if skip_if_exists and key in self.data:
+        if skip_if_exists and self._live(key):
             return False
-        self.data[key] = pickle.dumps(value)
+        self.data[key] = (pickle.dumps(value), self.clock())
         return True

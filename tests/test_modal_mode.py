@@ -6,6 +6,10 @@ leaves cancelling its calls, and a cold start longer than Modal lets a response 
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import contextlib
+import json
 import re
 import shutil
 import subprocess
@@ -16,6 +20,8 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from anyio import to_thread
+from websockets.exceptions import ConnectionClosed
 
 from functions.config import load_configs
 from router.api.openai import OPENAI_FORMATS
@@ -25,6 +31,7 @@ from router.settings import Settings
 from tests.audio import MP3, decode
 from tests.modal_fake import FakeDict, FakeModal
 from tests.modal_offline import load_app, write_configs
+from tests.modal_server import ModalRecorder, modal_server
 from tests.processes import REPO, serving
 
 pytestmark = pytest.mark.filterwarnings("ignore:The .* function is executing locally")
@@ -272,7 +279,13 @@ async def test_the_fake_holds_to_modals_calling_rules(shipped):
     with pytest.raises(TypeError):
         FakeModal(shipped).lookup("chorus", "PiperBackend").with_options(min_containers=1)
     with pytest.raises(AttributeError):
-        instance.describe  # noqa: B018 - no such method on the deployed class
+        await instance.describe.spawn.aio({})  # no such method on the deployed class
+    # What Modal's server decides, it decides at the first call, as the client meets it.
+    with pytest.raises(InvalidError, match="GPU"):
+        await FakeModal(shipped).lookup("chorus", "PiperBackend").with_options(gpu="A10G:8")(
+            model="tts-1").synthesize.spawn.aio({})
+    with pytest.raises(InvalidError, match="parameter"):
+        await FakeModal(shipped).lookup("chorus", "PiperBackend")(voice="x").synthesize.spawn.aio({})
 
 
 @pytest.mark.anyio
@@ -382,3 +395,139 @@ async def test_word_times_come_back_from_modal_with_their_audio(shipped, tmp_pat
     assert [chunk[start:end] for chunk, (start, end, _, _) in words] == text.split()
     assert sum(len(piece.pcm) for piece in pieces) > 22050  # over half a second of speech
     assert all(call.args[0]["word_times"] for call in fake.calls)
+
+
+@pytest.mark.anyio
+async def test_a_class_the_app_does_not_have_is_a_503_at_the_first_call(monkeypatch, tmp_path, no_network, no_token):
+    """`Cls.from_name` is lazy: a backend the deployed app has no class for fails at the call,
+    and the router says to deploy it."""
+    deployed = write_configs(tmp_path / "deployed", [{"name": "tts-1", "backend": "piper"}])
+    app_module = load_app(monkeypatch, deployed, tmp_path / "models")
+    serving_configs = write_configs(tmp_path / "configs", [
+        {"name": "tts-1", "backend": "piper"}, {"name": "bark", "backend": "bark"}])
+    fake = FakeModal(app_module)
+    app = router(app_module, fake, tmp_path, configs=serving_configs)
+    answer = await in_client(app, lambda client: client.post("/v1/audio/speech", json=speech(model="bark")))
+    assert answer.status_code == 503, answer.text
+    message = answer.json()["error"]["message"]
+    assert "BarkBackend" in message and "modal deploy" in message
+    assert ("chorus", "BarkBackend") in fake.looked_up
+
+
+@pytest.mark.anyio
+async def test_a_container_that_does_not_start_within_its_startup_timeout_is_a_504(monkeypatch, tmp_path, no_network,
+                                                                                   no_token):
+    """The class's startup_timeout, as the deploy sent it (Modal's own client, to the test's
+    API server), bounds its containers' start; past it the waiting inputs fail, and the router
+    answers 504 backend_timeout."""
+    configs = write_configs(tmp_path / "configs", [
+        {"name": "tts-1", "backend": "piper", "deploy": {"startup_timeout": 1}}])
+    app_module = load_app(monkeypatch, configs, tmp_path / "models")
+
+    def deploy() -> ModalRecorder:
+        import modal.runner
+
+        with modal_server(secrets_present={"chorus-api-key": {"CHORUS_API_KEYS": "key"}}) as deployment:
+            modal.runner.deploy_app(app_module.app, name=app_module.APP_NAME)
+        return deployment
+
+    # The client's blocking interface, off the test's event loop.
+    deployment = await to_thread.run_sync(deploy)
+    fake = FakeModal(app_module, deployment=deployment, hold_starts=lambda: True)  # a start that never ends
+    app = router(app_module, fake, tmp_path, configs=configs)
+    answer = await in_client(app, lambda client: client.post("/v1/audio/speech", json=speech()))
+    assert answer.status_code == 504, answer.text
+    assert answer.json()["error"]["code"] == "backend_timeout"
+    assert "startup_timeout of 1 s" in answer.json()["error"]["message"]
+
+
+@pytest.mark.anyio
+async def test_an_idle_container_scales_down_and_the_next_call_starts_another(shipped, tmp_path):
+    fake = FakeModal(shipped)
+    configs = write_configs(tmp_path / "configs", [
+        {"name": "tts-1", "backend": "piper", "parameters": {"model": "en_US-joe-medium.onnx"},
+         "deploy": {"scaledown_window": 2}}])
+    app = router(shipped, fake, tmp_path, configs=configs)
+
+    async def scenario(client):
+        assert (await client.post("/v1/audio/speech", json=speech())).status_code == 200
+        [first] = fake.started()
+        await asyncio.wait_for(first.stopped.wait(), 60)
+        assert (await client.post("/v1/audio/speech", json=speech())).status_code == 200
+
+    await in_client(app, scenario)
+    assert len(fake.started()) == 2
+
+
+@pytest.mark.anyio
+async def test_voices_a_model_reported_a_week_ago_are_unconfirmed_again(shipped, tmp_path):
+    """Modal's Dict forgets an entry after seven days without use: the listing falls back on the
+    config's voice, unconfirmed, and still starts no container."""
+    now = [1_000_000.0]
+    voices = FakeDict(clock=lambda: now[0])
+    fake = FakeModal(shipped)
+
+    async def listed(client) -> dict:
+        return {(v["model"], v["id"]): v["confirmed"] for v in (await client.get("/v1/audio/voices")).json()["voices"]}
+
+    async def scenario(client):
+        await client.post("/v1/audio/speech", json=speech())
+        fresh = await listed(client)
+        now[0] += 8 * 24 * 3600
+        return fresh
+
+    fresh = await in_client(router(shipped, fake, tmp_path, voices=voices), scenario)
+    assert fresh[("tts-1", "en_US-joe-medium")] is True
+    later = FakeModal(shipped)
+    stale = await in_client(router(shipped, later, tmp_path, voices=voices), listed)
+    assert ("tts-1", "en_US-joe-medium") not in stale
+    assert not later.started()
+
+
+# -- ElevenLabs' sockets through the router's web function --------------------------------------
+
+#: Modal's web endpoints carry no WebSocket message larger than this.
+MODAL_MESSAGE_LIMIT = 2 * 1024 * 1024
+
+
+def socket_messages(url: str, messages: list[dict], query: str) -> tuple[list[dict], int | None]:
+    """`messages` on stream-input, then what comes until the server closes; a client that takes
+    no message over Modal's limit (a larger one fails it with 1009)."""
+    from websockets.sync.client import connect
+
+    received = []
+    with connect(f"{url.replace('http', 'ws', 1)}/v1/text-to-speech/en_US-joe-medium/stream-input?{query}",
+                 max_size=MODAL_MESSAGE_LIMIT, proxy=None, open_timeout=20, close_timeout=10) as ws:
+        for message in messages:
+            ws.send(json.dumps(message))
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                received.append(json.loads(ws.recv(timeout=120)))
+        return received, ws.close_code
+
+
+def test_a_socket_ends_with_elevenlabs_error_before_the_web_functions_time_out(shipped, tmp_path):
+    """A socket is one call of the router's web function: Chorus ends it, with ElevenLabs' error
+    message, before Modal would cut it off with none (CHORUS_WEBSOCKET_MAX_SECONDS)."""
+    app = router(shipped, FakeModal(shipped), tmp_path, websocket_max_seconds=1)
+    with serving(app, ready_path="/healthz") as url:
+        received, close_code = socket_messages(url, [{"text": " "}], "inactivity_timeout=180")
+    assert close_code == 1008
+    assert received[-1]["error"] == "max_duration_exceeded" and "1 seconds" in received[-1]["message"]
+
+
+def test_no_socket_message_is_over_modals_limit(shipped, tmp_path):
+    """A long chunk at 44.1 kHz, slowed down, held whole (sync_alignment): its audio is split
+    over messages Modal's web endpoints can carry, and none is lost."""
+    sentence = ("This one long sentence goes on and on without a single stop, so that the chunk it makes "
+                "holds more than twenty seconds of slow speech at forty four thousand samples each second")
+    app = router(shipped, FakeModal(shipped), tmp_path)
+    messages = [{"text": " ", "voice_settings": {"speed": 0.7}}, {"text": sentence + " ", "flush": True}, {"text": ""}]
+    with serving(app, ready_path="/healthz") as url:
+        received, close_code = socket_messages(url, messages, "output_format=pcm_44100&sync_alignment=true")
+    assert close_code == 1000, [m.get("error") for m in received]
+    audio = [base64.b64decode(m["audio"]) for m in received if m.get("audio")]
+    assert max(len(part) for part in audio) <= 768 * 1024
+    seconds = sum(len(part) for part in audio) / 2 / 44100
+    assert seconds > 1.1 * 768 * 1024 / 2 / 44100, "the test's chunk must need more than one message"
+    assert "".join(c for m in received if m.get("alignment") for c in m["alignment"]["chars"]).strip() == sentence
