@@ -61,8 +61,13 @@ def load_app(monkeypatch, configs_dir: Path, models_dir: Path | None = None):
     monkeypatch.setenv("CHORUS_CONFIGS_DIR", str(configs_dir))
     if models_dir is not None:
         monkeypatch.setenv("CHORUS_MODELS_DIR", str(models_dir))
-    name = f"chorus_modal_app_{next(_counter)}"
-    spec = importlib.util.spec_from_file_location(name, APP_FILE)
+    return import_file(APP_FILE, f"chorus_modal_app_{next(_counter)}")
+
+
+def import_file(path: Path, name: str):
+    """The Python file `path` imported afresh as module `name` (each import hydrates its Modal
+    objects anew)."""
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     # Modal resolves the generated classes through their module while decorating them.
     sys.modules[name] = module

@@ -17,7 +17,6 @@ Volume, its Secret) once, with the ids of the server it first talked to.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import subprocess
 import sys
@@ -28,7 +27,7 @@ import pytest
 
 from functions import BACKENDS
 from functions.images import ROUTER_DOCKERFILE, WORKER_DOCKERFILE, modal_dockerfile, worker_build_args
-from tests.modal_offline import ALL_BACKENDS, APP_FILE, NO_NETWORK, load_app, write_configs
+from tests.modal_offline import ALL_BACKENDS, APP_FILE, NO_NETWORK, import_file, load_app, write_configs
 from tests.modal_server import ModalRecorder, build_context, modal_server
 from tests.processes import REPO
 
@@ -282,15 +281,7 @@ def probe_app(tmp_path: Path, image: str, function_options: str = "", files: dic
         def probe():
             return 1
     """))
-    name = f"probe_app_{tmp_path.name}"
-    spec = importlib.util.spec_from_file_location(name, module)
-    loaded = importlib.util.module_from_spec(spec)
-    sys.modules[name] = loaded
-    try:
-        spec.loader.exec_module(loaded)
-    finally:
-        sys.modules.pop(name, None)
-    return loaded
+    return import_file(module, f"probe_app_{tmp_path.name}")
 
 
 def dockerfile_image(tmp_path: Path, dockerfile: str, build_args: dict[str, str] | None = None) -> str:
