@@ -8,6 +8,7 @@ its builder implements no VOLUME."""
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 from dataclasses import dataclass, field
@@ -61,9 +62,15 @@ def worker_build_args(backend: str, gpu: bool = False) -> dict[str, str]:
     return args
 
 
+def image_prefix() -> str:
+    """What the images' names start with: `chorus/`, or CHORUS_IMAGE_PREFIX (a registry's, or a
+    test run's of its own), as compose reads it too."""
+    return os.environ.get("CHORUS_IMAGE_PREFIX") or "chorus/"
+
+
 @dataclass(frozen=True)
 class ImageBuild:
-    """One image Chorus ships: `chorus/<name>`, from `dockerfile` with `build_args`."""
+    """One image Chorus ships: `<prefix><name>`, from `dockerfile` with `build_args`."""
 
     name: str
     dockerfile: str
@@ -71,7 +78,7 @@ class ImageBuild:
 
     @property
     def tag(self) -> str:
-        return f"chorus/{self.name}"
+        return f"{image_prefix()}{self.name}"
 
 
 def image_builds(backends: list[str]) -> list[ImageBuild]:

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from functions import BACKENDS
-from functions.images import ImageBuild, image_builds
+from functions.images import ImageBuild, image_builds, image_prefix
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = REPO / "infra" / "compose.yaml"
@@ -66,7 +66,8 @@ def require_engine() -> None:
 
 def compose_environment() -> dict[str, str]:
     """This shell's environment without what would change the project compose builds."""
-    return {k: v for k, v in os.environ.items() if not k.startswith(("COMPOSE_", "CHORUS_"))}
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith(("COMPOSE_", "CHORUS_")) or k == "CHORUS_IMAGE_PREFIX"}
 
 
 #: Each image may take this long to build: the first torch image pulls a ~7 GB layer.
@@ -141,9 +142,9 @@ def built_image(name: str) -> str:
         if problem is not None:
             raise RuntimeError(problem)
     elif name not in _session_images:
-        pytest.fail(f"chorus/{name} is not among the images the build step made: mark the test that "
-                    "needs it with pytest.mark.images")
-    return f"chorus/{name}"
+        pytest.fail(f"{image_prefix()}{name} is not among the images the build step made: mark the test "
+                    "that needs it with pytest.mark.images")
+    return f"{image_prefix()}{name}"
 
 
 def _launcher(image: str) -> str:

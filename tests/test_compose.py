@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from functions import BACKENDS
-from functions.images import ROUTER_DOCKERFILE, WORKER_DOCKERFILE, uses_torch, worker_build_args
+from functions.images import ROUTER_DOCKERFILE, WORKER_DOCKERFILE, image_prefix, uses_torch, worker_build_args
 from router.settings import _pairs
 from tests.containers import compose_binary, compose_environment
 
@@ -68,7 +68,7 @@ def test_each_backend_service_builds_the_worker_image_with_its_own_arguments(gpu
         assert Path(build["context"]) == REPO
         assert build["dockerfile"] == WORKER_DOCKERFILE
         assert build["args"] == worker_build_args(backend)
-        assert service["image"] == f"chorus/{backend}"
+        assert service["image"] == f"{image_prefix()}{backend}"
     assert gpu["services"]["router"]["build"]["dockerfile"] == ROUTER_DOCKERFILE
 
 

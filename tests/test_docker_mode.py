@@ -20,6 +20,7 @@ import httpx
 import pytest
 import yaml
 
+from functions.images import image_prefix
 from tests._live import assert_family_error
 from tests.audio import decode
 from tests.containers import built_image, require_engine
@@ -78,6 +79,7 @@ def docker_router(tmp_path: Path, project: str, configs: Path, **env: str):
     models.chmod(0o777)  # the workers run as their image's user
     settings = {
         "CHORUS_MODE": "docker", "CHORUS_DOCKER_PROJECT": project, "CHORUS_DOCKER_NETWORK": project,
+        "CHORUS_DOCKER_IMAGE_PREFIX": image_prefix(),
         "CHORUS_DOCKER_CPU_ONLY": "1", "CHORUS_DOCKER_START_TIMEOUT": "60",
         "CHORUS_BACKEND_HEALTH_INTERVAL": "0.5", **env,
     }
@@ -176,11 +178,11 @@ def test_a_killed_worker_is_replaced_by_the_next_request(engine, project, tmp_pa
 def stand_in_images(engine):
     """Piper's image under a test prefix for piper and coqui, and one whose worker exits."""
     prefix = f"chorus-test-{os.getpid()}/"
-    image = engine.images.get("chorus/piper")
+    image = engine.images.get(built_image("piper"))
     for backend in ("piper", "coqui", "bark"):
         image.tag(f"{prefix}{backend}")
     broken = f"chorus-test-{os.getpid()}-broken/"
-    dockerfile = "FROM chorus/piper\nCMD [\"python\", \"-c\", \"raise SystemExit('broken on purpose')\"]\n"
+    dockerfile = f"FROM {built_image('piper')}\nCMD [\"python\", \"-c\", \"raise SystemExit('broken on purpose')\"]\n"
     subprocess.run(["docker", "build", "-q", "-t", f"{broken}piper", "-"], input=dockerfile, text=True,
                    check=True, capture_output=True)
     yield prefix, broken
@@ -193,7 +195,7 @@ def locked_out(engine):
     """Piper's image whose worker reads its configs from a folder only root may read, as a
     configs folder mounted from the host with mode 700 is to the worker's user."""
     prefix = f"chorus-test-{os.getpid()}-locked/"
-    dockerfile = ("FROM chorus/piper\nUSER root\nRUN mkdir -m 700 /locked && cp -r /app/configs /locked/\n"
+    dockerfile = (f"FROM {built_image('piper')}\nUSER root\nRUN mkdir -m 700 /locked && cp -r /app/configs /locked/\n"
                   "USER 10001:10001\n"
                   'CMD ["python", "-m", "functions.worker", "--configs", "/locked/configs"]\n')
     subprocess.run(["docker", "build", "-q", "-t", f"{prefix}piper", "-"], input=dockerfile, text=True,
