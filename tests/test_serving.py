@@ -1,7 +1,8 @@
 """functions.serving.in_threads, the thread hop shared by local mode, the worker and Modal mode: a request cancelled
 while its backend is inside a chunk leaves that chunk to finish, and only then closes the
 backend's generator (closing it under the running thread raised, and at times crashed the
-interpreter)."""
+interpreter). And the memory release they share: once no synthesis runs, the backends are asked
+to give their memory back, once per idle spell."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from anyio import CapacityLimiter
 
 from functions.config import ModelConfig
 from functions.protocol import Backend, SynthesisRequest
-from functions.serving import LoadedBackend
+from functions.serving import LoadedBackend, MemoryRelease
 
 
 class Blocking(Backend):
@@ -38,6 +39,9 @@ class Blocking(Backend):
 
     def voices(self) -> list[str]:
         return []
+
+    def release_memory(self) -> None:
+        self.ended.append("memory given back")
 
     def synthesize(self, request: SynthesisRequest) -> Iterator[bytes]:
         try:
@@ -80,3 +84,40 @@ async def test_a_cancelled_hop_closes_the_generator_once_the_thread_is_out():
     # Closed after its chunk, once, and off the event loop (a backend's close may block).
     assert len(ended) == 1 and ended[0].startswith("closed in "), ended
     assert ended != [f"closed in {threading.main_thread().name}"]
+
+
+@pytest.mark.anyio
+async def test_memory_is_given_back_once_no_synthesis_runs_and_once_per_idle_spell():
+    backend = Blocking()
+    backend.release.set()
+    memory = MemoryRelease(0, lambda: [backend])
+    loaded = LoadedBackend(backend, CapacityLimiter(2), memory)
+
+    def given_back() -> int:
+        return backend.ended.count("memory given back")
+
+    async def until_given_back(count: int, tries: int = 500) -> None:
+        for _ in range(tries):
+            if memory.releases >= count:
+                return
+            await asyncio.sleep(0.01)
+
+    first, second = (loaded.chunks(SynthesisRequest(model="blocking", text="hi")) for _ in range(2))
+    await anext(first)
+    await anext(second)
+    await first.aclose()
+    # The other synthesis still runs: nothing is given back under it.
+    await until_given_back(1, tries=50)
+    assert (memory.running, memory.releases, given_back()) == (1, 0, 0)
+
+    await second.aclose()
+    await until_given_back(1)
+    assert (memory.running, memory.releases, given_back()) == (0, 1, 1)
+
+    # Idle again after another synthesis: given back again, once.
+    async for _ in loaded.chunks(SynthesisRequest(model="blocking", text="hi")):
+        pass
+    await until_given_back(2)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert (memory.running, memory.releases, given_back()) == (0, 2, 2)
