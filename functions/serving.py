@@ -223,9 +223,14 @@ class BackendPool:
             return self._loaded[key]
         async with self._locks.setdefault(key, asyncio.Lock()):
             if key not in self._loaded:
-                # Off the event loop, importing the backend's libraries included: they can take
-                # seconds, during which health checks must still be answered.
-                self._add(key, config, await to_thread.run_sync(self._load, config))
+                try:
+                    # Off the event loop, importing the backend's libraries included: they can
+                    # take seconds, during which health checks must still be answered.
+                    self._add(key, config, await to_thread.run_sync(self._load, config))
+                except ServingError:
+                    # Not kept for a model that is not there: a LocalAI client may name any file.
+                    self._locks.pop(key, None)
+                    raise
         return self._loaded[key]
 
     def load(self, config: ModelConfig) -> LoadedBackend:
