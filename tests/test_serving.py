@@ -96,28 +96,26 @@ async def test_memory_is_given_back_once_no_synthesis_runs_and_once_per_idle_spe
     def given_back() -> int:
         return backend.ended.count("memory given back")
 
-    async def until_given_back(count: int, tries: int = 500) -> None:
-        for _ in range(tries):
-            if memory.releases >= count:
-                return
-            await asyncio.sleep(0.01)
+    async def until_given_back(count: int) -> None:
+        # The release runs in a worker thread: each turn of the loop lets its end be seen.
+        while memory.releases < count:
+            await asyncio.sleep(0)
 
     first, second = (loaded.chunks(SynthesisRequest(model="blocking", text="hi")) for _ in range(2))
     await anext(first)
     await anext(second)
     await first.aclose()
-    # The other synthesis still runs: nothing is given back under it.
-    await until_given_back(1, tries=50)
+    # The other synthesis still runs: nothing is given back under it, nor set to be.
+    assert memory._timer is None
     assert (memory.running, memory.releases, given_back()) == (1, 0, 0)
 
     await second.aclose()
-    await until_given_back(1)
+    await asyncio.wait_for(until_given_back(1), 10)
     assert (memory.running, memory.releases, given_back()) == (0, 1, 1)
 
     # Idle again after another synthesis: given back again, once.
     async for _ in loaded.chunks(SynthesisRequest(model="blocking", text="hi")):
         pass
-    await until_given_back(2)
-    for _ in range(20):
-        await asyncio.sleep(0)
+    await asyncio.wait_for(until_given_back(2), 10)
+    assert memory._timer is None and memory._releasing is None
     assert (memory.running, memory.releases, given_back()) == (0, 2, 2)
