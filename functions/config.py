@@ -78,6 +78,10 @@ KOKORO_VOICES_FILE = "voices-v1.0.bin"
 #: process or worker keeps loaded at once; CHORUS_CONFIGLESS_MODELS sets it, 0 refuses them.
 CONFIGLESS_MODELS = 4
 
+#: Seconds with no synthesis running in a process or worker after which the memory its past
+#: syntheses left behind is given back; CHORUS_MEMORY_RELEASE_SECONDS sets it.
+MEMORY_RELEASE_SECONDS = 10.0
+
 #: Modal's GPU types (its GPU guide; A10G is A10's older name) and the most of each one container
 #: may have: Modal's server checks both only at a container's first start, so Chorus checks them
 #: when it reads the config.

@@ -182,3 +182,8 @@ class Backend(ABC):
     def synthesize(self, request: SynthesisRequest) -> Iterator[Spoken]:
         """Yield PCM chunks as soon as each is ready, so the caller can stream and stop early;
         and, where the request asks for them and the model measures them, `WordTimes`."""
+
+    def release_memory(self) -> None:  # noqa: B027 - most backends keep no pool of their own
+        """Give back what past syntheses left in the backend's own memory pools (an ONNX
+        Runtime arena sized by the largest one). Called in a worker thread once no synthesis
+        has run for a while; one may start meanwhile."""

@@ -3,16 +3,18 @@
 Each model config is loaded once, off the event loop, and gets its own concurrency limit. Its
 PCM is pulled one chunk per thread hop, so a server whose client has gone away stops asking
 the backend for more audio at the next chunk boundary. Whatever a backend raises, loading or
-synthesising, comes out as one `ServingError`, classified here once for both servers.
+synthesising, comes out as one `ServingError`, classified here once for both servers. Once no
+synthesis has run for a while, the memory past ones left behind is given back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +23,7 @@ from typing import TypeVar
 from anyio import CapacityLimiter, to_thread
 
 from functions import create_backend
-from functions.config import CONFIGLESS_MODELS, ModelConfig, redact
+from functions.config import CONFIGLESS_MODELS, MEMORY_RELEASE_SECONDS, ModelConfig, redact
 from functions.protocol import (
     Backend,
     BackendError,
@@ -59,14 +61,90 @@ def _load_failure(config: ModelConfig, exc: Exception, models_dir: Path) -> Serv
     return ServingError(code, message, "model" if code == "model_not_found" else None)
 
 
+class MemoryRelease:
+    """Once no synthesis has run for `after` seconds, gives back what past ones left behind:
+    each backend's own pools (`Backend.release_memory`), then the C heap's free pages. Neither
+    shrinks by itself: ONNX Runtime keeps a session's arena at the largest size a run needed,
+    and glibc keeps freed pages mapped in the arena of whichever thread freed them, so a server
+    stayed at its busiest high-water mark for good (bench/memory.py). Once per idle spell, in a
+    worker thread."""
+
+    def __init__(self, after: float, backends: Callable[[], Iterable[Backend]]):
+        self.after = after
+        self._backends = backends
+        #: Syntheses running now.
+        self.running = 0
+        #: Idle spells whose memory was given back.
+        self.releases = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._releasing: asyncio.Future[None] | None = None
+
+    def started(self) -> None:
+        self.running += 1
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def ended(self) -> None:
+        self.running -= 1
+        if self.running:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # a stream finalised after its loop closed: nothing is served any more
+        self._timer = loop.call_later(self.after, self._release)
+
+    def _release(self) -> None:
+        self._timer = None
+        if self.running or self._releasing is not None:
+            return
+        self._releasing = asyncio.get_running_loop().run_in_executor(None, self._give_back)
+        self._releasing.add_done_callback(self._released)
+
+    def _give_back(self) -> None:
+        for backend in list(self._backends()):
+            try:
+                backend.release_memory()
+            except Exception as exc:  # noqa: BLE001 - memory not given back fails no request
+                log.warning("backend '%s' did not give its memory back: %s", backend.name, exc)
+        trim_heap()
+
+    def _released(self, done: asyncio.Future[None]) -> None:
+        self._releasing = None
+        if not done.cancelled() and done.exception() is None:
+            self.releases += 1
+
+
+def trim_heap() -> None:
+    """Return the C heap's free pages to the system (glibc's malloc_trim); nothing where the C
+    library has no such call (musl, macOS)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
 @dataclass
 class LoadedBackend:
     backend: Backend
     limiter: CapacityLimiter
+    #: Told when each synthesis starts and ends.
+    memory: MemoryRelease | None = None
 
     async def chunks(self, request: SynthesisRequest) -> AsyncIterator[Spoken]:
         """The backend's PCM chunks (and word times, where asked for); what the backend raises
         comes out as a `ServingError`."""
+        if self.memory is not None:
+            self.memory.started()
         try:
             # aclosing: the backend's generator is closed when this stops, not when collected.
             async with aclosing(in_threads(self.backend.synthesize(request), self.limiter)) as pcm:
@@ -77,6 +155,9 @@ class LoadedBackend:
             raise ServingError(failure_code(exc), str(exc), exc.param) from exc
         except Exception as exc:
             raise ServingError(failure_code(exc), f"backend '{self.backend.name}' failed: {exc}") from exc
+        finally:
+            if self.memory is not None:
+                self.memory.ended()
 
 
 def in_threads(items: Iterator[T], limiter: CapacityLimiter | None = None) -> AsyncIterator[T]:
@@ -99,19 +180,28 @@ def configless_limit() -> int:
     return int(raw) if raw else CONFIGLESS_MODELS
 
 
+def memory_release_seconds() -> float:
+    """CHORUS_MEMORY_RELEASE_SECONDS, for a worker (the router reads it into its settings)."""
+    raw = os.environ.get("CHORUS_MEMORY_RELEASE_SECONDS", "").strip()
+    return float(raw) if raw else MEMORY_RELEASE_SECONDS
+
+
 class BackendPool:
     """Backends by model config, each loaded on first use (or by `get` at start-up). Config-less
     models are kept up to `configless` at once, the least recently used unloaded first. Every
     host serves its backends through one: local mode, the worker and each Modal container.
 
     With `on_device` False, backends stay in host memory until `to_device()` (a Modal container
-    loads before its memory snapshot, where no GPU is attached)."""
+    loads before its memory snapshot, where no GPU is attached). `release_after` seconds after
+    the last synthesis ends, with none begun since, what they left in memory is given back."""
 
-    def __init__(self, models_dir: Path, configless: int = CONFIGLESS_MODELS, on_device: bool = True):
+    def __init__(self, models_dir: Path, configless: int = CONFIGLESS_MODELS, on_device: bool = True,
+                 release_after: float = MEMORY_RELEASE_SECONDS):
         self.models_dir = models_dir
         self.configless = configless
         self.on_device = on_device
         self._loaded: dict[str, LoadedBackend] = {}
+        self.memory = MemoryRelease(release_after, lambda: [entry.backend for entry in self._loaded.values()])
         self._locks: dict[str, asyncio.Lock] = {}
         #: Keys of the loaded config-less models, least recently used first.
         self._configless: OrderedDict[str, None] = OrderedDict()
@@ -133,9 +223,14 @@ class BackendPool:
             return self._loaded[key]
         async with self._locks.setdefault(key, asyncio.Lock()):
             if key not in self._loaded:
-                # Off the event loop, importing the backend's libraries included: they can take
-                # seconds, during which health checks must still be answered.
-                self._add(key, config, await to_thread.run_sync(self._load, config))
+                try:
+                    # Off the event loop, importing the backend's libraries included: they can
+                    # take seconds, during which health checks must still be answered.
+                    self._add(key, config, await to_thread.run_sync(self._load, config))
+                except ServingError:
+                    # Not kept for a model that is not there: a LocalAI client may name any file.
+                    self._locks.pop(key, None)
+                    raise
         return self._loaded[key]
 
     def load(self, config: ModelConfig) -> LoadedBackend:
@@ -173,7 +268,7 @@ class BackendPool:
 
     def _add(self, key: str, config: ModelConfig, backend: Backend) -> None:
         # Past this many concurrent requests, more threads only fight over the cores.
-        self._loaded[key] = LoadedBackend(backend, CapacityLimiter(config.deploy.max_concurrent_inputs))
+        self._loaded[key] = LoadedBackend(backend, CapacityLimiter(config.deploy.max_concurrent_inputs), self.memory)
         if config.configless:
             self._keep_configless(key)
 

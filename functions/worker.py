@@ -40,7 +40,13 @@ from starlette.routing import Route
 
 from functions.config import BackendName, ConfigError, ModelConfig, load_configs
 from functions.protocol import FRAMED_MEDIA_TYPE, SAMPLE_FORMAT, STATUS, Spoken, SynthesisRequest, frame
-from functions.serving import BackendPool, LoadedBackend, ServingError, configless_limit
+from functions.serving import (
+    BackendPool,
+    LoadedBackend,
+    ServingError,
+    configless_limit,
+    memory_release_seconds,
+)
 
 log = logging.getLogger("chorus.worker")
 
@@ -88,7 +94,7 @@ class Worker:
         self.backend = backend
         self.configs_dir = configs_dir
         self.models_dir = models_dir
-        self.pool = BackendPool(models_dir, configless_limit())
+        self.pool = BackendPool(models_dir, configless_limit(), release_after=memory_release_seconds())
         self.ready = False
         self.failures: dict[str, str] = {}
         #: Why the worker can load none of its models (its configs cannot be read): it will never

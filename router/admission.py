@@ -104,3 +104,11 @@ class Admission:
         if gate is None:
             gate = self.gates[key] = ModelQueue(name, limit, self.queue, self.timeout)
         return gate
+
+    def forget(self, name: str, backend: str) -> bool:
+        """Drop a model's queue if nobody holds or waits for a place in it; whether it is gone."""
+        gate = self.gates.get((name, backend))
+        if gate is not None and (gate.active or gate.waiting):
+            return False
+        self.gates.pop((name, backend), None)
+        return True

@@ -65,7 +65,7 @@ def build_runner(settings: Settings) -> Runner:
         return ModalRunner.from_settings(settings)
     from router.runners.local import InProcessRunner
 
-    return InProcessRunner(settings.models_dir, settings.configless_models)
+    return InProcessRunner(settings.models_dir, settings.configless_models, settings.memory_release_seconds)
 
 
 def create_app(

@@ -42,6 +42,10 @@ class ModelRegistry(ModelCatalog):
         except ModelNotFoundError as exc:
             raise ModelNotFound(str(exc), param="model") from None
 
+    def serves(self, config: ModelConfig) -> bool:
+        """Whether `config` (a config-less model) is listed: it has served a request lately."""
+        return (config.name, config.backend) in self._served
+
     def served(self, config: ModelConfig) -> None:
         """`config` (a config-less model) has served a request: list it, within the bound."""
         key = (config.name, config.backend)

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
-from functions.config import CONFIGLESS_MODELS
+from functions.config import CONFIGLESS_MODELS, MEMORY_RELEASE_SECONDS
 
 Mode = Literal["local", "http", "docker", "modal"]
 #: The API families, each with its own input limit (the `family` SpeechService.prepare is given).
@@ -59,6 +59,9 @@ class Settings(BaseModel):
     #: Models a LocalAI request may name without a config (a file in the models directory, or a
     #: backend's own model id), kept loaded at once per process or worker; 0 refuses them (404).
     configless_models: int = Field(CONFIGLESS_MODELS, ge=0)
+    #: local mode: seconds with no synthesis running after which the memory past syntheses left
+    #: behind (Piper's ONNX arenas, the C heap's free pages) is given back to the system.
+    memory_release_seconds: float = Field(MEMORY_RELEASE_SECONDS, ge=0)
 
     #: API keys a client must present (Bearer, x-api-key or xi-api-key); none = an open server.
     api_keys: list[str] = Field(default_factory=list)
@@ -162,6 +165,7 @@ _ENV_NAMES = {
     "modal_app": "CHORUS_MODAL_APP",
     "modal_start_wait": "CHORUS_MODAL_START_WAIT",
     "configless_models": "CHORUS_CONFIGLESS_MODELS",
+    "memory_release_seconds": "CHORUS_MEMORY_RELEASE_SECONDS",
     "api_keys": "CHORUS_API_KEYS",
     "max_body_bytes": "CHORUS_MAX_BODY_BYTES",
     "max_input_chars_by_route": "CHORUS_MAX_INPUT_CHARS_BY_ROUTE",

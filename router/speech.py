@@ -4,6 +4,7 @@ chunking, dispatch to the runner, and streaming encoding."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -225,14 +226,21 @@ class SpeechService:
             raise
         try:
             first = await self._open(config, job.request.model_copy(update={"text": first_text}))
-        except ChorusError as exc:
+        except BaseException as exc:
             place()
             await source.aclose()
-            self.metrics.backend_errors.labels(config.name, exc.code).inc()
-            raise
-        except BaseException:
-            place()
-            await source.aclose()
+            model = config.name
+            if config.configless and not self.registry.serves(config):
+                # A config-less model that never spoke (a file that is not there) leaves nothing
+                # named after it: every name a client makes up would stay for good otherwise.
+                model = ""
+                note_model(model)
+                if self.admission.forget(config.name, config.backend):
+                    for gauge in (self.metrics.in_flight, self.metrics.queue_depth):
+                        with contextlib.suppress(KeyError):  # made only if /metrics was read meanwhile
+                            gauge.remove(config.name)
+            if isinstance(exc, ChorusError):
+                self.metrics.backend_errors.labels(model, exc.code).inc()
             raise
         if config.configless:
             self.registry.served(config)

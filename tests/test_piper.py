@@ -119,6 +119,18 @@ def test_concurrent_requests(backend):
     assert 0.5 < together[0] < together[1]
 
 
+def test_memory_given_back_leaves_both_sessions_speaking(models_dir):
+    backend = create_backend(config(), models_dir)
+    backend.load()
+    backend.release_memory()  # before any request, with one session
+    say(backend, text=" ".join(["river lantern copper meadow"] * 10))
+    narrow = backend._narrow_voice()  # the session requests that overlap share
+    list(narrow.synthesize("Hello there."))
+    backend.release_memory()
+    assert seconds(say(backend, text="Hello.")) > 0.3
+    assert seconds([piece.audio_int16_bytes for piece in narrow.synthesize("Hello.")]) > 0.3
+
+
 def test_voice_in_a_subfolder(models_dir, tmp_path):
     voices = models_dir / "voices"
     voices.mkdir(exist_ok=True)

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from pathlib import Path
 
-from functions.config import CONFIGLESS_MODELS, ModelConfig
+from functions.config import CONFIGLESS_MODELS, MEMORY_RELEASE_SECONDS, ModelConfig
 from functions.protocol import SynthesisRequest
 from functions.serving import BackendPool, LoadedBackend, ServingError
 from router.errors import ChorusError, backend_error
@@ -24,8 +24,9 @@ class InProcessRunner(Runner):
     """Local mode: backends live in this process; their blocking calls run in worker threads
     so the event loop (and /healthz) stays responsive during synthesis."""
 
-    def __init__(self, models_dir: Path, configless: int = CONFIGLESS_MODELS):
-        self._pool = BackendPool(models_dir, configless)
+    def __init__(self, models_dir: Path, configless: int = CONFIGLESS_MODELS,
+                 release_after: float = MEMORY_RELEASE_SECONDS):
+        self._pool = BackendPool(models_dir, configless, release_after=release_after)
         self._ready = False
 
     async def start(self, preload: list[ModelConfig]) -> None:
