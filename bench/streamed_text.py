@@ -26,7 +26,7 @@ from functions.protocol import SynthesisRequest  # noqa: E402
 from router.registry import ModelRegistry  # noqa: E402
 from router.runners.local import InProcessRunner  # noqa: E402
 from router.settings import Settings  # noqa: E402
-from router.speech import SpeechService  # noqa: E402
+from router.speech import Ask, SpeechService  # noqa: E402
 
 FIRST = "The first sentence is written one word at a time."
 TEXT = f"{FIRST} Then a second one follows, as a language model would go on writing it."
@@ -43,12 +43,12 @@ async def first_audio_after_first_sentence(service: SpeechService, every: float)
                 ended.append(time.perf_counter())
             yield word + " "
 
-    job = service.prepare(text="", text_param="text", model=None, pieces=words(), family="elevenlabs")
+    job = service.prepare(Ask(text=words(), text_param="text", model=None, family="elevenlabs"))
     stream = await service.pcm(job)
-    first = await anext(stream.chunks)
+    first = await anext(stream.audio)
     heard = time.perf_counter()
     assert first
-    async for _ in stream.chunks:
+    async for _ in stream.audio:
         pass
     return heard - ended[0]
 

@@ -71,11 +71,12 @@ async def one_by_one(
     try:
         while True:
             pending = asyncio.ensure_future(fetch())
-            try:
-                item = await asyncio.wait_for(asyncio.shield(pending), timeout)
-            except TimeoutError:
+            # asyncio.wait, not wait_for: Python 3.11's wait_for returns an item that arrives as
+            # its caller is cancelled, and the cancel is lost.
+            if not (await asyncio.wait({pending}, timeout=timeout))[0]:
                 assert timed_out is not None
-                raise timed_out() from None
+                raise timed_out()
+            item = pending.result()
             pending = None
             if item is END:
                 return

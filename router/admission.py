@@ -49,22 +49,27 @@ class ModelQueue:
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         try:
-            await asyncio.wait_for(asyncio.shield(waiter), self.timeout)
-        except (TimeoutError, asyncio.CancelledError) as exc:
-            if waiter.done() and not waiter.cancelled():
-                # The place was handed over just as the wait ended: pass it on.
-                self._leave()
-            else:
-                waiter.cancel()
-                self._waiters.remove(waiter)
-            if isinstance(exc, asyncio.CancelledError):
-                raise
+            # asyncio.wait, not wait_for: Python 3.11's wait_for keeps a place handed over just
+            # as its caller is cancelled, and the caller goes on as if it had not been.
+            handed = bool((await asyncio.wait({waiter}, timeout=self.timeout))[0])
+        except asyncio.CancelledError:
+            self._give_up(waiter)
+            raise
+        if not handed:
+            self._give_up(waiter)
             raise Overloaded(
                 f"model '{self.name}' stayed busy for {self.timeout:g} s; try again later",
                 retry_after=self.retry_after(),
                 status=503,
-            ) from None
+            )
         return Slot(self)
+
+    def _give_up(self, waiter: asyncio.Future[None]) -> None:
+        if waiter.done():
+            self._leave()  # the place was handed over just as the wait ended: pass it on
+        else:
+            waiter.cancel()
+            self._waiters.remove(waiter)
 
     def _leave(self, held: float | None = None) -> None:
         if held is not None:

@@ -21,7 +21,7 @@ from functions.protocol import WordTimes
 from router.encoding import StreamEncoder
 
 if TYPE_CHECKING:
-    from router.speech import TimedAudio
+    from router.synthesis import Synthesis
 
 
 @dataclass
@@ -151,34 +151,34 @@ class TimedSegment:
 
 
 async def timed_segments(
-    timed: TimedAudio, encoder: StreamEncoder, *, whole_chunks: bool
+    synthesis: Synthesis, encoder: StreamEncoder, *, whole_chunks: bool
 ) -> AsyncIterator[TimedSegment]:
-    """`timed`'s audio encoded by `encoder`, with its characters' times. With `whole_chunks`,
+    """`synthesis`'s audio encoded by `encoder`, with its characters' times. With `whole_chunks`,
     each text chunk's audio is held until it is complete and sent with its characters
     (ElevenLabs' `sync_alignment`); otherwise audio leaves as the backend makes it, one piece
     behind, and a chunk's characters come with its last piece. What follows the last chunk (the
     spaces after its last word) ends it, with no audio. The encoder is the caller's to finish: a
     WebSocket context encodes every text it is given into one stream."""
-    timeline = Timeline(timed.sample_rate)
+    timeline = Timeline(synthesis.sample_rate)
     held: list[bytes] = []  # PCM of the current chunk not sent yet
     words: list[WordTimes] = []
     samples = 0
-    async with aclosing(timed.pieces) as pieces:
-        async for piece in pieces:
-            if piece.words is not None:
-                words.append(piece.words)
-            elif piece.pcm:
-                samples += len(piece.pcm) // 2
+    async with aclosing(synthesis) as steps:
+        async for step in steps:
+            if step.words is not None:
+                words.append(step.words)
+            elif step.pcm:
+                samples += len(step.pcm) // 2
                 if held and not whole_chunks:
                     yield TimedSegment(await to_thread.run_sync(encoder.encode, b"".join(held)), None)
                     held = []
-                held.append(piece.pcm)
-            elif piece.ended:
-                alignment = timeline.chunk(timed.text, piece.text, samples, words)
+                held.append(step.pcm)
+            elif step.ended:
+                alignment = timeline.chunk(synthesis.text, step.text, samples, words)
                 yield TimedSegment(await to_thread.run_sync(encoder.encode, b"".join(held)), alignment)
                 held, words, samples = [], [], 0
     if not timeline.seconds:
-        raise timed.no_audio()
-    rest = timeline.rest(timed.text)
+        raise synthesis.no_audio()
+    rest = timeline.rest(synthesis.text)
     if rest:
         yield TimedSegment(b"", rest)

@@ -12,8 +12,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from router.api import elevenlabs, elevenlabs_ws, localai, metrics, openai, playground, sound, system
+from router.api import elevenlabs, localai, metrics, openai, playground, system
 from router.api.common import is_elevenlabs_client
+from router.api.elevenlabs.socket import SocketLimit
 from router.auth import ApiKeys
 from router.body_limit import BodyLimit
 from router.cache import SynthesisCache
@@ -86,7 +87,7 @@ def create_app(
     speech = SpeechService(registry, runner, settings, cache=cache, metrics=Metrics())
     wyoming = None
     if settings.wyoming_port is not None:
-        from router.wyoming import WyomingServer
+        from router.api.wyoming import WyomingServer
 
         wyoming = WyomingServer(speech)
 
@@ -106,14 +107,15 @@ def create_app(
 
     app = FastAPI(title="Chorus", summary="Many voices, one endpoint", lifespan=lifespan)
     app.state.speech = speech
+    app.state.sockets = SocketLimit(settings.websocket_max_sockets)
     app.state.wyoming = wyoming
-    modules = (system, localai, openai, elevenlabs, elevenlabs_ws, sound, playground, metrics)
-    for module in modules:
-        app.include_router(module.router)
+    routers = (system.router, localai.router, openai.router, *elevenlabs.routers, playground.router, metrics.router)
+    for router in routers:
+        app.include_router(router)
     # Outermost last: metrics see every answer, the key is checked before the body is read.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, render=_fallback_error)
     app.add_middleware(ApiKeys, keys=settings.api_keys, render=_fallback_error)
-    routes = [route for module in modules for route in module.router.routes]
+    routes = [route for router in routers for route in router.routes]
     app.add_middleware(MetricsMiddleware, metrics=speech.metrics, routes=routes)
 
     @app.exception_handler(HTTPException)

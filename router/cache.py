@@ -24,7 +24,6 @@ import struct
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -33,7 +32,7 @@ from anyio import to_thread
 from functions.config import ModelConfig, UnsafePathError, resolve_in
 from functions.protocol import SynthesisRequest
 from functions.streams import Stream, released_by
-from router.encoding import AudioFormat
+from router.encoding import AudioFormat, EncodedAudio
 
 log = logging.getLogger("chorus")
 
@@ -41,15 +40,6 @@ _VERSION = 1  # bump when the stored layout or the encoders' output changes
 _SUFFIX = ".audio"
 _HEADER = struct.Struct(">I")  # length of the JSON metadata that precedes the audio
 _READ_PIECE = 64 * 1024
-
-
-@dataclass
-class CachedAudio:
-    media_type: str
-    sample_rate: int
-    first: bytes
-    #: The rest of the entry, read piece by piece as it is sent; must be closed.
-    rest: Stream[bytes]
 
 
 class SynthesisCache:
@@ -101,7 +91,7 @@ class SynthesisCache:
     def _path(self, key: str) -> Path:
         return self.directory / f"{key}{_SUFFIX}"
 
-    async def get(self, key: str) -> CachedAudio | None:
+    async def get(self, key: str) -> EncodedAudio | None:
         """The entry for `key`, if any: its first piece read, the rest read as it is sent (a
         long entry is never all in memory)."""
         if key not in self._entries:
@@ -116,9 +106,9 @@ class SynthesisCache:
         self._entries[key] = (size, time.time())
         rest = _entry_pieces(file, start)
         first = await anext(rest, b"")
-        return CachedAudio(media_type, sample_rate, first, rest)
+        return EncodedAudio(media_type, sample_rate, first, rest)
 
-    async def serve(self, key: str, make: Callable[[], Awaitable[CachedAudio]]) -> tuple[str, CachedAudio]:
+    async def serve(self, key: str, make: Callable[[], Awaitable[EncodedAudio]]) -> tuple[str, EncodedAudio]:
         """The response for `key` and how it came: from disk ("hit"); following an identical
         response that is being made right now, from its first byte, at no backend cost
         ("shared"); or made by `make` and recorded as it is sent ("miss"). A cache whose disk
@@ -129,23 +119,27 @@ class SynthesisCache:
         recording = await self._follow(key)
         if recording is not None:
             first = recording.first()
-            return "shared", CachedAudio(recording.media_type, recording.sample_rate, first,
+            return "shared", EncodedAudio(recording.media_type, recording.sample_rate, first,
                                          recording.reader(len(first)))
         with self._making(key):
             made = await make()
         try:
-            recording = self.record(key, made.media_type, made.sample_rate, made.first, made.rest)
+            recording = self.record(key, made)
         except OSError as exc:
             log.warning("the synthesis cache cannot record a response: %s", exc)
             return "miss", made
-        return "miss", CachedAudio(made.media_type, made.sample_rate, made.first, recording.reader(len(made.first)))
+        return "miss", EncodedAudio(made.media_type, made.sample_rate, made.first, recording.reader(len(made.first)))
 
-    def record(
-        self, key: str, media_type: str, sample_rate: int, first: bytes, source: Stream[bytes]
-    ) -> Recording:
-        """Start recording a response whose first bytes are `first` and the rest `source`."""
-        recording = self._recordings[key] = Recording(self, key, media_type, sample_rate, first, source)
+    def record(self, key: str, audio: EncodedAudio) -> Recording:
+        """Start recording `audio`, the response for `key`."""
+        recording = self._recordings[key] = Recording(key, audio, self._partial, self.max_bytes, self._recorded)
         return recording
+
+    def _recorded(self, recording: Recording, complete: Path | None) -> None:
+        if self._recordings.get(recording.key) is recording:
+            del self._recordings[recording.key]
+        if complete is not None:
+            self._publish(recording.key, complete)
 
     async def _follow(self, key: str) -> Recording | None:
         """The response for `key` being made now, if an identical request may follow it. One
@@ -242,22 +236,26 @@ class Recording:
 
     def __init__(
         self,
-        cache: SynthesisCache,
         key: str,
-        media_type: str,
-        sample_rate: int,
-        first: bytes,
-        source: Stream[bytes],
+        audio: EncodedAudio,
+        partial_dir: Path,
+        max_bytes: int,
+        done: Callable[[Recording, Path | None], None],
     ):
-        self.media_type = media_type
-        self.sample_rate = sample_rate
-        self._cache = cache
-        self._key = key
-        self._source = source
-        self._partial = cache._partial / f"{key}.{uuid.uuid4().hex}"
-        meta = json.dumps({"media_type": media_type, "sample_rate": sample_rate}).encode()
+        """`audio` recorded into a file of `partial_dir`; at most `max_bytes` of it are kept for
+        the cache. `done` is told once the recording is over, with its complete file (to keep)
+        or None."""
+        self.key = key
+        self.media_type = audio.media_type
+        self.sample_rate = audio.sample_rate
+        self._source = audio.rest
+        self._max_bytes = max_bytes
+        self._done = done
+        self._partial = partial_dir / f"{key}.{uuid.uuid4().hex}"
+        meta = json.dumps({"media_type": audio.media_type, "sample_rate": audio.sample_rate}).encode()
+        first = audio.first
         # Made again if a cleaner emptied the cache's directory since start-up.
-        cache._partial.mkdir(parents=True, exist_ok=True)
+        partial_dir.mkdir(parents=True, exist_ok=True)
         self._file = self._partial.open("w+b")
         try:
             self._file.write(_HEADER.pack(len(meta)) + meta + first)
@@ -332,7 +330,7 @@ class Recording:
             return None
         finally:
             self._next = None
-        if self._whole and (self._size + len(piece) <= self._cache.max_bytes or self._shared):
+        if self._whole and (self._size + len(piece) <= self._max_bytes or self._shared):
             try:
                 self._file.write(piece)
                 self._file.flush()
@@ -352,14 +350,11 @@ class Recording:
         return piece
 
     def _finish(self) -> None:
-        """Publish a complete recording that fits the cache; drop anything else."""
-        if self._cache._recordings.get(self._key) is self:
-            del self._cache._recordings[self._key]
-        if self._partial.exists():
-            if self._ended and self._whole and self._size <= self._cache.max_bytes:
-                self._cache._publish(self._key, self._partial)
-            else:
-                self._partial.unlink(missing_ok=True)
+        """Hand a complete recording that fits the cache to it; drop anything else."""
+        complete = self._ended and self._whole and self._size <= self._max_bytes and self._partial.exists()
+        if not complete:
+            self._partial.unlink(missing_ok=True)
+        self._done(self, self._partial if complete else None)
 
     async def _leave(self) -> None:
         self._readers -= 1

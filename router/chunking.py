@@ -9,33 +9,16 @@ together up to `max_chars`.
 from __future__ import annotations
 
 import asyncio
-import re
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 
-# A sentence ends after terminal punctuation and any closing quotes or brackets: ASCII marks only
-# where whitespace follows (so "3.14" stays whole), CJK marks anywhere (CJK puts no space after
-# them); a blank line ends one too.
-_SENTENCE_END = re.compile(
-    r"[.!?…]+[\"'”’)\]]*(?=\s)|[。！？]+[\"'”’)\]」』]*|\n\s*\n"
-)
-_CLAUSE_END = re.compile(r"(?<=[,;:，；：—])\s+")
-
-
-def split_sentences(text: str) -> list[str]:
-    sentences: list[str] = []
-    start = 0
-    for match in _SENTENCE_END.finditer(text):
-        sentences.append(text[start : match.end()])
-        start = match.end()
-    sentences.append(text[start:])
-    return [s.strip() for s in sentences if s.strip()]
+from router import text as rules
 
 
 def _split_long(sentence: str, max_chars: int) -> Iterator[str]:
     """Cut a sentence longer than `max_chars` at clause marks, then at spaces, then anywhere."""
     pieces: list[str] = []
-    for clause in _CLAUSE_END.split(sentence):
+    for clause in rules.CLAUSE_END.split(sentence):
         while len(clause) > max_chars:
             cut = clause.rfind(" ", 0, max_chars + 1)
             if cut <= 0:
@@ -87,7 +70,7 @@ class ChunkCutter:
         self._tail += piece
         if not self._split:
             return
-        ends = [match.end() for match in _SENTENCE_END.finditer(self._tail)]
+        ends = [match.end() for match in rules.SENTENCE_END.finditer(self._tail)]
         self._move(ends[-1] if ends else 0)
         if len(self._tail.strip()) > self._max_chars:
             # A sentence longer than a chunk: what fits leaves now; its last part waits for more.
@@ -99,6 +82,12 @@ class ChunkCutter:
 
     def complete(self) -> None:
         self._move(len(self._tail))
+
+    def ready(self) -> int:
+        """How many chunks `take` would hand out from the text added so far."""
+        counting = ChunkCutter(self._max_chars, self._split)
+        counting._ready, counting._given = deque(self._ready), self._given
+        return len(list(iter(counting.take, None)))
 
     def take(self) -> str | None:
         """The next chunk if one can be cut from the text added so far, else None."""
@@ -124,35 +113,41 @@ class ChunkCutter:
                 self._ready.append(sentence)
 
 
-#: In a stream of text pieces: cut now what is buffered, even mid-sentence (ElevenLabs' `flush`).
+#: Among a text's fragments: cut now what is buffered, even mid-sentence (ElevenLabs' `flush`).
 FLUSH = object()
+#: Text as it arrives: strings, and FLUSH marks.
+Fragments = AsyncIterator[object]
 
 
-class StreamedChunks:
-    """The chunks of text that arrives as an async stream of pieces (`ChunkCutter`'s), each handed
-    out as soon as its sentences are complete, while later text is still arriving. A `FLUSH`
-    piece, or the end of the stream, completes what is buffered. The pieces are read as they
-    come (by a task of their own), so text that arrives in one piece is cut exactly as
-    `chunk_text` cuts it. `scrub` is applied to each piece, and `check` to the text so far (an
-    input limit: what it raises comes out of `next`). `aclose` stops reading."""
+class TextChunks:
+    """The chunks a job's text is cut into (`ChunkCutter`'s), each handed out as soon as its
+    sentences are complete. A text given whole is cut at once (and its chunks counted); text
+    that arrives in fragments (a WebSocket's messages) is read as it comes, by a task of its own,
+    each fragment cleaned and the text so far checked as the text rules say (what they refuse
+    comes out of `next`); a FLUSH, or the end, completes what is buffered. `aclose` stops reading."""
 
-    def __init__(self, pieces: AsyncIterator[object], max_chars: int, split: bool = True,
-                 scrub: Callable[[str], str] = lambda piece: piece,
-                 check: Callable[[str], None] = lambda text: None):
-        self._pieces = pieces
+    def __init__(self, text: str | Fragments, max_chars: int, split: bool, limit: int, param: str):
         self._cutter = ChunkCutter(max_chars, split)
-        self._scrub, self._check = scrub, check
-        #: Every piece so far, scrubbed: the whole text once the stream has ended.
-        self.text = ""
-        self._ended = False
+        self._limit, self._param = limit, param
         self._error: BaseException | None = None
         self._arrived = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
+        if isinstance(text, str):
+            #: Every fragment so far, cleaned: the whole text once it has all arrived.
+            self.text = text
+            self._fragments: Fragments | None = None
+            self._cutter.add(text)
+            self._cutter.complete()
+            self._ended = True
+            #: How many chunks the text makes, where it is known (given whole).
+            self.total: int | None = self._cutter.ready()
+        else:
+            self.text, self._fragments, self._ended, self.total = "", text, False, None
 
     async def next(self) -> str | None:
         """The next chunk, waiting for text as long as none is complete; None at the end."""
-        if self._reader is None:
-            self._reader = asyncio.ensure_future(self._read())
+        if self._fragments is not None and self._reader is None:
+            self._reader = asyncio.ensure_future(self._read(self._fragments))
         while (chunk := self._cutter.take()) is None and not self._ended:
             self._arrived.clear()
             await self._arrived.wait()
@@ -167,22 +162,22 @@ class StreamedChunks:
     async def aclose(self) -> None:
         if self._reader is not None and not self._reader.done():
             self._reader.cancel()
-            # Until the reader has let go, the pieces' generator is still running and cannot close.
+            # Until the reader has let go, the fragments' generator is still running and cannot close.
             await asyncio.wait([self._reader])
-        closing = getattr(self._pieces, "aclose", None)
+        closing = getattr(self._fragments, "aclose", None)
         if closing is not None:
             await closing()
 
-    async def _read(self) -> None:
+    async def _read(self, fragments: Fragments) -> None:
         try:
-            async for piece in self._pieces:
-                if piece is FLUSH:
+            async for fragment in fragments:
+                if fragment is FLUSH:
                     self._cutter.complete()
                 else:
-                    piece = self._scrub(str(piece))
-                    self.text += piece
-                    self._check(self.text)
-                    self._cutter.add(piece)
+                    fragment = rules.clean(str(fragment))
+                    self.text += fragment
+                    rules.check(self.text, self._limit, self._param)
+                    self._cutter.add(fragment)
                 self._arrived.set()
             self._cutter.complete()
         except Exception as exc:
@@ -190,3 +185,15 @@ class StreamedChunks:
         finally:
             self._ended = True
             self._arrived.set()
+
+
+def split_sentences(text: str) -> list[str]:
+    """`text` cut after each sentence's end (the text rules' SENTENCE_END)."""
+    sentences: list[str] = []
+    start = 0
+    for match in rules.SENTENCE_END.finditer(text):
+        sentences.append(text[start : match.end()])
+        start = match.end()
+    sentences.append(text[start:])
+    return [s.strip() for s in sentences if s.strip()]
+

@@ -14,7 +14,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from functions.config import ConfigError, UnsafePathError, resolve_in, validate_configs
-from router.chunking import chunk_text
 from router.encoding import CODEC_NAMES, AudioFormat, codec_for_extension
 from router.errors import ChorusError
 from router.settings import Settings, SettingsError
@@ -70,7 +69,7 @@ async def _write_speech(
     `args.output` as it arrives; returns the number of bytes written."""
     from router.app import build_runner
     from router.registry import ModelRegistry
-    from router.speech import SpeechService
+    from router.speech import Ask, SpeechService
 
     output = Path(args.output)
     codec = args.format or codec_for_extension(output.suffix) or "wav"
@@ -79,9 +78,8 @@ async def _write_speech(
         ModelRegistry.from_dir(settings.configs_dir, settings.models_dir), runner, settings
     )
     try:
-        job = service.prepare(
-            text=text, text_param=text_param, model=args.model, voice=args.voice, speed=args.speed
-        )
+        job = service.prepare(Ask(text=text, text_param=text_param, model=args.model, voice=args.voice,
+                                  speed=args.speed))
         stream = await service.audio(job, AudioFormat(codec), on_chunk)
         size = 0
         with output.open("wb") as file:
@@ -103,20 +101,20 @@ def say(args: argparse.Namespace) -> int:
 class _Progress:
     """A progress bar over text chunks that also shows how much audio is made and how fast."""
 
-    def __init__(self, total: int) -> None:
+    def __init__(self) -> None:
         from tqdm import tqdm
 
         self.started = time.monotonic()
         self.seconds = 0.0
         self.chunks = 0
         self.bar = tqdm(
-            total=total, unit="chunk", desc="synthesising", file=sys.stderr, dynamic_ncols=True
+            unit="chunk", desc="synthesising", file=sys.stderr, dynamic_ncols=True
         )
 
     def __call__(self, done: int, total: int, seconds: float) -> None:
         self.seconds += seconds
         self.chunks = done
-        if self.bar.total != total:
+        if total and self.bar.total != total:
             self.bar.total = total
         self.bar.set_postfix_str(f"audio {self.seconds:.1f} s, {self.speed():.1f}x real time", refresh=False)
         self.bar.update(done - self.bar.n)
@@ -143,9 +141,8 @@ def synth(args: argparse.Namespace) -> int:
     settings = settings.model_copy(
         update={"max_input_chars": max(settings.max_input_chars, len(text))}
     )
-    # The service reports the real count as chunks complete; this gives the bar its length
-    # before the first one does.
-    progress = _Progress(len(chunk_text(text, settings.chunk_chars)))
+    # Its length comes with the first chunk done: the text is cut once, by the service.
+    progress = _Progress()
     try:
         size = asyncio.run(_write_speech(settings, args, text, "--file", progress))
     finally:

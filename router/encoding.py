@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from functools import cache
 
@@ -20,6 +20,28 @@ import numpy as np
 from av.audio.fifo import AudioFifo
 from av.audio.frame import AudioFrame
 from av.audio.resampler import AudioResampler
+
+from functions.streams import Stream, primed
+
+
+@dataclass
+class EncodedAudio:
+    """Encoded audio on its way out, its first bytes already made: any error a request can cause
+    has surfaced (as a proper HTTP error) before the response status is sent. Whoever holds it
+    closes `rest`, read or not: that stops the synthesis behind it."""
+
+    media_type: str
+    sample_rate: int
+    first: bytes
+    rest: Stream[bytes]
+    #: Response headers that come with it (X-Chorus-Cache).
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def __aiter__(self) -> Stream[bytes]:
+        return primed(self.first, self.rest)
+
+    async def aclose(self) -> None:
+        await self.rest.aclose()
 
 
 @dataclass(frozen=True)

@@ -11,30 +11,30 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 
 from functions.protocol import Spoken
-from router.chunking import StreamedChunks
+from router.chunking import TextChunks
 from router.runners import PcmStream
 
 
 class FanOut:
-    """The PCM streams of `source`'s chunks in order, each with its text, the first already
+    """The PCM streams of the text's `chunks` in order, each with its text, the first already
     open, `width` of them synthesised at once. `close()` cancels the chunks started ahead."""
 
-    def __init__(self, source: StreamedChunks, first_text: str, first: PcmStream, width: int,
+    def __init__(self, chunks: TextChunks, first_text: str, first: PcmStream, width: int,
                  open_chunk: Callable[[str], Awaitable[PcmStream]]):
-        self._source, self._width, self._open = source, width, open_chunk
+        self._chunks, self._width, self._open = chunks, width, open_chunk
         self._first = (first_text, first)
         self._ahead: deque[tuple[str, _Prefetch]] = deque()
 
     async def streams(self) -> AsyncIterator[tuple[str, PcmStream]]:
         current: tuple[str, PcmStream] | None = self._first
         while current is not None:
-            while len(self._ahead) < self._width - 1 and (text := self._source.ready_now()) is not None:
+            while len(self._ahead) < self._width - 1 and (text := self._chunks.ready_now()) is not None:
                 self._ahead.append((text, _Prefetch(self._open(text))))
             yield current
             if self._ahead:
                 text, prefetch = self._ahead.popleft()
                 current = (text, await prefetch.stream())
-            elif (text := await self._source.next()) is not None:
+            elif (text := await self._chunks.next()) is not None:
                 current = (text, await self._open(text))
             else:
                 current = None
@@ -57,8 +57,8 @@ class _Prefetch:
         try:
             stream = await opening
             self._queue.put_nowait(stream.sample_rate)
-            async with aclosing(stream.chunks) as chunks:
-                async for pcm in chunks:
+            async with aclosing(stream.audio) as audio:
+                async for pcm in audio:
                     self._queue.put_nowait(pcm)
             self._queue.put_nowait(None)
         except Exception as exc:

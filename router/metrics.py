@@ -86,6 +86,12 @@ class Metrics:
             ["model"], registry=r,
         )
 
+    def cold_start(self, backend: str, container_seconds: float, ready_seconds: float) -> None:
+        self.cold_starts.labels(backend).inc()
+        self.cold_start_seconds.labels(backend, "container").observe(container_seconds)
+        self.cold_start_seconds.labels(backend, "ready").observe(ready_seconds)
+        self.workers_running.labels(backend).set(1)
+
 
 def _route_name(scope: Scope, routes: list[BaseRoute]) -> str:
     """The template of the route that served the request, or that would have served it had a

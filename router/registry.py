@@ -42,9 +42,11 @@ class ModelRegistry(ModelCatalog):
         except ModelNotFoundError as exc:
             raise ModelNotFound(str(exc), param="model") from None
 
-    def serves(self, config: ModelConfig) -> bool:
-        """Whether `config` (a config-less model) is listed: it has served a request lately."""
-        return (config.name, config.backend) in self._served
+    def metric_name(self, config: ModelConfig) -> str:
+        """The model's name in metrics: a config's name, and a config-less model's once it has
+        served a request; until then none (a name a client made up, for a file that is not there,
+        would stay in the metrics for good)."""
+        return config.name if not config.configless or (config.name, config.backend) in self._served else ""
 
     def served(self, config: ModelConfig) -> None:
         """`config` (a config-less model) has served a request: list it, within the bound."""

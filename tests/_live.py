@@ -169,7 +169,7 @@ class ScriptedRunner(Runner):
         if RAISE in request.text:
             raise SynthesisFailed("backend 'piper' failed: scripted crash")
         real = await self.inner.stream(config, request)
-        return PcmStream(real.sample_rate, self._chunks(real.chunks, request.text))
+        return PcmStream(real.sample_rate, self._chunks(real.audio, request.text))
 
     async def _chunks(self, chunks: Stream[bytes], text: str) -> AsyncIterator[bytes]:
         self._note(open=1)

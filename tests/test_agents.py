@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import typing
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import anyio
 import pytest
@@ -59,12 +61,19 @@ class Spoken:
         return len(self.pcm) / 2 / next(iter(self.rates))
 
 
-def eleven(url: str, session: aiohttp.ClientSession, encoding: str = "pcm_22050") -> elevenlabs.TTS:
+@asynccontextmanager
+async def eleven(url: str, encoding: str = "pcm_22050", seconds: float = 60) -> AsyncIterator[elevenlabs.TTS]:
     """The plugin with `encoding` (NOT_GIVEN: its default, mp3_22050_32) and every other option
-    at its default. model: Chorus's model name (the plugin's default, eleven_turbo_v2_5, is
-    ElevenLabs' own)."""
-    return elevenlabs.TTS(api_key="not-needed", base_url=f"{url}/v1", voice_id=VOICE, model="tts-1",
-                          encoding=encoding, http_session=session)
+    at its default, on an HTTP session of its own; given `seconds`, and closed at the end.
+    model: Chorus's model name (the plugin's default, eleven_turbo_v2_5, is ElevenLabs' own)."""
+    async with aiohttp.ClientSession() as session:
+        tts = elevenlabs.TTS(api_key="not-needed", base_url=f"{url}/v1", voice_id=VOICE, model="tts-1",
+                             encoding=encoding, http_session=session)
+        try:
+            with anyio.fail_after(seconds):
+                yield tts
+        finally:
+            await tts.aclose()
 
 
 async def speak_streamed(tts: elevenlabs.TTS, text: str) -> Spoken:
@@ -92,13 +101,8 @@ async def speak_streamed(tts: elevenlabs.TTS, text: str) -> Spoken:
 
 
 async def streamed(url: str, text: str, encoding: str = "pcm_22050") -> Spoken:
-    async with aiohttp.ClientSession() as session:
-        tts = eleven(url, session, encoding)
-        try:
-            with anyio.fail_after(60):
-                return await speak_streamed(tts, text)
-        finally:
-            await tts.aclose()
+    async with eleven(url, encoding) as tts:
+        return await speak_streamed(tts, text)
 
 
 def assert_pcm_speech(pcm: bytes, rate: int, seconds: tuple[float, float]) -> None:
@@ -140,13 +144,8 @@ async def test_two_livekit_streams_at_once_each_get_their_own_audio(server):
     """Two streams of one TTS share its multi-stream socket, one context each."""
     texts = ["Hello there, this is the first stream speaking now.",
              "And a second stream says something else entirely."]
-    async with aiohttp.ClientSession() as session:
-        tts = eleven(server.url, session)
-        try:
-            with anyio.fail_after(60):
-                both = await asyncio.gather(*(speak_streamed(tts, text) for text in texts))
-        finally:
-            await tts.aclose()
+    async with eleven(server.url) as tts:
+        both = await asyncio.gather(*(speak_streamed(tts, text) for text in texts))
     for spoken, text in zip(both, texts, strict=True):
         assert spoken.rates == {PIPER_RATE}
         assert_pcm_speech(spoken.pcm, PIPER_RATE, (1.5, 8.0))
@@ -156,13 +155,8 @@ async def test_two_livekit_streams_at_once_each_get_their_own_audio(server):
 
 async def test_livekit_elevenlabs_synthesize_over_http(server):
     """synthesize() is the plugin's HTTP path: POST /v1/text-to-speech/{voice}/stream."""
-    async with aiohttp.ClientSession() as session:
-        tts = eleven(server.url, session)
-        try:
-            with anyio.fail_after(60):
-                frame = await tts.synthesize(SHORT_TEXT, conn_options=NO_RETRY).collect()
-        finally:
-            await tts.aclose()
+    async with eleven(server.url) as tts:
+        frame = await tts.synthesize(SHORT_TEXT, conn_options=NO_RETRY).collect()
     assert frame.sample_rate == PIPER_RATE and frame.num_channels == 1
     assert_pcm_speech(bytes(frame.data), PIPER_RATE, SHORT_SECONDS)
 
@@ -225,13 +219,8 @@ async def test_livekit_elevenlabs_stream_speaks_a_reply_whole(server, encoding):
 async def test_livekit_elevenlabs_synthesize_speaks_a_reply_whole(server, encoding):
     """tts.synthesize(): POST /v1/text-to-speech/{voice}/stream?output_format=...&enable_logging=true."""
     reference = await http_seconds(server.url, REPLY)
-    async with aiohttp.ClientSession() as session:
-        tts = eleven(server.url, session, encoding_option(encoding))
-        try:
-            with anyio.fail_after(60):
-                frame = await tts.synthesize(REPLY, conn_options=NO_RETRY).collect()
-        finally:
-            await tts.aclose()
+    async with eleven(server.url, encoding_option(encoding)) as tts:
+        frame = await tts.synthesize(REPLY, conn_options=NO_RETRY).collect()
     assert frame.sample_rate == rate_of(encoding) and frame.num_channels == 1
     assert_whole(frame.duration, reference, f"LiveKit's ElevenLabs synthesize() ({encoding})")
 
@@ -285,10 +274,17 @@ def inactive_final():
     plugin_log.setLevel(level)
 
 
-async def first_audio(stream) -> None:
-    """Until the stream's first audio frame."""
+async def long_reply_at_its_first_audio(tts, text_ended: bool):
+    """The LLM's long reply pushed word by word into a new stream of `tts` (and its end, where
+    `text_ended`), returned at its first audio frame: when a user's barge-in comes."""
+    stream = tts.stream(conn_options=NO_RETRY)
+    for word in LONG_REPLY.split(" "):
+        stream.push_text(word + " ")
+    if text_ended:
+        stream.end_input()
     event = await stream.__anext__()
     assert len(event.frame.data) > 0
+    return stream
 
 
 async def test_livekit_barge_in_while_the_reply_is_written_stops_the_backend(tmp_path, inactive_final):
@@ -300,23 +296,15 @@ async def test_livekit_barge_in_while_the_reply_is_written_stops_the_backend(tmp
     runner = ScriptedRunner(models)
     with live_app(configs, models, runner, chunk_chars=SENTENCE_CHUNKS) as url:
         reference = await http_seconds(url, REPLY)
-        async with aiohttp.ClientSession() as session:
-            tts = eleven(url, session, NOT_GIVEN)
-            try:
-                with anyio.fail_after(180):
-                    stream = tts.stream(conn_options=NO_RETRY)
-                    for word in LONG_REPLY.split(" "):
-                        stream.push_text(word + " ")
-                    await first_audio(stream)
-                    begun = runner.begun_with(LONG_MARK)
-                    await stream.aclose()
-                    await inactive_final.seen.wait()
-                    after = runner.begun_with(LONG_MARK)
-                    assert after <= begun + 1, (f"{begun} chunks of the interrupted reply were begun at the "
-                                                f"barge-in, {after} by its final message")
-                    following = await speak_streamed(tts, REPLY)
-            finally:
-                await tts.aclose()
+        async with eleven(url, NOT_GIVEN, seconds=180) as tts:
+            stream = await long_reply_at_its_first_audio(tts, text_ended=False)
+            begun = runner.begun_with(LONG_MARK)
+            await stream.aclose()
+            await inactive_final.seen.wait()
+            after = runner.begun_with(LONG_MARK)
+            assert after <= begun + 1, (f"{begun} chunks of the interrupted reply were begun at the "
+                                        f"barge-in, {after} by its final message")
+            following = await speak_streamed(tts, REPLY)
     assert_whole(following.seconds, reference, "the reply after the barge-in")
 
 
@@ -329,17 +317,8 @@ async def test_livekit_reply_after_a_barge_in_on_a_closed_reply_speaks_whole(tmp
     configs, models = piper_setup(tmp_path)
     with live_app(configs, models, chunk_chars=SENTENCE_CHUNKS) as url:
         reference = await http_seconds(url, REPLY)
-        async with aiohttp.ClientSession() as session:
-            tts = eleven(url, session, NOT_GIVEN)
-            try:
-                with anyio.fail_after(180):
-                    stream = tts.stream(conn_options=NO_RETRY)
-                    for word in LONG_REPLY.split(" "):
-                        stream.push_text(word + " ")
-                    stream.end_input()
-                    await first_audio(stream)
-                    await stream.aclose()
-                    following = await speak_streamed(tts, REPLY)
-            finally:
-                await tts.aclose()
+        async with eleven(url, NOT_GIVEN, seconds=180) as tts:
+            stream = await long_reply_at_its_first_audio(tts, text_ended=True)
+            await stream.aclose()
+            following = await speak_streamed(tts, REPLY)
     assert_whole(following.seconds, reference, "the reply after the barge-in")

@@ -9,9 +9,10 @@ import asyncio
 import errno
 import shutil
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import aclosing
+from contextlib import aclosing, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -19,6 +20,7 @@ import pytest
 
 from router.cache import SynthesisCache
 from router.chunking import chunk_text
+from router.encoding import EncodedAudio
 from tests._live import DIE, RAISE, Arrivals, ScriptedRunner, assert_family_error, live_app, piper_setup
 from tests.audio import decode
 
@@ -225,42 +227,55 @@ def test_identical_requests_at_once_share_one_synthesis(setup, tmp_path):
     assert 'chorus_cache_requests_total{result="shared"} 2.0' in metrics
 
 
-def test_a_follower_gets_everything_when_the_first_client_leaves(setup, tmp_path):
+@dataclass
+class FirstTake:
+    runner: ScriptedRunner
+    cache: Path
+    url: str
+    client: httpx.Client
+    #: The first client's response, open: its first part read, the second held at its gate.
+    first: httpx.Response
+    reading: Iterator[bytes]  # kept: a dropped iterator closes the connection
+
+
+@contextmanager
+def first_take_at_the_gate(setup, tmp_path) -> Iterator[FirstTake]:
     configs, models = setup
     runner = ScriptedRunner(models, gated=[SLOW_CHUNKS[1]])
     cache = tmp_path / "cache"
-    with live_app(configs, models, runner, cache_dir=cache, chunk_chars=60) as url, httpx.Client(base_url=url, timeout=60) as client:
-        with client.stream("POST", SPEECH, json=body(input=SLOW_TEXT)) as first:
-            assert first.headers["x-chorus-cache"] == "miss"
-            reading = first.iter_raw()  # kept: a dropped iterator closes the connection
-            next(reading)
-            runner.wait_at_gate(SLOW_CHUNKS[1])  # the rest of the take is still to be made
-            with ThreadPoolExecutor(1) as pool:
-                follower = Listener(pool, url)
-                follower.wait_begun()  # it follows the take now
-                first.close()
-                runner.open_gate(SLOW_CHUNKS[1])
-                response = follower.result()
+    with live_app(configs, models, runner, cache_dir=cache, chunk_chars=60) as url, \
+            httpx.Client(base_url=url, timeout=60) as client, \
+            client.stream("POST", SPEECH, json=body(input=SLOW_TEXT)) as first:
+        assert first.headers["x-chorus-cache"] == "miss"
+        reading = first.iter_raw()
+        next(reading)
+        runner.wait_at_gate(SLOW_CHUNKS[1])  # the rest of the take is still to be made
+        yield FirstTake(runner, cache, url, client, first, reading)
+
+
+def test_a_follower_gets_everything_when_the_first_client_leaves(setup, tmp_path):
+    with first_take_at_the_gate(setup, tmp_path) as take, ThreadPoolExecutor(1) as pool:
+        follower = Listener(pool, take.url)
+        follower.wait_begun()  # it follows the take now
+        take.first.close()
+        take.runner.open_gate(SLOW_CHUNKS[1])
+        response = follower.result()
         # The first client is gone; the one that followed still gets the whole take.
         assert response.status_code == 200 and response.headers["x-chorus-cache"] == "shared"
         assert decode(response.content).duration > 4.0
-        assert runner.begun == len(SLOW_CHUNKS)
-        again = client.post(SPEECH, json=body(input=SLOW_TEXT))
+        assert take.runner.begun == len(SLOW_CHUNKS)
+        again = take.client.post(SPEECH, json=body(input=SLOW_TEXT))
         assert again.headers["x-chorus-cache"] == "hit" and again.content == response.content
 
 
 def test_when_every_follower_leaves_the_backend_stops(setup, tmp_path):
-    configs, models = setup
-    runner = ScriptedRunner(models, gated=[SLOW_CHUNKS[1]])
-    cache = tmp_path / "cache"
-    with live_app(configs, models, runner, cache_dir=cache, chunk_chars=60) as url, httpx.Client(base_url=url, timeout=60) as client:
-        with client.stream("POST", SPEECH, json=body(input=SLOW_TEXT)) as first:
-            reading = first.iter_raw()  # kept: a dropped iterator closes the connection
-            next(reading)
-            runner.wait_at_gate(SLOW_CHUNKS[1])
-            with httpx.Client(base_url=url, timeout=60) as other, other.stream("POST", SPEECH, json=body(input=SLOW_TEXT)) as second:
-                assert second.headers["x-chorus-cache"] == "shared"
-                next(second.iter_raw())
+    with first_take_at_the_gate(setup, tmp_path) as take:
+        runner, cache = take.runner, take.cache
+        with httpx.Client(base_url=take.url, timeout=60) as other, \
+                other.stream("POST", SPEECH, json=body(input=SLOW_TEXT)) as second:
+            assert second.headers["x-chorus-cache"] == "shared"
+            next(second.iter_raw())
+        take.first.close()
         # Both left while the second part waited at its gate: nobody listens, so the synthesis
         # ends there (a server that went on would hold the model at that gate).
         runner.wait_idle()
@@ -268,7 +283,7 @@ def test_when_every_follower_leaves_the_backend_stops(setup, tmp_path):
         assert entries(cache) == [] and list((cache / "partial").iterdir()) == []
         # And the next identical request starts afresh rather than following the dead take.
         runner.open_gate(SLOW_CHUNKS[1])
-        response = client.post(SPEECH, json=body(input=SLOW_TEXT))
+        response = take.client.post(SPEECH, json=body(input=SLOW_TEXT))
         assert response.headers["x-chorus-cache"] == "miss" and decode(response.content).duration > 4.0
 
 
@@ -382,7 +397,7 @@ async def test_a_full_disk_mid_response_costs_the_entry_not_a_lone_clients_audio
             stopped.append("closed")
             raise
 
-    take = cache.record("key", "audio/wav", 22050, b"a" * 10, source())
+    take = cache.record("key", EncodedAudio("audio/wav", 22050, b"a" * 10, source()))
     take._file = FullDisk(take._file)
 
     async def read(reader) -> bytes | str:

@@ -156,7 +156,7 @@ def test_the_docker_mode_file_runs_the_router_alone_with_the_socket_and_the_work
     """infra/compose.docker.yaml: docker mode finds its workers' mounts and network from the
     router's own container, so the router must mount the configs and models where it reads
     them, and join the network it starts workers on, by that network's real name."""
-    from router.runners.docker import CONFIGS_MOUNT, MODELS_MOUNT
+    from router.runners.containers import CONFIGS_MOUNT, MODELS_MOUNT
 
     result = compose(REPO / "infra" / "compose.docker.yaml")
     assert result.returncode == 0, result.stderr

@@ -19,7 +19,7 @@ from router.errors import InvalidRequest, ModelNotFound
 from router.registry import ModelRegistry
 from router.runners.local import InProcessRunner
 from router.settings import Settings
-from router.speech import SpeechService
+from router.speech import Ask, SpeechService
 from tests.processes import CONFIGS
 
 # A LocalAI config as its users write them: fields Chorus has no use for must not stop it.
@@ -186,7 +186,7 @@ def service(tmp_path):
 
 
 def prepare(service, **fields):
-    return service.prepare(text="Hello.", text_param="input", **fields)
+    return service.prepare(Ask(text="Hello.", text_param="input", **fields))
 
 
 def test_first_config_is_the_default(service):
@@ -253,12 +253,12 @@ def test_unknown_model_and_backend(service):
 @pytest.mark.parametrize("text", ["", "   ", "x" * 101])
 def test_text_is_checked_and_the_field_named(service, text):
     with pytest.raises(InvalidRequest) as caught:
-        service.prepare(text=text, text_param="input", model=None)
+        service.prepare(Ask(text=text, text_param="input", model=None))
     assert caught.value.param == "input"
 
 
 def test_text_at_the_limit_is_accepted(service):
-    assert service.prepare(text="x" * 100, text_param="input", model=None).request.text == "x" * 100
+    assert service.prepare(Ask(text="x" * 100, text_param="input", model=None)).request.text == "x" * 100
 
 
 # --- resolve_in ------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import itertools
 import os
 import subprocess
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -235,23 +236,24 @@ def test_a_gpu_slot_goes_to_the_new_backend_by_stopping_the_least_recently_used(
         assert running_backends(engine, project) == ["bark", "piper"]
 
 
-def coqui_while_piper_speaks_long(server) -> tuple[httpx.Response, httpx.Response]:
-    """A long Piper request holding the one GPU slot, and a Coqui request made while it does."""
-    with ThreadPoolExecutor(1) as pool:
+@contextmanager
+def coqui_while_piper_speaks_long(tmp_path, project, prefix: str, queue_timeout: float) -> Iterator[tuple]:
+    """A router with one GPU slot, a long Piper request holding it, and a Coqui request made while
+    it does: both answers, the router still running."""
+    with docker_router(tmp_path, project, gpu_configs(tmp_path), CHORUS_DOCKER_IMAGE_PREFIX=prefix,
+                       CHORUS_QUEUE_TIMEOUT=str(queue_timeout)) as server, ThreadPoolExecutor(1) as pool:
+        assert speak(server).status_code == 200
         long = pool.submit(speak, server, LONG_TEXT)
         wait_for(lambda: "chorus_in_flight_requests{model=\"tts-1\"} 1.0" in
                  httpx.get(f"{server.url}/metrics").text, 60, "the long request did not start")
-        waited = speak(server, model="xtts")
-        return long.result(), waited
+        waited = speak(server, model="xtts", timeout=queue_timeout + 90)
+        yield long.result(), waited
 
 
 def test_a_gpu_backend_waits_for_a_busy_slot_and_takes_it_once_free(engine, project, tmp_path, stand_in_images):
     prefix, _ = stand_in_images
     # A patience longer than the long request takes on a busy machine: this is about waiting.
-    with docker_router(tmp_path, project, gpu_configs(tmp_path), CHORUS_DOCKER_IMAGE_PREFIX=prefix,
-                       CHORUS_QUEUE_TIMEOUT="300") as server:
-        assert speak(server).status_code == 200
-        long, waited = coqui_while_piper_speaks_long(server)
+    with coqui_while_piper_speaks_long(tmp_path, project, prefix, queue_timeout=300) as (long, waited):
         # The long request kept its slot to its end, and then gave it up.
         assert long.status_code == 200
         assert decode(long.content).duration > 3
@@ -261,10 +263,7 @@ def test_a_gpu_backend_waits_for_a_busy_slot_and_takes_it_once_free(engine, proj
 
 def test_when_every_gpu_slot_is_busy_the_request_waits_then_gets_503(engine, project, tmp_path, stand_in_images):
     prefix, _ = stand_in_images
-    with docker_router(tmp_path, project, gpu_configs(tmp_path), CHORUS_DOCKER_IMAGE_PREFIX=prefix,
-                       CHORUS_QUEUE_TIMEOUT="0.5") as server:
-        assert speak(server).status_code == 200
-        long, waited = coqui_while_piper_speaks_long(server)
+    with coqui_while_piper_speaks_long(tmp_path, project, prefix, queue_timeout=0.5) as (long, waited):
         assert long.status_code == 200
         assert_family_error(waited, 503, code="overloaded")
         assert int(waited.headers["retry-after"]) >= 1

@@ -415,11 +415,11 @@ def failing_app_url(server):
 
             async def chunks() -> AsyncIterator[bytes]:
                 try:
-                    async for chunk in pcm.chunks:
+                    async for chunk in pcm.audio:
                         yield chunk
                         raise SynthesisFailed("backend 'piper' failed: the worker died")
                 finally:
-                    await pcm.chunks.aclose()
+                    await pcm.audio.aclose()
 
             return PcmStream(pcm.sample_rate, chunks())
 

@@ -10,7 +10,7 @@ import asyncio
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from enum import Enum, auto
 
 import pytest
@@ -191,7 +191,7 @@ async def collect(runner: HttpRunner, received: bytearray | None = None) -> tupl
     chunks: list[bytes] = []
     try:
         stream = await runner.stream(CONFIG, request())
-        async for chunk in stream.chunks:
+        async for chunk in stream.audio:
             chunks.append(chunk)
             if received is not None:
                 received.extend(chunk)
@@ -200,14 +200,23 @@ async def collect(runner: HttpRunner, received: bytearray | None = None) -> tupl
         await runner.close()
 
 
+@asynccontextmanager
+async def running(runner: HttpRunner, *preload: ModelConfig) -> AsyncIterator[HttpRunner]:
+    """`runner`, started with `preload` where given, and closed however the test ends."""
+    try:
+        if preload:
+            await runner.start(list(preload))
+        yield runner
+    finally:
+        await runner.close()
+
+
 @pytest.mark.anyio
 async def test_a_workers_voices_are_asked_once_until_it_goes_down(scripted) -> None:
     worker, url = scripted
     with fresh(worker):
-        runner = HttpRunner({"piper": url}, health_interval=0.1)
-        await runner.start([CONFIG])
         seen = []
-        try:
+        async with running(HttpRunner({"piper": url}, health_interval=0.1), CONFIG) as runner:
             for _ in range(3):
                 seen.append((await runner.voices(CONFIG), worker.voice_lists))
             # Down and up again: it may have loaded other models since, so it is asked anew.
@@ -216,8 +225,6 @@ async def test_a_workers_voices_are_asked_once_until_it_goes_down(scripted) -> N
             worker.healthy = True
             await until(runner.is_ready, "the runner saw the worker come back")
             seen.append((await runner.voices(CONFIG), worker.voice_lists))
-        finally:
-            await runner.close()
         assert seen == [(["a", "b"], 1), (["a", "b"], 1), (["a", "b"], 1), (["a", "b"], 2)]
 
 
@@ -263,14 +270,11 @@ async def test_a_worker_dying_mid_stream_raises_from_the_iterator(scripted) -> N
 async def test_a_stream_closed_before_it_is_read_releases_the_worker(scripted) -> None:
     # What the router does with a chunk it fetched ahead when the client goes away first.
     worker, url = scripted
-    runner = HttpRunner({"piper": url})
     with fresh(worker, WorkerScript.STREAMS_SLOWLY):
-        try:
+        async with running(HttpRunner({"piper": url})) as runner:
             stream = await runner.stream(CONFIG, request())
-            await stream.chunks.aclose()
+            await stream.audio.aclose()
             await until(lambda: bool(worker.abandoned or worker.finished), "the worker's answer ended")
-        finally:
-            await runner.close()
         # Cut short, not streamed to its end to nobody.
         assert worker.abandoned == [WorkerScript.STREAMS_SLOWLY] and worker.finished == []
 
@@ -307,26 +311,27 @@ async def test_worker_errors_become_router_errors(scripted, script, raised, mess
 @pytest.mark.anyio
 async def test_an_unreachable_worker_is_a_503_naming_the_backend() -> None:
     url = f"http://127.0.0.1:{free_port()}"
-    runner = HttpRunner({"piper": url}, connect_timeout=2)
-    with pytest.raises(BackendUnavailable, match=f"backend 'piper' is unavailable: its worker at {url}"):
-        try:
-            await runner.start([CONFIG])
-            assert not runner.is_ready()
+    async with running(HttpRunner({"piper": url}, connect_timeout=2), CONFIG) as runner:
+        assert not runner.is_ready()
+        with pytest.raises(BackendUnavailable, match=f"backend 'piper' is unavailable: its worker at {url}"):
             await runner.stream(CONFIG, request())
-        finally:
-            await runner.close()
 
 
 @pytest.mark.anyio
 async def test_a_backend_without_a_url_is_a_503_saying_where_to_set_it(scripted) -> None:
     _, url = scripted
     coqui = ModelConfig(name="xtts", backend="coqui")
-    runner = HttpRunner({"piper": url})
-    with pytest.raises(BackendUnavailable, match="'coqui' has no worker: add it to CHORUS_BACKEND_URLS"):
-        try:
+    async with running(HttpRunner({"piper": url})) as runner:
+        with pytest.raises(BackendUnavailable, match="'coqui' has no worker: add it to CHORUS_BACKEND_URLS"):
             await runner.stream(coqui, request())
-        finally:
-            await runner.close()
+
+
+async def readiness_follows(worker: ScriptedWorker, runner: HttpRunner) -> None:
+    """The worker goes down, then comes back: the runner's readiness follows each."""
+    worker.healthy = False
+    await until(lambda: not runner.is_ready(), "readiness followed the worker going down")
+    worker.healthy = True
+    await until(runner.is_ready, "readiness followed the worker coming back")
 
 
 @pytest.mark.anyio
@@ -336,17 +341,10 @@ async def test_readiness_follows_the_workers_healthz(scripted) -> None:
     other = ModelConfig(name="xtts", backend="coqui")
     with fresh(worker):
         runner = HttpRunner({"piper": url}, health_interval=0.05)
-        seen = [runner.is_ready()]
-        try:
-            await runner.start([CONFIG, other])
-            seen.append(runner.is_ready())
-            worker.healthy = False
-            await until(lambda: not runner.is_ready(), "readiness followed the worker going down")
-            worker.healthy = True
-            await until(runner.is_ready, "readiness followed the worker coming back")
-        finally:
-            await runner.close()
-        assert seen == [False, True]
+        assert not runner.is_ready()
+        async with running(runner, CONFIG, other):
+            assert runner.is_ready()
+            await readiness_follows(worker, runner)
 
 
 @pytest.mark.anyio
@@ -357,18 +355,12 @@ async def test_a_worker_never_reached_holds_readiness_back_only_when_it_is_the_o
     other = ModelConfig(name="xtts", backend="coqui")
     with fresh(worker):
         runner = HttpRunner({"piper": url, "coqui": absent}, health_interval=0.05, connect_timeout=1)
-        try:
-            await runner.start([CONFIG, other])
+        async with running(runner, CONFIG, other):
             # The absent worker holds nothing back: ready at once, and readiness follows Piper's.
             assert runner.is_ready()
-            worker.healthy = False
-            await until(lambda: not runner.is_ready(), "readiness followed Piper's worker going down")
-            worker.healthy = True
-            await until(runner.is_ready, "readiness followed Piper's worker coming back")
+            await readiness_follows(worker, runner)
             with pytest.raises(BackendUnavailable, match="backend 'coqui' is unavailable"):
                 await runner.stream(other, request())
-        finally:
-            await runner.close()
 
 
 @pytest.mark.parametrize(
@@ -390,5 +382,5 @@ def test_settings_from_the_environment_reach_the_runner(monkeypatch: pytest.Monk
     monkeypatch.setenv("CHORUS_BACKEND_HEALTH_INTERVAL", "0.5")
     runner = HttpRunner.from_settings(Settings.from_env())
     assert runner.backend_urls == {"piper": "http://piper:9000", "coqui": "http://coqui:9000"}
-    assert runner.read_timeout == 42 and runner.health_interval == 0.5
-    assert runner.client.timeout.connect == 1.5 and runner.client.timeout.read == 42
+    assert runner.workers.read_timeout == 42 and runner.health_interval == 0.5
+    assert runner.workers.client.timeout.connect == 1.5 and runner.workers.client.timeout.read == 42

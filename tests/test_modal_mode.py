@@ -24,10 +24,11 @@ from anyio import to_thread
 from websockets.exceptions import ConnectionClosed
 
 from functions.config import load_configs
-from router.api.openai import OPENAI_FORMATS
+from router.api.openai.schemas import OPENAI_FORMATS
 from router.app import create_app
 from router.runners.modal import ModalRunner
 from router.settings import Settings
+from router.speech import Ask
 from tests.audio import MP3, decode
 from tests.modal_fake import FakeDict, FakeModal
 from tests.modal_offline import load_app, write_configs
@@ -173,7 +174,7 @@ async def test_a_client_that_leaves_cancels_its_calls_on_modal(monkeypatch, tmp_
         service = app.state.speech
         # A container that is up, so the calls below wait on synthesis alone.
         assert (await client.post("/v1/audio/speech", json=speech(text="Warm up."))).status_code == 200
-        job = service.prepare(text=text, text_param="input", model="tts-1")
+        job = service.prepare(Ask(text=text, text_param="input", model="tts-1"))
         # The later chunks' calls are still on the GPU when the client leaves.
         fake.stalls = lambda call: "first" not in call.args[0]["text"]
         stream = await service.audio(job, OPENAI_FORMATS["pcm"])
@@ -385,15 +386,14 @@ async def test_word_times_come_back_from_modal_with_their_audio(shipped, tmp_pat
 
     async def scenario(client):
         service = app.state.speech
-        job = service.prepare(text=text, text_param="text", model="tts-1")
-        job.request = job.request.model_copy(update={"word_times": True})
-        timed = await service.timed(job)
-        return [piece async for piece in timed.pieces]
+        job = service.prepare(Ask(text=text, text_param="text", model="tts-1", word_times=True))
+        synthesis = await service.synthesis(job)
+        return [step async for step in synthesis]
 
-    pieces = await in_client(app, scenario)
-    words = [(piece.text, word) for piece in pieces if piece.words for word in piece.words.words]
+    steps = await in_client(app, scenario)
+    words = [(step.text, word) for step in steps if step.words for word in step.words.words]
     assert [chunk[start:end] for chunk, (start, end, _, _) in words] == text.split()
-    assert sum(len(piece.pcm) for piece in pieces) > 22050  # over half a second of speech
+    assert sum(len(step.pcm) for step in steps) > 22050  # over half a second of speech
     assert all(call.args[0]["word_times"] for call in fake.calls)
 
 

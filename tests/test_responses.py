@@ -10,11 +10,11 @@ import pytest
 from starlette.requests import ClientDisconnect
 
 from router.api.common import AudioResponse
-from router.speech import AudioStream
+from router.encoding import EncodedAudio
 
 
 class Rest:
-    """The rest of an AudioStream, counting its closes."""
+    """The rest of an EncodedAudio, counting its closes."""
 
     def __init__(self) -> None:
         self.closed = 0
@@ -29,7 +29,7 @@ class Rest:
         self.closed += 1
 
 
-async def events(stream: AudioStream) -> AsyncIterator[bytes]:
+async def events(stream: EncodedAudio) -> AsyncIterator[bytes]:
     async for data in stream:
         yield b"data: " + data + b"\n\n"
 
@@ -38,7 +38,7 @@ async def events(stream: AudioStream) -> AsyncIterator[bytes]:
 @pytest.mark.parametrize("sse", [False, True], ids=["audio", "sse"])
 async def test_a_client_gone_before_the_status_line_still_frees_the_stream(sse):
     rest = Rest()
-    stream = AudioStream("audio/wav", 22050, b"RIFF", rest)
+    stream = EncodedAudio("audio/wav", 22050, b"RIFF", rest)
     response = AudioResponse(stream, events(stream), media_type="text/event-stream") if sse else AudioResponse(stream)
 
     async def receive() -> dict:

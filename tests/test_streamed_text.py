@@ -1,4 +1,4 @@
-"""Text that arrives in pieces (as ElevenLabs' WebSocket and Wyoming clients send it): the speech
+"""Text that arrives in fragments (as ElevenLabs' WebSocket and Wyoming clients send it): the speech
 service sends each chunk to the backend as soon as its sentences are complete, while later text
 is still arriving, and checks streamed text as it checks whole text. Real Piper, in process."""
 
@@ -8,13 +8,13 @@ import asyncio
 
 import pytest
 
-from router.chunking import FLUSH, StreamedChunks, chunk_text
+from router.chunking import FLUSH, TextChunks, chunk_text
 from router.encoding import AudioFormat
 from router.errors import InvalidRequest
 from router.registry import ModelRegistry
 from router.runners.local import InProcessRunner
 from router.settings import Settings
-from router.speech import SpeechService
+from router.speech import Ask, SpeechService
 from tests._live import piper_setup
 from tests.audio import PIPER_RATE
 
@@ -34,12 +34,12 @@ async def service(tmp_path):
     await runner.close()
 
 
-def streamed_job(service: SpeechService, pieces):
-    return service.prepare(text="", text_param="text", model=None, pieces=pieces, family="elevenlabs")
+def streamed_job(service: SpeechService, fragments):
+    return service.prepare(Ask(text=fragments, text_param="text", model=None, family="elevenlabs"))
 
 
 async def all_pcm(stream) -> bytes:
-    return b"".join([piece async for piece in stream.chunks])
+    return b"".join([pcm async for pcm in stream.audio])
 
 
 async def test_the_first_sentence_is_spoken_while_the_rest_is_still_being_written(service):
@@ -58,18 +58,22 @@ async def test_the_first_sentence_is_spoken_while_the_rest_is_still_being_writte
             handed_over.append(word)
             yield word + " "
 
-    job = streamed_job(service, writer())
-    stream = await service.pcm(job)
-    first = await anext(stream.chunks)
-    written_when_heard = len(handed_over)
-    spoken.set()
-    pcm = first + await all_pcm(stream)
+    synthesis = await service.synthesis(streamed_job(service, writer()))
+    first = next_pcm = b""
+    async for step in synthesis:
+        if step.pcm and not first:
+            first, written_when_heard = step.pcm, len(handed_over)
+            spoken.set()
+        else:
+            next_pcm += step.pcm
+    pcm = first + next_pcm
     assert first and written_when_heard == first_sentence < len(words), "the first audio waited for more text"
     seconds = len(pcm) / 2 / PIPER_RATE
-    whole = await all_pcm(await service.pcm(service.prepare(text=THREE_SENTENCES, text_param="text", model=None)))
+    whole = await all_pcm(await service.pcm(service.prepare(Ask(text=THREE_SENTENCES, text_param="text", model=None))))
     # Cut at the same sentences, so about the same audio as the text given whole.
     assert abs(seconds - len(whole) / 2 / PIPER_RATE) < 0.5
-    assert job.request.text.strip() == THREE_SENTENCES
+    # What was spoken is read from the synthesis: the whole text, once it has all arrived.
+    assert synthesis.text.strip() == THREE_SENTENCES
 
 
 async def test_a_flush_sends_an_unfinished_sentence_at_once(service):
@@ -82,9 +86,9 @@ async def test_a_flush_sends_an_unfinished_sentence_at_once(service):
         yield " and goodbye."
 
     stream = await service.pcm(streamed_job(service, pieces()))
-    first = await anext(stream.chunks)
+    first = await anext(stream.audio)
     spoken.set()
-    rest = b"".join([piece async for piece in stream.chunks])
+    rest = b"".join([piece async for piece in stream.audio])
     assert first and rest
 
 
@@ -97,7 +101,7 @@ async def test_streamed_text_past_the_limit_is_refused_naming_the_field(service)
     # slower stream.
     with pytest.raises(InvalidRequest) as refused:
         stream = await service.pcm(streamed_job(service, pieces()))
-        async for _ in stream.chunks:
+        async for _ in stream.audio:
             pass
     assert refused.value.param == "text" and "limit is 200" in refused.value.message
 
@@ -130,7 +134,7 @@ async def test_text_in_one_piece_is_cut_as_chunk_text_cuts_it(text, max_chars):
     async def one():
         yield text
 
-    chunks = StreamedChunks(one(), max_chars)
+    chunks = TextChunks(one(), max_chars, True, 10_000, "text")
     cut = []
     while (chunk := await chunks.next()) is not None:
         cut.append(chunk)
@@ -160,7 +164,7 @@ async def test_a_sentence_longer_than_a_chunk_leaves_in_parts_with_every_word_wh
         for word in text.split(" "):
             yield word + " "
 
-    chunks = StreamedChunks(pieces(), 40)
+    chunks = TextChunks(pieces(), 40, True, 10_000, "text")
     cut = []
     while (chunk := await chunks.next()) is not None:
         cut.append(chunk)

@@ -11,7 +11,7 @@ import httpx
 import pytest
 import yaml
 
-from router.api.elevenlabs import output_formats
+from router.api.elevenlabs.schemas import output_formats
 from tests._live import assert_family_error, live_app, piper_setup
 from tests.audio import (
     MP3,

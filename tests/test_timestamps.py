@@ -178,7 +178,7 @@ def test_a_worker_frames_word_times_and_http_mode_reads_them_back(models: Path, 
         with serving(create_worker("piper", configs, models), ready_path="/healthz") as url:
             runner = HttpRunner({"piper": url})
             stream = await runner.stream(config, request)
-            got = [item async for item in stream.chunks]
+            got = [item async for item in stream.audio]
             await runner.close()
             return got
 

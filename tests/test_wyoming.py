@@ -22,12 +22,12 @@ from wyoming.info import Describe, Info
 from wyoming.ping import Ping, Pong
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeVoice
 
-import router.wyoming
+import router.api.wyoming.server
 from functions.config import ModelConfig
 from functions.protocol import SynthesisRequest
+from router.api.wyoming.server import SERVICE_TYPE
 from router.errors import BackendUnavailable
 from router.runners import PcmStream
-from router.wyoming import SERVICE_TYPE
 from tests._live import HANG, ScriptedRunner, live_app, piper_setup, write_config
 from tests.audio import LONGER_TEXT, PIPER_RATE, SHORT_SECONDS, SHORT_TEXT, Decoded, assert_speech, decode
 from tests.processes import CONFIGS, chorus_server, free_port
@@ -346,7 +346,7 @@ async def test_a_lone_surrogate_in_the_text_is_the_clients_error(port):
 
 async def test_a_frame_whose_rest_never_comes_is_refused(port, monkeypatch):
     # The bound is shortened so that the test does not wait out the real one.
-    monkeypatch.setattr(router.wyoming, "FRAME_SECONDS", 0.5)
+    monkeypatch.setattr(router.api.wyoming.server, "FRAME_SECONDS", 0.5)
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         writer.write(_header(data={"text": "Hi."}, payload_length=500) + b"\x00" * 10)  # and then nothing

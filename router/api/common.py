@@ -14,8 +14,9 @@ from starlette.exceptions import HTTPException
 from starlette.types import Receive, Scope, Send
 
 from functions.streams import Stream
+from router.encoding import EncodedAudio
 from router.errors import ChorusError
-from router.speech import AudioStream, SpeechService
+from router.speech import SpeechService
 
 log = logging.getLogger("chorus")
 
@@ -97,7 +98,7 @@ class AudioResponse(StreamingResponse):
     leaves before the end is logged (the access log has already said 200)."""
 
     def __init__(
-        self, stream: AudioStream | Stream[Any], body: AsyncIterator[bytes] | None = None,
+        self, stream: EncodedAudio | Stream[Any], body: AsyncIterator[bytes] | None = None,
         media_type: str | None = None,
     ):
         super().__init__(

@@ -23,7 +23,7 @@ class PcmStream:
     sample_rate: int
     #: Closed by whoever holds it, read or not: that stops the synthesis behind it. PCM, and
     #: word times where the request asked for them and the backend measures them.
-    chunks: Stream[Spoken]
+    audio: Stream[Spoken]
 
 
 class Runner(ABC):

@@ -53,15 +53,15 @@ class InProcessRunner(Runner):
 
     async def stream(self, config: ModelConfig, request: SynthesisRequest) -> PcmStream:
         loaded = await self._backend(config)
-        return PcmStream(loaded.backend.sample_rate, self._chunks(config, loaded, request))
+        return PcmStream(loaded.backend.sample_rate, self._audio(config, loaded, request))
 
     @staticmethod
-    async def _chunks(config: ModelConfig, loaded: LoadedBackend, request: SynthesisRequest) -> AsyncIterator[bytes]:
+    async def _audio(config: ModelConfig, loaded: LoadedBackend, request: SynthesisRequest) -> AsyncIterator[bytes]:
         try:
             # aclosing: a consumer that stops early closes the backend's generator now, not
             # whenever the garbage collector gets to it.
-            async with aclosing(loaded.chunks(request)) as chunks:
-                async for chunk in chunks:
-                    yield chunk
+            async with aclosing(loaded.chunks(request)) as audio:
+                async for pcm in audio:
+                    yield pcm
         except ServingError as exc:
             raise _error(config, exc) from exc

@@ -1,58 +1,21 @@
-"""OpenAI's speech API: POST /v1/audio/speech, GET /v1/models, GET /v1/audio/voices."""
+"""OpenAI's routes: each translates its request into the one Ask, and errors into its shape."""
 
 from __future__ import annotations
 
 import base64
 import json
 from collections.abc import AsyncIterator
-from typing import Literal
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import StreamingResponse
 
 from functions import PROMPT_BACKENDS
 from router.api.common import AudioResponse, family_route, is_elevenlabs_client, log, speech_service
-from router.encoding import AudioFormat
+from router.api.openai.schemas import OPENAI_FORMATS, SpeechBody, VoiceRef, openai_error
 from router.errors import ChorusError
-from router.speech import SpeechService, model_voices
-
-OPENAI_FORMATS: dict[str, AudioFormat] = {
-    "mp3": AudioFormat("mp3"),
-    "opus": AudioFormat("opus"),
-    "aac": AudioFormat("aac"),
-    "flac": AudioFormat("flac"),
-    "wav": AudioFormat("wav"),
-    # OpenAI documents raw pcm as 24 kHz 16-bit mono; clients rely on that rate.
-    "pcm": AudioFormat("pcm", sample_rate=24000),
-}
-
-
-def openai_error(status: int, message: str, param: str | None, code: str) -> JSONResponse:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return JSONResponse(
-        {"error": {"message": message, "type": kind, "param": param, "code": code}},
-        status_code=status,
-    )
-
+from router.speech import Ask, SpeechService, model_voices
 
 router = APIRouter(route_class=family_route(openai_error, validation_status=400), tags=["OpenAI"])
-
-
-class VoiceRef(BaseModel):
-    id: str
-
-
-class SpeechBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    model: str
-    input: str
-    voice: str | VoiceRef
-    instructions: str | None = None
-    response_format: Literal["mp3", "opus", "aac", "flac", "wav", "pcm"] = "mp3"
-    speed: float = Field(1.0, ge=0.25, le=4.0)
-    stream_format: Literal["audio", "sse"] = "audio"
 
 
 def _event(payload: dict) -> bytes:
@@ -63,15 +26,15 @@ def _event(payload: dict) -> bytes:
 async def create_speech(
     body: SpeechBody, service: SpeechService = Depends(speech_service)
 ) -> StreamingResponse:
-    job = service.prepare(
+    job = service.prepare(Ask(
         text=body.input,
         text_param="input",
         model=body.model,
+        family="openai",
         voice=body.voice.id if isinstance(body.voice, VoiceRef) else body.voice,
         speed=body.speed,
         instructions=body.instructions,
-        family="openai",
-    )
+    ))
     stream = await service.audio(job, OPENAI_FORMATS[body.response_format])
     if body.stream_format == "audio":
         return AudioResponse(stream)

@@ -1,14 +1,11 @@
-"""LocalAI's text-to-speech API: POST /tts."""
+"""LocalAI's /tts as it comes over the wire: its body, its output formats, its error shape."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
-from router.api.common import AudioResponse, family_route, speech_service
 from router.encoding import AudioFormat
-from router.speech import SpeechService
 
 # LocalAI's own mapping: its "pcm" is a WAV with a header, and anything it does not know
 # (or nothing at all) is WAV. Its "opus" here is real Opus in Ogg.
@@ -29,9 +26,6 @@ def localai_error(status: int, message: str, param: str | None, code: str) -> JS
     )
 
 
-router = APIRouter(route_class=family_route(localai_error, validation_status=400), tags=["LocalAI"])
-
-
 class TTSBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -41,18 +35,3 @@ class TTSBody(BaseModel):
     backend: str | None = None
     language: str | None = None
     response_format: str | None = None
-
-
-@router.post("/tts", summary="Text to speech (LocalAI)")
-async def tts(body: TTSBody, service: SpeechService = Depends(speech_service)) -> StreamingResponse:
-    job = service.prepare(
-        text=body.input,
-        text_param="input",
-        model=body.model,
-        voice=body.voice,
-        language=body.language,
-        backend=body.backend,
-        family="localai",
-    )
-    fmt = LOCALAI_FORMATS.get((body.response_format or "wav").lower(), LOCALAI_FORMATS["wav"])
-    return AudioResponse(await service.audio(job, fmt))

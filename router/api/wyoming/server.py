@@ -24,7 +24,7 @@ import logging
 import re
 import socket
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.error import Error
@@ -41,6 +41,7 @@ from wyoming.tts import (
 )
 
 from functions import PROMPT_BACKENDS
+from router.chunking import Fragments
 from router.errors import (
     ChorusError,
     InvalidRequest,
@@ -49,7 +50,7 @@ from router.errors import (
     SynthesisFailed,
     VoiceNotFound,
 )
-from router.speech import SpeechService, model_voices
+from router.speech import Ask, SpeechService, model_voices
 
 log = logging.getLogger("chorus")
 
@@ -240,7 +241,7 @@ class Connection:
             if self._stream is not None:
                 raise InvalidRequest("a text stream is already open: end it with synthesize-stop first")
             self._stream = asyncio.Queue()
-            self._speak(_parsed(SynthesizeStart, event).voice, pieces=_until_end(self._stream))
+            self._speak(_parsed(SynthesizeStart, event).voice, _until_end(self._stream))
         elif SynthesizeChunk.is_type(event.type):
             self._open_stream().put_nowait(_text(_parsed(SynthesizeChunk, event).text))
         elif SynthesizeStop.is_type(event.type):
@@ -253,11 +254,11 @@ class Connection:
             raise InvalidRequest("no text stream is open: send synthesize-start first")
         return self._stream
 
-    def _speak(self, voice: SynthesizeVoice | None, text: str = "", pieces: AsyncIterator[object] | None = None) -> None:
-        self._speech = asyncio.create_task(self._synthesis(self._speech, voice, text, pieces))
+    def _speak(self, voice: SynthesizeVoice | None, text: str | Fragments) -> None:
+        self._speech = asyncio.create_task(self._synthesis(self._speech, voice, text))
 
     async def _synthesis(self, before: asyncio.Task[None] | None, voice: SynthesizeVoice | None,
-                         text: str, pieces: AsyncIterator[object] | None) -> None:
+                         text: str | Fragments) -> None:
         if before is not None:
             await asyncio.wait([before])
             if self._writer.is_closing():
@@ -266,21 +267,22 @@ class Connection:
             name = voice.name if voice is not None else None
             async with _voice_errors(name):
                 model, backend_voice, language = await self._choice(voice)
-                job = self.service.prepare(text=text, text_param="text", model=model, voice=backend_voice,
-                                           language=language, family="wyoming", pieces=pieces)
-                stream = await self.service.pcm(job)
-            try:
-                first = await anext(stream.chunks, None)
-                if first is None:
-                    raise job.no_audio()
-                await self.send(AudioStart(rate=stream.sample_rate, width=2, channels=1).event())
-                await self._send_pcm(stream.sample_rate, first)
-                async for pcm in stream.chunks:
-                    await self._send_pcm(stream.sample_rate, pcm)
+                job = self.service.prepare(Ask(text=text, text_param="text", model=model, family="wyoming",
+                                               voice=backend_voice, language=language))
+                synthesis = await self.service.synthesis(job)
+            async with aclosing(synthesis):
+                started = False
+                async for step in synthesis:
+                    if not step.pcm:
+                        continue
+                    if not started:
+                        await self.send(AudioStart(rate=synthesis.sample_rate, width=2, channels=1).event())
+                        started = True
+                    await self._send_pcm(synthesis.sample_rate, step.pcm)
+                if not started:
+                    raise synthesis.no_audio()
                 await self.send(AudioStop().event())
-            finally:
-                await stream.chunks.aclose()
-            if pieces is not None:
+            if not isinstance(text, str):
                 await self.send(SynthesizeStopped().event())
         except ChorusError as exc:
             await self.refuse(exc)

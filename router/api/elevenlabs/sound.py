@@ -3,8 +3,6 @@ whole to a sound-generation model (MusicGen), `prompt_influence` is its guidance
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -12,9 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from functions import PROMPT_BACKENDS
 from functions.config import ModelConfig
 from router.api.common import AudioResponse, family_route, speech_service
-from router.api.elevenlabs import DEFAULT_OUTPUT_FORMAT, elevenlabs_error, parse_output_format
+from router.api.elevenlabs.schemas import DEFAULT_OUTPUT_FORMAT, elevenlabs_error, parse_output_format
 from router.errors import InvalidRequest, ModelNotFound
-from router.speech import SpeechService
+from router.speech import Ask, Sound, SpeechService
 
 #: LocalAI's length when the request names none (its 256 MusicGen tokens).
 DEFAULT_DURATION_SECONDS = 5.0
@@ -71,12 +69,7 @@ async def sound_generation(
     if body.loop:
         raise InvalidRequest("looping sound generation is not supported", param="loop")
     config = _sound_model(service, body.model_id)
-    job = service.prepare(text=body.text, text_param="text", model=config.name, family="sound-generation")
-    request = job.request.model_copy(
-        update={
-            "duration_seconds": body.duration_seconds or DEFAULT_DURATION_SECONDS,
-            "guidance_scale": body.prompt_influence,
-            "do_sample": body.do_sample,
-        }
-    )
-    return AudioResponse(await service.audio(replace(job, request=request), fmt))
+    sound = Sound(body.duration_seconds or DEFAULT_DURATION_SECONDS, body.prompt_influence, body.do_sample)
+    job = service.prepare(Ask(text=body.text, text_param="text", model=config.name, family="sound-generation",
+                              sound=sound))
+    return AudioResponse(await service.audio(job, fmt))

@@ -1,147 +1,32 @@
-"""ElevenLabs' text-to-speech API: /v1/text-to-speech/{voice_id}[/stream], /v1/voices, /v2/voices."""
+"""ElevenLabs' HTTP routes: /v1/text-to-speech/{voice_id}[/stream][/with-timestamps], /v1/voices,
+/v2/voices; each translates its request into the one Ask, and its errors into ElevenLabs' shape."""
 
 from __future__ import annotations
 
 import base64
 import json
-import re
 from collections.abc import AsyncIterator
-from contextlib import aclosing, asynccontextmanager
+from contextlib import aclosing
 
 from anyio import to_thread
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
-from starlette.convertors import Convertor, register_url_convertor
 
 from router.alignment import CharTimes, TimedSegment, timed_segments
 from router.api.common import AudioResponse, family_route, speech_service
+from router.api.elevenlabs.schemas import (
+    TextToSpeechBody,
+    ask,
+    elevenlabs_error,
+    query_format,
+    voice_not_found,
+)
 from router.encoding import AudioFormat, StreamEncoder
-from router.errors import InvalidRequest, VoiceNotFound
-from router.speech import SpeechJob, SpeechService, model_voices
-
-DEFAULT_OUTPUT_FORMAT = "mp3_44100_128"
-# ElevenLabs' own codes: codec_samplerate[_bitrate in kbit/s].
-_OUTPUT_FORMATS: dict[str, set[tuple[int, int | None]]] = {
-    "mp3": {(22050, 32), (24000, 48), *((44100, kbps) for kbps in (32, 64, 96, 128, 192))},
-    "pcm": {(rate, None) for rate in (8000, 16000, 22050, 24000, 32000, 44100, 48000)},
-    "wav": {(rate, None) for rate in (8000, 16000, 22050, 24000, 32000, 44100, 48000)},
-    "opus": {(48000, kbps) for kbps in (32, 64, 96, 128, 192)},
-    "ulaw": {(8000, None)},
-    "alaw": {(8000, None)},
-}
-_FORMAT_CODE = re.compile(r"^([a-z0-9]+)_(\d+)(?:_(\d+))?$")
-
-
-def output_formats() -> list[str]:
-    return sorted(
-        f"{codec}_{rate}" + (f"_{kbps}" if kbps else "")
-        for codec, variants in _OUTPUT_FORMATS.items()
-        for rate, kbps in variants
-    )
-
-
-def parse_output_format(code: str) -> AudioFormat:
-    match = _FORMAT_CODE.match(code)
-    if match:
-        codec, rate, kbps = match.group(1), int(match.group(2)), match.group(3)
-        kbps_value = int(kbps) if kbps else None
-        if (rate, kbps_value) in _OUTPUT_FORMATS.get(codec, set()):
-            return AudioFormat(
-                codec, sample_rate=rate, bit_rate=kbps_value * 1000 if kbps_value else None
-            )
-    raise InvalidRequest(
-        f"output_format '{code}' is not supported; use one of: {', '.join(output_formats())}",
-        param="output_format",
-    )
-
-
-def elevenlabs_error(status: int, message: str, param: str | None, code: str) -> JSONResponse:
-    return JSONResponse({"detail": {"status": code, "message": message}}, status_code=status)
-
+from router.speech import SpeechService, model_voices
 
 router = APIRouter(
     route_class=family_route(elevenlabs_error, validation_status=422), tags=["ElevenLabs"]
 )
-
-
-class VoiceSettings(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    stability: float | None = Field(None, ge=0, le=1)
-    similarity_boost: float | None = Field(None, ge=0, le=1)
-    style: float | None = Field(None, ge=0, le=1)
-    use_speaker_boost: bool | None = None
-    # ElevenLabs' documented range.
-    speed: float | None = Field(None, ge=0.7, le=1.2)
-
-
-class TextToSpeechBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    text: str
-    model_id: str | None = None
-    language_code: str | None = None
-    voice_settings: VoiceSettings | None = None
-    seed: int | None = Field(None, ge=0, le=4294967295)
-
-
-class _VoiceIdConvertor(Convertor[str]):
-    """A voice id in a path: never empty, and it may hold a slash (Bark's v2/en_speaker_6, a
-    clone's voices/ref.wav), sent plain or as %2F."""
-
-    regex = ".+"
-
-    def convert(self, value: str) -> str:
-        return value
-
-    def to_string(self, value: str) -> str:
-        return value
-
-
-register_url_convertor("voice_id", _VoiceIdConvertor())
-
-
-class SpeechQuery:
-    """The query string of the speech routes."""
-
-    def __init__(
-        self,
-        output_format: str = Query(DEFAULT_OUTPUT_FORMAT),
-        # Accepted for compatibility: Chorus always streams as early as it can.
-        optimize_streaming_latency: int | None = Query(None, ge=0, le=4),
-        enable_logging: bool = Query(True),
-    ):
-        self.output_format = output_format
-
-
-def prepare(service: SpeechService, voice_id: str, body: TextToSpeechBody,
-            pieces: AsyncIterator[object] | None = None) -> SpeechJob:
-    speed = body.voice_settings.speed if body.voice_settings else None
-    return service.prepare(
-        text=body.text,
-        text_param="text",
-        model=body.model_id,
-        voice=voice_id,
-        language=body.language_code,
-        speed=speed or 1.0,
-        seed=body.seed,
-        family="elevenlabs",
-        pieces=pieces,
-    )
-
-
-@asynccontextmanager
-async def voice_not_found(voice_id: str) -> AsyncIterator[None]:
-    """ElevenLabs answers an unknown voice_id with 404 voice_not_found; its clients expect it."""
-    try:
-        yield
-    except InvalidRequest as exc:
-        if exc.param != "voice":
-            raise
-        raise VoiceNotFound(
-            f"A voice with the voice_id {voice_id} was not found. {exc.message}", param="voice_id"
-        ) from exc
 
 
 def alignment_json(times: CharTimes | None) -> dict | None:
@@ -172,16 +57,14 @@ async def text_to_speech_with_timestamps(
     request: Request,
     voice_id: str,
     body: TextToSpeechBody,
-    query: SpeechQuery = Depends(),
+    fmt: AudioFormat = Depends(query_format),
     service: SpeechService = Depends(speech_service),
 ) -> Response:
-    fmt = parse_output_format(query.output_format)
-    job = prepare(service, voice_id, body)
-    job.request = job.request.model_copy(update={"word_times": True})
+    job = service.prepare(ask(voice_id, body, word_times=True))
     async with voice_not_found(voice_id):
-        timed = await service.timed(job)
-    encoder = StreamEncoder(fmt, timed.sample_rate)
-    segments = _with_tail(timed_segments(timed, encoder, whole_chunks=False), encoder)
+        synthesis = await service.synthesis(job)
+    encoder = StreamEncoder(fmt, synthesis.sample_rate)
+    segments = _with_tail(timed_segments(synthesis, encoder, whole_chunks=False), encoder)
     if not request.url.path.endswith("/stream/with-timestamps"):
         audio, alignment = bytearray(), CharTimes()
         async with aclosing(segments):
@@ -224,11 +107,10 @@ async def _lines(first: TimedSegment, rest: AsyncIterator[TimedSegment]) -> Asyn
 async def text_to_speech(
     voice_id: str,
     body: TextToSpeechBody,
-    query: SpeechQuery = Depends(),
+    fmt: AudioFormat = Depends(query_format),
     service: SpeechService = Depends(speech_service),
 ) -> StreamingResponse:
-    fmt = parse_output_format(query.output_format)
-    job = prepare(service, voice_id, body)
+    job = service.prepare(ask(voice_id, body))
     async with voice_not_found(voice_id):
         stream = await service.audio(job, fmt)
     return AudioResponse(stream)

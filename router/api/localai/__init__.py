@@ -1,0 +1,6 @@
+"""LocalAI's text-to-speech API: POST /tts (routes.py), in its wire schema (schemas.py)."""
+
+from router.api.localai.routes import router
+from router.api.localai.schemas import localai_error
+
+__all__ = ["localai_error", "router"]
