@@ -23,7 +23,7 @@ throughout. Printed: a line per tenth of the run (RSS then, peak so far, request
 RSS at the start (after the first request), its peak, right after the traffic, and after
 `--idle` seconds with no request; the server's threads; requests done and errors per door, with
 the first errors' messages. `--server-env` passes settings to the server only (MALLOC_ARENA_MAX=2,
-CHORUS_MEMORY_TRIM=0...), to compare one run against another. The figures depend on the
+CHORUS_MEMORY_RELEASE_SECONDS=0...), to compare one run against another. The figures depend on the
 machine (its cores: onnxruntime's and glibc's per-thread memory) and on the random mix: compare
 runs made on the same machine with the same --seed, --clients and --minutes.
 """
