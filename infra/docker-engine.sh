@@ -102,6 +102,11 @@ stand_in_base_image() {
             printf 'Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n'
         fi
     } >"$rootfs/etc/apt/sources.list.d/debian.sources"
+    # The certificate authorities this host added to its own trust (a TLS proxy of its own, say):
+    # the image's pip reaches the same package index through the same path as the host's.
+    mkdir -p "$rootfs/usr/local/share/ca-certificates"
+    find /usr/local/share/ca-certificates -name '*.crt' -exec cp {} "$rootfs/usr/local/share/ca-certificates/" \; \
+        2>/dev/null || true
     mount -t proc proc "$rootfs/proc"
     mount -t devpts devpts "$rootfs/dev/pts"
     # A clean environment: this host's pip and proxy settings are not the image's. libpython: the
