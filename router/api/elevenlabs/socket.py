@@ -92,6 +92,8 @@ class Socket:
             try:
                 message = _parsed(await self._receive())
             except SocketError as exc:
+                if exc.fatal:
+                    raise
                 if first:
                     raise SocketError(exc.code, exc.message, fatal=True) from None
                 await self.error(exc.code, exc.message)
