@@ -61,6 +61,10 @@ CHUNK_BYTES = 2048
 #: Seconds a frame's data and payload may take to arrive after its header line: a length that
 #: promises more than is sent must not hold a connection (and its reader) forever.
 FRAME_SECONDS = 10.0
+#: Seconds a refused connection is read (and dropped) after the error event, until the client
+#: closes too: closing with its bytes unread would reset the connection, and a reset can reach
+#: the client before it has read the error.
+LINGER_SECONDS = 5.0
 SERVICE_TYPE = "_wyoming._tcp.local."
 #: Who made each backend's voices, for Home Assistant's voice list.
 ATTRIBUTIONS = {
@@ -310,8 +314,12 @@ class Connection:
 
     async def refuse(self, exc: ChorusError) -> None:
         """The error event, then the end of the connection (see the module's docstring)."""
-        with contextlib.suppress(ConnectionError):
+        with contextlib.suppress(ConnectionError, TimeoutError):
             await self.send(Error(text=exc.message, code=exc.code).event())
+            self._writer.write_eof()
+            async with asyncio.timeout(LINGER_SECONDS):
+                while await self._reader.read(CHUNK_BYTES):
+                    pass
         self._writer.close()
 
 
