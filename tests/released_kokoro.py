@@ -36,6 +36,9 @@ MODEL_FILE = "kokoro-int8/kokoro-v1.0.int8.onnx"
 VOICES_FILE = "kokoro-int8/voices_ja.npz"
 VOICES = ("jf_alpha", "jf_gongitsune", "jf_nezumi", "jf_tebukuro", "jm_kumo")
 RATE = 24000
+#: Japanese in katakana, one sentence: espeak-ng, which phonemises for kokoro-onnx, reads kana
+#: as Japanese; kanji it reads by switching language, as names of characters.
+JAPANESE = "コンニチハ、キョウハ イイ テンキデスネ。"
 
 #: The Chorus config a user writes for these files (its voice's own language is the default).
 CONFIG = {
