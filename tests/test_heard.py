@@ -37,6 +37,10 @@ from tests.hearing import HARVARD, SLACK, Listener, word_error_rate
 from tests.processes import chorus_server, free_port
 from tests.released_kokoro import JAPANESE
 
+#: A test synthesises up to ten clips of Kokoro at about its real time on two busy cores, and
+#: hears them: more than the suite's five minutes on a slow day.
+pytestmark = pytest.mark.timeout(900)
+
 #: The speed the speed clips ask for: within every family's range (ElevenLabs' is 0.7 to 1.2).
 FAST = 1.2
 #: How far a clip's length may stray from the backend alone's (encoders pad and trim a little).
@@ -102,7 +106,7 @@ def piper(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Speaker]:
     port = free_port()
     with chorus_server(models, root / "server.log", configs, env={"CHORUS_WYOMING_PORT": str(port)}) as server:
         yield Speaker(server.url, port, "tts-1", "en_US-joe-medium", PIPER_RATE, None, _piper_alone(models),
-                      takes=3)
+                      takes=5)
 
 
 @pytest.fixture(scope="module")
