@@ -2,6 +2,8 @@
 # project's dependencies change.
 PYTHON ?= python3
 VENV ?= .venv
+# The tests' ASR, in an environment of its own (see install-test).
+ASR_VENV ?= .venv-asr
 BIN := $(VENV)/bin
 
 .PHONY: run test bench lint install install-test clean images compose-up compose-down docker-up docker-down deploy
@@ -18,8 +20,16 @@ $(VENV)/.installed: pyproject.toml images/router/requirements.txt images/piper/r
 	$(BIN)/pip install --quiet $(LOCKS) -e '.[router,piper]'
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed
+$(VENV)/.installed-test: $(VENV)/.installed $(ASR_VENV)/.installed
 	$(BIN)/pip install --quiet $(LOCKS) -e '.[router,piper,test]'
+	touch $@
+
+# The ASR the tests hear Chorus with (Whisper tiny.en through faster-whisper), in an environment
+# of its own: its packages are the tests' alone, never the project's or an image's.
+$(ASR_VENV)/.installed: tests/asr/requirements.txt
+	$(PYTHON) -m venv $(ASR_VENV)
+	$(ASR_VENV)/bin/pip install --quiet --upgrade pip
+	$(ASR_VENV)/bin/pip install --quiet --no-deps -r tests/asr/requirements.txt
 	touch $@
 
 $(VENV)/.installed-compose: pyproject.toml | $(BIN)/python
@@ -75,4 +85,4 @@ deploy: install
 	$(BIN)/python infra/modal_app.py
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(ASR_VENV)

