@@ -35,6 +35,7 @@ from tests._live import ScriptedRunner, live_app, piper_setup
 aiohttp = pytest.importorskip("aiohttp")
 pytest.importorskip("pipecat")
 from loguru import logger  # noqa: E402
+from openai import DefaultAsyncHttpxClient  # noqa: E402
 from pipecat.frames.frames import (  # noqa: E402
     ErrorFrame,
     Frame,
@@ -281,8 +282,11 @@ async def test_pipecat_openai_speaks_a_reply_whole(server, pipecat_log):
     """OpenAITTSService at its defaults: gpt-4o-mini-tts, voice alloy, response_format pcm
     (24 kHz, the only rate it takes), one POST /v1/audio/speech per sentence."""
     reference = await http_seconds(server.url, REPLY)
+    # The SDK's own default client, closed on this test's loop: the service never closes its
+    # client, and the SDK's finaliser would close it on whichever test's loop collects it.
     with anyio.fail_after(60):
-        async with running(OpenAITTSService(api_key="not-needed", base_url=f"{server.url}/v1")) as agent:
+        async with DefaultAsyncHttpxClient() as http, \
+                running(OpenAITTSService(api_key="not-needed", base_url=f"{server.url}/v1", http_client=http)) as agent:
             reply = await agent.reply(REPLY)
     assert reply.rates == {24000}
     assert_whole(reply.seconds, reference, "Pipecat's OpenAITTSService")
