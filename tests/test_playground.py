@@ -151,15 +151,22 @@ def test_speak_streams_playable_mp3_and_offers_the_download(page):
     assert size > 10_000
 
 
+def whole_file_state(page) -> dict:
+    """audio_state once the player holds the file just made (its link is the download's), not
+    the audio an earlier request left in it."""
+    page.wait_for_function("() => document.querySelector('#player').src === document.querySelector('#download').href")
+    return audio_state(page)
+
+
 def test_speed_and_a_format_played_from_a_whole_file(page):
     text = "Speed changes how long the same words take to say."
     page.eval_on_selector("#speed", "s => { s.value = '2'; s.dispatchEvent(new Event('input')); }")
     speak(page, text, "wav")
     assert page.is_hidden("#error"), page.text_content("#error")
-    fast = audio_state(page)["duration"]
+    fast = whole_file_state(page)["duration"]
     page.eval_on_selector("#speed", "s => { s.value = '1'; s.dispatchEvent(new Event('input')); }")
     speak(page, text, "wav")
-    state = audio_state(page)
+    state = whole_file_state(page)
     normal = state["duration"]
     # Chromium cannot stream WAV through Media Source Extensions: the page plays the whole file.
     assert state["playback"] == "whole file: not streamable here", state
