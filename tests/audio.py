@@ -70,12 +70,17 @@ def write_voice_like_wav(path: Path, seconds: float, rate: int) -> None:
     cloning backend's speaker encoder can chew on."""
     t = np.arange(int(seconds * rate)) / rate
     signal = 0.3 * np.sin(2 * np.pi * 180 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))
+    write_wav(path, signal, rate)
+
+
+def write_wav(path: Path, samples: np.ndarray, rate: int) -> None:
+    """`samples` (floats in -1..1) as 16-bit mono WAV."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with wave.open(str(path), "wb") as out:
         out.setnchannels(1)
         out.setsampwidth(2)
         out.setframerate(rate)
-        out.writeframes((signal * 32767).astype("<i2").tobytes())
+        out.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
 
 
 def audio_seconds(data: bytes | Path) -> float:

@@ -11,15 +11,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import tempfile
-import wave
 from pathlib import Path
 
-import numpy as np
-import pytest
-
-from tests.audio import Decoded
+from tests.audio import Decoded, write_wav
+from tests.processes import unavailable
 
 REPO = Path(__file__).resolve().parents[1]
 ASR_PYTHON = REPO / ".venv-asr" / "bin" / "python"
@@ -37,10 +35,7 @@ class Listener:
 
     def __init__(self) -> None:
         if not ASR_PYTHON.exists():
-            message = f"no ASR environment at {ASR_PYTHON.parent.parent.name}/: `make install-test` makes it"
-            if os.environ.get("CI") == "true":
-                pytest.fail(message)
-            pytest.skip(message)
+            unavailable(f"no ASR environment at {ASR_PYTHON.parent.parent.name}/: `make install-test` makes it")
         self._folder = Path(tempfile.mkdtemp(prefix="chorus-asr-"))
         self._count = 0
         self._process = subprocess.Popen(
@@ -64,11 +59,7 @@ class Listener:
         for clip in clips.values():
             self._count += 1
             path = self._folder / f"{self._count}.wav"
-            with wave.open(str(path), "wb") as out:
-                out.setnchannels(1)
-                out.setsampwidth(2)
-                out.setframerate(clip.sample_rate)
-                out.writeframes((np.clip(clip.samples, -1, 1) * 32767).astype("<i2").tobytes())
+            write_wav(path, clip.samples, clip.sample_rate)
             paths.append(str(path))
         self._process.stdin.write(json.dumps(paths) + "\n")
         self._process.stdin.flush()
@@ -81,6 +72,7 @@ class Listener:
         except subprocess.TimeoutExpired:
             self._process.kill()
             self._process.wait()
+        shutil.rmtree(self._folder, ignore_errors=True)
 
 
 def words(text: str) -> list[str]:
