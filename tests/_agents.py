@@ -27,6 +27,10 @@ LONG_REPLY = " ".join(_LONG_SENTENCES)
 #: default packs two or three into one), so "within one chunk" is within one sentence, and work
 #: that goes on after a barge-in shows as chunks begun however fast the machine is.
 SENTENCE_CHUNKS = max(len(sentence) for sentence in _LONG_SENTENCES)
+#: A phrase of LONG_REPLY's third sentence: a barge-in test holds the reply there (a gate of
+#: ScriptedRunner), so that what begins after the barge-in is counted from a known point however
+#: long the barge-in takes to reach the server.
+HELD_SENTENCE = f"sentence 3 of a long {LONG_MARK}"
 
 
 async def http_seconds(url: str, text: str) -> float:

@@ -59,8 +59,9 @@ class ScriptedRunner(Runner):
     model now (Runner.hold) and in all; the PCM of each chunk;
     faults on cue (RAISE: fails before any audio; HANG: blocks a worker thread before any audio
     until `release` is set; DIE: fails after this chunk's audio; SILENT: makes no sound at all);
-    and gates: a chunk whose text is in `gated` waits before its first piece until the test
-    opens its gate, so that a test can hold a synthesis at a known point, do something, and let
+    and gates: a chunk whose text holds a text of `gated` (the whole chunk, or a phrase of it where
+    the chunker's cuts are not the test's to know) waits before its first piece until the test
+    opens that gate, so that a test can hold a synthesis at a known point, do something, and let
     it go on.
 
     The server runs in a thread of its own: every figure changes under one lock, and the test
@@ -176,8 +177,9 @@ class ScriptedRunner(Runner):
         try:
             if HANG in text:
                 await to_thread.run_sync(self.release.wait, 60)
-            if text in self.gates:
-                await self._wait_at_gate(text)
+            gate = next((key for key in self.gates if key in text), None)
+            if gate is not None:
+                await self._wait_at_gate(gate)
             made = b""
             async for pcm in chunks:
                 if not isinstance(pcm, bytes):

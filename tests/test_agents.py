@@ -19,8 +19,10 @@ from contextlib import asynccontextmanager
 
 import anyio
 import pytest
+from anyio import to_thread
 
 from tests._agents import (
+    HELD_SENTENCE,
     LONG_MARK,
     LONG_REPLY,
     REPLY,
@@ -293,11 +295,12 @@ async def test_livekit_barge_in_while_the_reply_is_written_stops_the_backend(tmp
     flush=true, but no empty flush ended the text). The backend stops within one chunk, and the
     next reply on the same TTS (the same socket) speaks whole."""
     configs, models = piper_setup(tmp_path)
-    runner = ScriptedRunner(models)
+    runner = ScriptedRunner(models, gated=[HELD_SENTENCE])
     with live_app(configs, models, runner, chunk_chars=SENTENCE_CHUNKS) as url:
         reference = await http_seconds(url, REPLY)
         async with eleven(url, NOT_GIVEN, seconds=180) as tts:
             stream = await long_reply_at_its_first_audio(tts, text_ended=False)
+            await to_thread.run_sync(runner.wait_at_gate, HELD_SENTENCE)
             begun = runner.begun_with(LONG_MARK)
             await stream.aclose()
             await inactive_final.seen.wait()

@@ -22,6 +22,7 @@ import pytest
 from anyio import to_thread
 
 from tests._agents import (
+    HELD_SENTENCE,
     LONG_MARK,
     LONG_REPLY,
     REPLY,
@@ -302,7 +303,7 @@ async def test_pipecat_barge_in_after_a_closed_reply_stops_the_backend(tmp_path,
     still being made: the backend stops within one chunk, and the next reply on the same
     service (the same socket) speaks whole."""
     configs, models = piper_setup(tmp_path)
-    runner = ScriptedRunner(models)
+    runner = ScriptedRunner(models, gated=[HELD_SENTENCE])
     with live_app(configs, models, runner, chunk_chars=SENTENCE_CHUNKS) as url:
         reference = await http_seconds(url, REPLY)
         with anyio.fail_after(180):
@@ -311,6 +312,7 @@ async def test_pipecat_barge_in_after_a_closed_reply_stops_the_backend(tmp_path,
                 await agent.collector.first_audio.wait()
                 # The reply was flushed and closed before the barge-in.
                 context = (await pipecat_log.logged(r"Closing context (\S+)")).group(1)
+                await to_thread.run_sync(runner.wait_at_gate, HELD_SENTENCE)
                 begun = runner.begun_with(LONG_MARK)
                 await agent.interrupt()
                 # The server's final message for the interrupted context ends its work there.
@@ -329,13 +331,14 @@ async def test_pipecat_hang_up_mid_reply_stops_the_backend(tmp_path, pipecat_log
     within one chunk of the close_socket: by the time Pipecat has given up on the socket, and
     after."""
     configs, models = piper_setup(tmp_path)
-    runner = ScriptedRunner(models)
+    runner = ScriptedRunner(models, gated=[HELD_SENTENCE])
     with live_app(configs, models, runner, chunk_chars=SENTENCE_CHUNKS) as url:
         await http_seconds(url, REPLY)  # the model loaded: the reply's first audio comes at once
         with anyio.fail_after(180):
             async with running(eleven_ws(url)) as agent:
                 await agent.say(LONG_REPLY)
                 await agent.collector.first_audio.wait()
+                await to_thread.run_sync(runner.wait_at_gate, HELD_SENTENCE)
                 begun = runner.begun_with(LONG_MARK)
                 await agent.hang_up()
             at_close = runner.begun_with(LONG_MARK)
