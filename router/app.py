@@ -113,8 +113,9 @@ def create_app(
     for router in routers:
         app.include_router(router)
     # Outermost last: metrics see every answer, the key is checked before the body is read.
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, render=_fallback_error)
-    app.add_middleware(ApiKeys, keys=settings.api_keys, render=_fallback_error)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, render=_fallback_error,
+                       upload_bytes=settings.max_voice_upload_bytes)
+    app.add_middleware(ApiKeys, keys=settings.every_api_key, render=_fallback_error)
     routes = [route for router in routers for route in router.routes]
     app.add_middleware(MetricsMiddleware, metrics=speech.metrics, routes=routes)
 

@@ -14,9 +14,11 @@ from starlette.exceptions import HTTPException
 from starlette.types import Receive, Scope, Send
 
 from functions.streams import Stream
+from router.auth import caller, presented_keys
 from router.encoding import EncodedAudio
 from router.errors import ChorusError
 from router.speech import SpeechService
+from router.voices import Caller
 
 log = logging.getLogger("chorus")
 
@@ -89,6 +91,12 @@ def family_route(render: ErrorRenderer, validation_status: int) -> type[APIRoute
 
 def speech_service(request: Request) -> SpeechService:
     return request.app.state.speech
+
+
+def request_caller(request: Request) -> Caller:
+    """Whose saved voices the request may see and change (the key middleware has checked it)."""
+    headers = {k.lower(): v for k, v in request.headers.raw}
+    return caller(presented_keys(headers), request.app.state.speech.settings)
 
 
 class AudioResponse(StreamingResponse):

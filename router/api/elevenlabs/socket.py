@@ -34,11 +34,12 @@ from router.api.elevenlabs.schemas import (
     voice_not_found,
 )
 from router.api.elevenlabs.speaker import Speaker
-from router.auth import key_matches, presented_keys
+from router.auth import caller, key_matches, presented_keys
 from router.chunking import Fragments
 from router.encoding import AudioFormat
 from router.errors import ChorusError, VoiceNotFound
 from router.speech import SpeechJob, SpeechService
+from router.voices import Caller
 
 log = logging.getLogger("chorus")
 router = APIRouter()
@@ -57,14 +58,14 @@ class SocketLimit:
 class Socket:
     """One client's socket: its contexts (a Speaker each), what it reads, what it sends."""
 
-    def __init__(self, websocket: WebSocket, service: SpeechService, voice_id: str,
+    def __init__(self, websocket: WebSocket, service: SpeechService, voice_id: str, caller: Caller,
                  options: SocketOptions, fmt: AudioFormat, multi: bool):
-        self.websocket, self.service, self.voice_id = websocket, service, voice_id
+        self.websocket, self.service, self.voice_id, self.caller = websocket, service, voice_id, caller
         self.options, self.fmt, self.multi = options, fmt, multi
         self.contexts: dict[str | None, Speaker] = {}
         self._limit = service.settings.input_limit("elevenlabs")
         self._send_lock = asyncio.Lock()
-        self._authorized = not service.settings.api_keys
+        self._authorized = not service.settings.every_api_key
         self._last_active = asyncio.get_running_loop().time()
 
     async def send(self, message: dict[str, Any]) -> None:
@@ -82,7 +83,7 @@ class Socket:
         await self.send(payload)
 
     def authorize(self, presented: list[bytes]) -> None:
-        keys = [key.encode() for key in self.service.settings.api_keys]
+        keys = [key.encode() for key in self.service.settings.every_api_key]
         self._authorized = self._authorized or key_matches(presented, keys)
 
     async def run(self) -> None:
@@ -191,8 +192,8 @@ class Socket:
             return None
         schedule = TextSchedule((message.generation_config or GenerationConfig()).chunk_length_schedule, self._limit)
         speed = (message.voice_settings.speed if message.voice_settings else None) or 1.0
-        context = self.contexts[key] = Speaker(key, schedule, speed, self.service, self.voice_id, self.options,
-                                               self.fmt, self.send)
+        context = self.contexts[key] = Speaker(key, schedule, speed, self.service, self.voice_id, self.caller,
+                                               self.options, self.fmt, self.send)
         context.start(self.active, self._ended)
         return context
 
@@ -285,20 +286,23 @@ async def _converse(websocket: WebSocket, service: SpeechService, voice_id: str,
             options = SocketOptions.model_validate(dict(websocket.query_params))
         except ValidationError as exc:
             raise SocketError("invalid_request", validation_problem(exc)[0], fatal=True) from None
+        presented = presented_keys({k.lower(): v for k, v in websocket.headers.raw})
+        if options.authorization:
+            presented.append(options.authorization.removeprefix("Bearer ").strip().encode())
+        # A key sent only in the first message authorizes the socket, but too late to pick that
+        # key's saved voices: the voice is checked now.
+        who = caller(presented, service.settings)
         try:
             fmt = parse_output_format(options.output_format)
             # The model and the voice are checked now, before any text is waited for, as
             # ElevenLabs does.
             body = TextToSpeechBody(text="", model_id=options.model_id, language_code=options.language_code)
             async with voice_not_found(voice_id):
-                job = service.prepare(ask(voice_id, body, _nothing()))
+                job = service.prepare(ask(voice_id, body, who, _nothing()))
             await _check_voice(service, job, voice_id)
         except ChorusError as exc:
             raise SocketError(exc.code, exc.message, fatal=True) from None
-        socket = Socket(websocket, service, voice_id, options, fmt, multi)
-        presented = presented_keys({k.lower(): v for k, v in websocket.headers.raw})
-        if options.authorization:
-            presented.append(options.authorization.removeprefix("Bearer ").strip().encode())
+        socket = Socket(websocket, service, voice_id, who, options, fmt, multi)
         socket.authorize(presented)
         limit = service.settings.websocket_max_seconds
         try:

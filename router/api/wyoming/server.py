@@ -412,7 +412,7 @@ class WyomingServer:
                                                   limit=self.service.settings.max_body_bytes)
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("Wyoming (Home Assistant) on tcp://%s:%d", self.host, self.port)
-        if self.service.settings.api_keys:
+        if self.service.settings.every_api_key:
             log.warning("CHORUS_API_KEYS does not apply to the Wyoming listener on port %d: it has no "
                         "authentication, so expose it on the LAN only", self.port)
         if self.service.settings.wyoming_zeroconf:
