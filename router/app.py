@@ -35,7 +35,7 @@ def error_family(path: str, headers: Mapping[str, str]) -> Literal["openai", "lo
     both OpenAI and ElevenLabs own: ElevenLabs' clients (known by their headers) get theirs."""
     if path.startswith(_ELEVENLABS_PREFIXES) or (path == "/v1/models" and is_elevenlabs_client(headers)):
         return "elevenlabs"
-    if path.startswith("/tts"):
+    if path.startswith(("/tts", "/api/voice-profiles")):
         return "localai"
     return "openai"
 

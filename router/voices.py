@@ -25,6 +25,7 @@ import shutil
 import threading
 import time
 import wave
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -57,6 +58,9 @@ MAX_TEXT_CHARS = 2000
 _ID = re.compile(r"^[0-9a-f]{20}$")
 _REFERENCE = "reference.wav"
 _META = "voice.json"
+_CONSENT_ID = re.compile(r"^cons_[0-9a-f]{20}$")
+_CONSENT_RECORDING = "recording.wav"
+_CONSENT_META = "consent.json"
 #: Hidden folders: a voice being written, or one being removed.
 _INCOMING, _REMOVED = ".incoming-", ".removed-"
 #: An incoming folder this old was left by a process that died mid-write.
@@ -66,6 +70,11 @@ _STALE_SECONDS = 3600
 class UnsupportedAudio(ChorusError):
     status = 415
     code = "unsupported_audio"
+
+
+class NotFound(ChorusError):
+    status = 404
+    code = "not_found"
 
 
 class TooManyVoices(ChorusError):
@@ -120,6 +129,15 @@ class Voice:
 
 
 @dataclass(frozen=True)
+class Consent:
+    id: str
+    name: str
+    language: str
+    owner: str | None = None
+    created: int = 0
+
+
+@dataclass(frozen=True)
 class VoiceDetails:
     """What a user may say about a voice, on creating or editing it; None leaves it as it is."""
 
@@ -164,43 +182,44 @@ def labels_from_json(text: str | None) -> dict[str, str] | None:
     return labels
 
 
-def decode_reference(uploads: list[Upload]) -> np.ndarray:
-    """The uploads, one after another, as mono 16-bit samples at REFERENCE_RATE."""
+def decode_reference(uploads: list[Upload], longest: float = MAX_UPLOAD_SECONDS, param: str = "files") -> np.ndarray:
+    """The uploads, one after another, as mono 16-bit samples at REFERENCE_RATE; at most
+    `longest` seconds of them in all. Errors name the form field `param`."""
     if not uploads:
-        raise InvalidRequest("no audio was uploaded: send at least one file", param="files")
+        raise InvalidRequest("no audio was uploaded: send at least one file", param=param)
     if len(uploads) > MAX_FILES:
-        raise InvalidRequest(f"{len(uploads)} files: a voice is made from at most {MAX_FILES}", param="files")
-    limit = int(MAX_UPLOAD_SECONDS * REFERENCE_RATE)
+        raise InvalidRequest(f"{len(uploads)} files: a voice is made from at most {MAX_FILES}", param=param)
+    limit = int(longest * REFERENCE_RATE)
     parts: list[np.ndarray] = []
     total = 0
     for upload in uploads:
         name = upload.filename
         # The name is never used as a path; one that tries to be is a client to stop, not humour.
         if any(c in name for c in "/\\\x00") or name.startswith(".."):
-            raise InvalidRequest(f"file name {name[:80]!r} must be a plain name, not a path", param="files")
+            raise InvalidRequest(f"file name {name[:80]!r} must be a plain name, not a path", param=param)
         if not upload.data:
-            raise InvalidRequest(f"file {name!r} is empty", param="files")
-        for samples in _decoded(upload):
+            raise InvalidRequest(f"file {name!r} is empty", param=param)
+        for samples in _decoded(upload, param):
             parts.append(samples)
             total += len(samples)
             if total > limit:
-                raise InvalidRequest(f"the audio lasts more than {MAX_UPLOAD_SECONDS:.0f} s; send at most "
-                                     f"{MAX_UPLOAD_SECONDS:.0f} s (the first {REFERENCE_SECONDS:.0f} s are used)",
-                                     param="files")
+                raise InvalidRequest(f"the audio lasts more than {longest:.0f} s; send at most {longest:.0f} s "
+                                     f"(the first {REFERENCE_SECONDS:.0f} s are used)",
+                                     param=param)
     seconds = total / REFERENCE_RATE
     if seconds < MIN_SECONDS:
         raise InvalidRequest(f"the audio lasts {seconds:.2f} s; a voice needs at least {MIN_SECONDS:.0f} s of speech",
-                             param="files")
+                             param=param)
     return np.concatenate(parts)[: int(REFERENCE_SECONDS * REFERENCE_RATE)]
 
 
-def _decoded(upload: Upload):
+def _decoded(upload: Upload, param: str):
     """`upload`'s audio in mono REFERENCE_RATE pieces; 415 if FFmpeg cannot read it as audio."""
     resampler = av.AudioResampler(format="s16", layout="mono", rate=REFERENCE_RATE)
     try:
         with av.open(io.BytesIO(upload.data), "r") as container:
             if not container.streams.audio:
-                raise UnsupportedAudio(f"file {upload.filename!r} holds no audio", param="files")
+                raise UnsupportedAudio(f"file {upload.filename!r} holds no audio", param=param)
             for frame in container.decode(container.streams.audio[0]):
                 for out in resampler.resample(frame):
                     yield out.to_ndarray().reshape(-1)
@@ -209,7 +228,7 @@ def _decoded(upload: Upload):
     except av.FFmpegError as exc:
         raise UnsupportedAudio(
             f"file {upload.filename!r} is not audio Chorus can decode (mp3, wav, ogg, aac, flac, webm, mp4): "
-            f"{exc.strerror or exc}", param="files") from None
+            f"{exc.strerror or exc}", param=param) from None
 
 
 def _wav(samples: np.ndarray) -> bytes:
@@ -235,12 +254,11 @@ class VoiceLibrary:
 
     def _tidy(self) -> None:
         """What a process that died mid-write or mid-removal left behind."""
-        if not self.root.is_dir():
-            return
-        for entry in self.root.iterdir():
-            stale = entry.name.startswith(_INCOMING) and time.time() - entry.stat().st_mtime > _STALE_SECONDS
-            if entry.name.startswith(_REMOVED) or stale:
-                shutil.rmtree(entry, ignore_errors=True)
+        for root in (self.root, self._consents):
+            for entry in root.iterdir() if root.is_dir() else ():
+                stale = entry.name.startswith(_INCOMING) and time.time() - entry.stat().st_mtime > _STALE_SECONDS
+                if entry.name.startswith(_REMOVED) or stale:
+                    shutil.rmtree(entry, ignore_errors=True)
 
     def _ids(self) -> list[str]:
         if not self.root.is_dir():
@@ -273,32 +291,80 @@ class VoiceLibrary:
         voices = [v for v in map(self._read, self._ids()) if v is not None and v.visible_to(caller)]
         return sorted(voices, key=lambda v: (v.created, v.id))
 
-    def create(self, uploads: list[Upload], details: VoiceDetails, caller: Caller) -> Voice:
-        """Decodes `uploads` into a new voice and saves it; nothing is kept if anything fails.
-        Blocking (decoding takes a while): call it from a worker thread."""
+    def create(self, uploads: list[Upload], details: VoiceDetails, caller: Caller,
+               longest: float = MAX_UPLOAD_SECONDS, param: str = "files") -> Voice:
+        """Decodes `uploads` (at most `longest` seconds, from the form field `param`) into a new
+        voice and saves it; nothing is kept if anything fails. Blocking (decoding takes a while):
+        call it from a worker thread."""
         details = details.check()
         if not details.name:
             raise InvalidRequest("'name' is required", param="name")
-        samples = decode_reference(uploads)
+        if details.consent is not None and self.consent(details.consent, caller) is None:
+            raise InvalidRequest(f"consent '{details.consent}' was not found: upload a consent recording first",
+                                 param="consent")
+        samples = decode_reference(uploads, longest, param)
         voice = Voice(
             id=secrets.token_hex(10), name=details.name, seconds=round(len(samples) / REFERENCE_RATE, 3),
             owner=caller.owner, description=details.description or "", labels=details.labels or {},
             language=details.language, transcript=details.transcript, models=details.models or (),
             consent=details.consent, created=int(time.time()),
         )
-        self.root.mkdir(parents=True, exist_ok=True)
-        incoming = self.root / f"{_INCOMING}{voice.id}"
+        def room() -> None:
+            if len(self._ids()) >= self.max_voices:
+                raise TooManyVoices(f"this server keeps at most {self.max_voices} voices: delete one first")
+
+        self._place(self.root, voice.id, {_REFERENCE: _wav(samples), _META: json.dumps(asdict(voice)).encode()}, room)
+        return voice
+
+    def _place(self, root: Path, name: str, files: dict[str, bytes], check: Callable[[], None] | None = None) -> None:
+        """`files` written in a hidden folder of `root`, then renamed to `root/name` at once
+        (after `check`, under the lock); on any failure nothing is left."""
+        root.mkdir(parents=True, exist_ok=True)
+        incoming = root / f"{_INCOMING}{name}"
         try:
             incoming.mkdir()
-            (incoming / _REFERENCE).write_bytes(_wav(samples))
-            (incoming / _META).write_text(json.dumps(asdict(voice)), encoding="utf-8")
+            for file, data in files.items():
+                (incoming / file).write_bytes(data)
             with self._lock:
-                if len(self._ids()) >= self.max_voices:
-                    raise TooManyVoices(f"this server keeps at most {self.max_voices} voices: delete one first")
-                incoming.rename(self.root / voice.id)
+                if check is not None:
+                    check()
+                incoming.rename(root / name)
         finally:
             shutil.rmtree(incoming, ignore_errors=True)
-        return voice
+
+    # -- consents: a recording of the speaker agreeing, which OpenAI's custom voices require ---
+
+    @property
+    def _consents(self) -> Path:
+        return self.root / "consents"
+
+    def add_consent(self, recording: Upload, name: str, language: str, caller: Caller) -> Consent:
+        """Blocking, like `create`."""
+        details = VoiceDetails(name=name, language=language).check()
+        samples = decode_reference([recording], param="recording")
+        consent = Consent(f"cons_{secrets.token_hex(10)}", details.name or "", language, caller.owner, int(time.time()))
+        self._place(self._consents, consent.id, {_CONSENT_RECORDING: _wav(samples),
+                                                 _CONSENT_META: json.dumps(asdict(consent)).encode()})
+        return consent
+
+    def consent(self, consent_id: str, caller: Caller) -> Consent | None:
+        if not _CONSENT_ID.match(consent_id):
+            return None
+        try:
+            consent = Consent(**json.loads((self._consents / consent_id / _CONSENT_META).read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            return None
+        return consent if caller.admin or consent.owner == caller.owner else None
+
+    def consents(self, caller: Caller) -> list[Consent]:
+        names = sorted(e.name for e in self._consents.iterdir()) if self._consents.is_dir() else []
+        found = [c for c in (self.consent(name, caller) for name in names) if c is not None]
+        return sorted(found, key=lambda c: (c.created, c.id))
+
+    def delete_consent(self, consent_id: str, caller: Caller) -> None:
+        if self.consent(consent_id, caller) is None:
+            raise NotFound(f"consent '{consent_id}' was not found", param="consent_id")
+        self._remove(self._consents, consent_id)
 
     def edit(self, voice_id: str, details: VoiceDetails, caller: Caller) -> Voice:
         voice = self.get(voice_id, caller)
@@ -319,11 +385,14 @@ class VoiceLibrary:
     def delete(self, voice_id: str, caller: Caller) -> None:
         """Removes the voice and everything kept beside it (a backend's conditioning included)."""
         self.get(voice_id, caller)
-        removed = self.root / f"{_REMOVED}{voice_id}-{secrets.token_hex(4)}"
+        self._remove(self.root, voice_id)
+
+    def _remove(self, root: Path, name: str) -> None:
+        removed = root / f"{_REMOVED}{name}-{secrets.token_hex(4)}"
         try:
-            (self.root / voice_id).rename(removed)  # gone for every reader at once
+            (root / name).rename(removed)  # gone for every reader at once
         except FileNotFoundError:
-            raise VoiceNotFound(f"A voice with the voice_id {voice_id} was not found.", param="voice_id") from None
+            raise NotFound(f"'{name}' was not found (removed meanwhile)") from None
         shutil.rmtree(removed, ignore_errors=True)
 
     def usable(self, voice: Voice, configs: list[ModelConfig]) -> list[str]:

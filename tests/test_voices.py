@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests._live import assert_family_error, live_app, piper_setup
-from tests.audio import RECORDING_FORMATS, SHORT_TEXT, encoded_voice
+from tests.audio import RECORDING_FORMATS, SHORT_TEXT, decode, encoded_voice
 
 elevenlabs = pytest.importorskip("elevenlabs")
 
@@ -44,9 +44,9 @@ def http(url) -> Iterator[httpx.Client]:
 
 
 def saved(models: Path) -> list[str]:
-    """What the library holds on disk, hidden folders included."""
+    """What the library holds on disk, hidden folders included; consents are counted apart."""
     folder = models / "voices"
-    return sorted(entry.name for entry in folder.iterdir()) if folder.is_dir() else []
+    return sorted(entry.name for entry in folder.iterdir() if entry.name != "consents") if folder.is_dir() else []
 
 
 def add(http: httpx.Client, files: list[tuple[str, bytes]], headers: dict | None = None, **fields) -> httpx.Response:
@@ -175,3 +175,56 @@ def test_a_voice_belongs_to_the_key_that_made_it(tmp_path):
         assert http.get(f"/v1/voices/{voice_id}", headers=alice).status_code == 200
         assert http.delete(f"/v1/voices/{voice_id}", headers=admin).status_code == 200
         assert_family_error(http.get(f"/v1/voices/{voice_id}", headers=alice), 404)
+
+
+def test_the_openai_sdk_makes_a_custom_voice_from_a_consent_and_a_sample(url, setup):
+    import openai
+
+    _, models = setup
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60)
+    consent = client.audio.voice_consents.create(name="Jo Doe", language="en-US",
+                                                 recording=("consent.wav", encoded_voice(3), "audio/wav"))
+    assert (consent.object, consent.language) == ("audio.voice_consent", "en-US")
+    assert [c.id for c in client.audio.voice_consents.list()] == [consent.id]
+    assert client.audio.voice_consents.retrieve(consent.id).name == "Jo Doe"
+
+    with pytest.raises(openai.BadRequestError) as caught:  # OpenAI takes at most 30 s
+        client.audio.voices.create(name="Jo", consent=consent.id,
+                                   audio_sample=("long.mp3", encoded_voice(31, rate=16000, fmt="mp3"), "audio/mpeg"))
+    assert caught.value.param == "audio_sample" and "30 s" in caught.value.message
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.audio.voices.create(name="Jo", consent="cons_00000000000000000000",
+                                   audio_sample=("jo.mp3", encoded_voice(5, fmt="mp3"), "audio/mpeg"))
+    assert caught.value.param == "consent"
+
+    voice = client.audio.voices.create(name="Jo", consent=consent.id,
+                                       audio_sample=("jo.m4a", encoded_voice(5, fmt="m4a"), "audio/mp4"))
+    assert (voice.object, voice.type, voice.name) == ("audio.voice", "audio_sample", "Jo")
+    # The same voice in ElevenLabs' listing: one library behind every family.
+    listed = httpx.get(f"{url}/v1/voices", timeout=60).json()["voices"]
+    assert [v["name"] for v in listed if v["voice_id"] == voice.id] == ["Jo"]
+    assert client.audio.voices.delete(voice.id).deleted
+    assert client.audio.voice_consents.delete(consent.id).deleted
+    assert saved(models) == [] and not any((models / "voices" / "consents").iterdir())
+    client.close()
+
+
+def test_localai_voice_profiles_keep_their_clip_and_name_it_by_uri(http, setup):
+    _, models = setup
+    clip = ("clip.ogg", encoded_voice(6, rate=48000, fmt="ogg"), "audio/ogg")
+    refused = http.post("/api/voice-profiles", data={"name": "Ana"}, files={"audio": clip})
+    assert "permission" in assert_family_error(refused, 400)["message"]
+    created = http.post("/api/voice-profiles", data={"name": "Ana", "consent": "true", "transcript": "Hello there.",
+                                                     "language": "en"}, files={"audio": clip})
+    assert created.status_code == 200, created.text
+    profile = created.json()
+    assert profile["uri"] == f"localai://voice-profiles/{profile['id']}"
+    assert [p["id"] for p in http.get("/api/voice-profiles").json()["profiles"]] == [profile["id"]]
+    audio = decode(http.get(f"/api/voice-profiles/{profile['id']}/audio").content)
+    assert (audio.container, audio.sample_rate) == ("wav", 24000) and 5.9 < audio.duration < 6.1
+    # Piper cannot clone: the profile's URI is understood, and the models that can are named.
+    spoken = http.post("/tts", json={"model": "tts-1", "input": "Hi.", "voice": profile["uri"]})
+    assert "cloned voice" in assert_family_error(spoken, 400)["message"]
+    assert http.delete(f"/api/voice-profiles/{profile['id']}").status_code == 200
+    assert_family_error(http.get(f"/api/voice-profiles/{profile['id']}"), 404)
+    assert saved(models) == []

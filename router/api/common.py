@@ -6,7 +6,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from typing import Any
 
-from fastapi import Request
+from fastapi import Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
@@ -18,7 +18,7 @@ from router.auth import caller, presented_keys
 from router.encoding import EncodedAudio
 from router.errors import ChorusError
 from router.speech import SpeechService
-from router.voices import Caller
+from router.voices import Caller, Upload
 
 log = logging.getLogger("chorus")
 
@@ -97,6 +97,11 @@ def request_caller(request: Request) -> Caller:
     """Whose saved voices the request may see and change (the key middleware has checked it)."""
     headers = {k.lower(): v for k, v in request.headers.raw}
     return caller(presented_keys(headers), request.app.state.speech.settings)
+
+
+async def uploads(files: list[UploadFile]) -> list[Upload]:
+    """A form's files, read (the body limit has bounded them already)."""
+    return [Upload(file.filename or "upload", await file.read()) for file in files]
 
 
 class AudioResponse(StreamingResponse):

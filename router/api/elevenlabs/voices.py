@@ -3,16 +3,21 @@
 
 from __future__ import annotations
 
-from anyio import to_thread
-from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
+from typing import Annotated
 
-from router.api.common import family_route, request_caller, speech_service
+from anyio import to_thread
+from fastapi import APIRouter, Depends, File, Form, Path, Query, UploadFile
+
+from router.api.common import family_route, request_caller, speech_service, uploads
 from router.api.elevenlabs.schemas import elevenlabs_error
 from router.errors import InvalidRequest
 from router.speech import SpeechService, model_voices
-from router.voices import Caller, Upload, Voice, VoiceDetails, labels_from_json
+from router.voices import Caller, Voice, VoiceDetails, labels_from_json
 
 router = APIRouter(route_class=family_route(elevenlabs_error, validation_status=422), tags=["ElevenLabs"])
+
+#: A voice id in a path; longer ones are no voice of any model.
+VoiceId = Annotated[str, Path(min_length=1, max_length=256)]
 
 
 def saved_voice_json(voice: Voice, models: list[str]) -> dict:
@@ -74,10 +79,6 @@ async def search_voices(
     return {"voices": voices, "has_more": False, "total_count": len(voices), "next_page_token": None}
 
 
-async def uploads(files: list[UploadFile]) -> list[Upload]:
-    return [Upload(file.filename or "upload", await file.read()) for file in files]
-
-
 @router.post("/v1/voices/add", summary="Clone a voice from recordings (ElevenLabs instant voice cloning)")
 async def add_voice(
     name: str = Form(...),
@@ -95,7 +96,7 @@ async def add_voice(
 
 
 @router.get("/v1/voices/{voice_id}", summary="Get a voice (ElevenLabs)")
-async def get_voice(voice_id: str, service: SpeechService = Depends(speech_service),
+async def get_voice(voice_id: VoiceId, service: SpeechService = Depends(speech_service),
                     caller: Caller = Depends(request_caller)):
     voice = service.voices.get(voice_id, caller)
     return saved_voice_json(voice, service.cloning_models(voice))
@@ -103,7 +104,7 @@ async def get_voice(voice_id: str, service: SpeechService = Depends(speech_servi
 
 @router.post("/v1/voices/{voice_id}/edit", summary="Edit a voice's name, description or labels (ElevenLabs)")
 async def edit_voice(
-    voice_id: str,
+    voice_id: VoiceId,
     name: str | None = Form(None),
     files: list[UploadFile] = File(default_factory=list),
     description: str | None = Form(None),
@@ -121,7 +122,7 @@ async def edit_voice(
 
 
 @router.delete("/v1/voices/{voice_id}", summary="Delete a voice (ElevenLabs)")
-async def delete_voice(voice_id: str, service: SpeechService = Depends(speech_service),
+async def delete_voice(voice_id: VoiceId, service: SpeechService = Depends(speech_service),
                        caller: Caller = Depends(request_caller)):
     await to_thread.run_sync(service.voices.delete, voice_id, caller)
     return {"status": "ok"}
