@@ -5,6 +5,8 @@ Hugging Face cache so that LocalAI's documented `xtts_v2` config loads it by nam
 
 from __future__ import annotations
 
+import base64
+import json
 import subprocess
 import textwrap
 import time
@@ -235,6 +237,7 @@ def test_an_uploaded_voice_is_cloned_through_every_family(worker, setup, tmp_pat
     """The ElevenLabs SDK uploads a recording to the router, which keeps it in the models
     directory the worker shares; each family speaks it with the tiny XTTS; the SDK deletes it."""
     from elevenlabs.client import ElevenLabs
+    from websockets.sync.client import connect
 
     env = {"CHORUS_MODE": "http", "CHORUS_BACKEND_URLS": f"coqui={worker}"}
     with chorus_server(setup["models"], tmp_path / "router.log", configs_dir=setup["configs"],
@@ -261,6 +264,14 @@ def test_an_uploaded_voice_is_cloned_through_every_family(worker, setup, tmp_pat
                 "model": "xtts-clone", "input": "hello", "voice": voice_id, "language": "en"})
             assert localai.status_code == 200, localai.text
             assert audio_seconds(localai.content) > 0.1
+            # ElevenLabs' WebSocket, the voice in its path.
+            query = "model_id=xtts-clone&language_code=en&output_format=pcm_24000"
+            with connect(f"ws://127.0.0.1:{router.port}/v1/text-to-speech/{voice_id}/stream-input?{query}") as socket:
+                for text in (" ", "hello there. ", ""):
+                    socket.send(json.dumps({"text": text}))
+                messages = [json.loads(message) for message in socket]
+            pcm = b"".join(base64.b64decode(m["audio"]) for m in messages if m.get("audio"))
+            assert messages[-1].get("isFinal") and len(pcm) > 2400
         finally:
             assert client.voices.delete(voice_id).status == "ok"
         assert not folder.exists()
