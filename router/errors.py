@@ -34,6 +34,18 @@ class VoiceNotFound(ChorusError):
     code = "voice_not_found"
 
 
+class NotFound(ChorusError):
+    status = 404
+    code = "not_found"
+
+
+class UnsupportedAudio(ChorusError):
+    """An upload that is no audio FFmpeg can decode."""
+
+    status = 415
+    code = "unsupported_audio"
+
+
 class BackendUnavailable(ChorusError):
     status = 503
     code = "backend_unavailable"

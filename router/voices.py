@@ -34,7 +34,7 @@ import numpy as np
 
 from functions import CLONING_BACKENDS
 from functions.config import ModelConfig
-from router.errors import ChorusError, InvalidRequest, VoiceNotFound
+from router.errors import InvalidRequest, NotFound, UnsupportedAudio, VoiceNotFound
 
 #: The reference's rate: VALL-E X's codec rate, and XTTS resamples whatever it reads.
 REFERENCE_RATE = 24000
@@ -65,21 +65,6 @@ _CONSENT_META = "consent.json"
 _INCOMING, _REMOVED = ".incoming-", ".removed-"
 #: An incoming folder this old was left by a process that died mid-write.
 _STALE_SECONDS = 3600
-
-
-class UnsupportedAudio(ChorusError):
-    status = 415
-    code = "unsupported_audio"
-
-
-class NotFound(ChorusError):
-    status = 404
-    code = "not_found"
-
-
-class TooManyVoices(ChorusError):
-    status = 400
-    code = "voice_limit_reached"
 
 
 @dataclass(frozen=True)
@@ -311,7 +296,7 @@ class VoiceLibrary:
         )
         def room() -> None:
             if len(self._ids()) >= self.max_voices:
-                raise TooManyVoices(f"this server keeps at most {self.max_voices} voices: delete one first")
+                raise InvalidRequest(f"this server keeps at most {self.max_voices} voices: delete one first")
 
         self._place(self.root, voice.id, {_REFERENCE: _wav(samples), _META: json.dumps(asdict(voice)).encode()}, room)
         return voice

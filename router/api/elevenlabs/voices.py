@@ -79,19 +79,26 @@ async def search_voices(
     return {"voices": voices, "has_more": False, "total_count": len(voices), "next_page_token": None}
 
 
+class VoiceForm:
+    """ElevenLabs' form for adding a voice and editing one."""
+
+    def __init__(
+        self,
+        name: str | None = Form(None),
+        files: list[UploadFile] = File(default_factory=list),
+        description: str | None = Form(None),
+        labels: str | None = Form(None),
+        # Accepted for compatibility: the recording is kept as it was sent.
+        remove_background_noise: bool = Form(False),
+    ):
+        self.files = files
+        self.details = VoiceDetails(name=name, description=description, labels=labels_from_json(labels))
+
+
 @router.post("/v1/voices/add", summary="Clone a voice from recordings (ElevenLabs instant voice cloning)")
-async def add_voice(
-    name: str = Form(...),
-    files: list[UploadFile] = File(default_factory=list),
-    description: str | None = Form(None),
-    labels: str | None = Form(None),
-    # Accepted for compatibility: the recording is kept as it was sent.
-    remove_background_noise: bool = Form(False),
-    service: SpeechService = Depends(speech_service),
-    caller: Caller = Depends(request_caller),
-):
-    details = VoiceDetails(name=name, description=description, labels=labels_from_json(labels))
-    voice = await to_thread.run_sync(service.voices.create, await uploads(files), details, caller)
+async def add_voice(form: VoiceForm = Depends(), service: SpeechService = Depends(speech_service),
+                    caller: Caller = Depends(request_caller)):
+    voice = await to_thread.run_sync(service.voices.create, await uploads(form.files), form.details, caller)
     return {"voice_id": voice.id, "requires_verification": False}
 
 
@@ -103,21 +110,12 @@ async def get_voice(voice_id: VoiceId, service: SpeechService = Depends(speech_s
 
 
 @router.post("/v1/voices/{voice_id}/edit", summary="Edit a voice's name, description or labels (ElevenLabs)")
-async def edit_voice(
-    voice_id: VoiceId,
-    name: str | None = Form(None),
-    files: list[UploadFile] = File(default_factory=list),
-    description: str | None = Form(None),
-    labels: str | None = Form(None),
-    remove_background_noise: bool = Form(False),
-    service: SpeechService = Depends(speech_service),
-    caller: Caller = Depends(request_caller),
-):
-    if files:
+async def edit_voice(voice_id: VoiceId, form: VoiceForm = Depends(), service: SpeechService = Depends(speech_service),
+                     caller: Caller = Depends(request_caller)):
+    if form.files:
         raise InvalidRequest("a saved voice's recording cannot be replaced: add a new voice from the new files",
                              param="files")
-    details = VoiceDetails(name=name, description=description, labels=labels_from_json(labels))
-    await to_thread.run_sync(service.voices.edit, voice_id, details, caller)
+    await to_thread.run_sync(service.voices.edit, voice_id, form.details, caller)
     return {"status": "ok"}
 
 

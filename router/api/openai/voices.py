@@ -11,9 +11,9 @@ from fastapi import Depends, File, Form, Path, UploadFile
 
 from router.api.common import request_caller, speech_service, uploads
 from router.api.openai.routes import router
-from router.errors import InvalidRequest
+from router.errors import InvalidRequest, NotFound
 from router.speech import SpeechService
-from router.voices import Caller, Consent, NotFound, VoiceDetails
+from router.voices import Caller, Consent, VoiceDetails
 
 #: OpenAI's limit on a custom voice's sample.
 SAMPLE_SECONDS = 30.0
