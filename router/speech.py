@@ -144,8 +144,8 @@ class SpeechService:
         fragments = None if isinstance(ask.text, str) else ask.text
         return SpeechJob(config, request, ask.text_param, limit, metric_name, fragments)
 
-    def cloning_models(self, voice: Voice) -> list[str]:
-        """The models this server serves that may speak the saved `voice`."""
+    def cloning_models(self, voice: Voice | None = None) -> list[str]:
+        """The models this server serves that may speak the saved `voice` (any, for None)."""
         return self.voices.usable(voice, self.registry.all())
 
     async def synthesis(self, job: SpeechJob, on_chunk: ChunkDone | None = None) -> Synthesis:

@@ -380,6 +380,7 @@ class VoiceLibrary:
             raise NotFound(f"'{name}' was not found (removed meanwhile)") from None
         shutil.rmtree(removed, ignore_errors=True)
 
-    def usable(self, voice: Voice, configs: list[ModelConfig]) -> list[str]:
-        """The models among `configs` that can speak `voice`."""
-        return [c.name for c in configs if c.backend in CLONING_BACKENDS and (not voice.models or c.name in voice.models)]
+    def usable(self, voice: Voice | None, configs: list[ModelConfig]) -> list[str]:
+        """The models among `configs` that can speak `voice` (any saved voice, for None)."""
+        allowed = voice.models if voice is not None else ()
+        return [c.name for c in configs if c.backend in CLONING_BACKENDS and (not allowed or c.name in allowed)]

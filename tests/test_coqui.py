@@ -272,6 +272,14 @@ def test_an_uploaded_voice_is_cloned_through_every_family(worker, setup, tmp_pat
                 messages = [json.loads(message) for message in socket]
             pcm = b"".join(base64.b64decode(m["audio"]) for m in messages if m.get("audio"))
             assert messages[-1].get("isFinal") and len(pcm) > 2400
+
+            # A LocalAI profile kept for one model: another is refused before any synthesis.
+            profile = httpx.post(f"{router.url}/api/voice-profiles", timeout=60, files={"audio": ("me.mp3", recording)},
+                                 data={"name": "Kept", "consent": "true", "models": "xtts-clone"}).json()
+            refused = httpx.post(f"{router.url}/tts", timeout=60, json={
+                "model": "xtts_v2", "input": "hello", "voice": profile["uri"], "language": "en"})
+            assert refused.status_code == 400 and "models that can: xtts-clone" in refused.text
+            assert httpx.delete(f"{router.url}/api/voice-profiles/{profile['id']}", timeout=60).status_code == 200
         finally:
             assert client.voices.delete(voice_id).status == "ok"
         assert not folder.exists()

@@ -214,6 +214,9 @@ def test_localai_voice_profiles_keep_their_clip_and_name_it_by_uri(http, setup):
     clip = ("clip.ogg", encoded_voice(6, rate=48000, fmt="ogg"), "audio/ogg")
     refused = http.post("/api/voice-profiles", data={"name": "Ana"}, files={"audio": clip})
     assert "permission" in assert_family_error(refused, 400)["message"]
+    refused = http.post("/api/voice-profiles", data={"name": "Ana", "consent": "true", "models": "tts-1"},
+                        files={"audio": clip})
+    assert "tts-1: no cloning model" in assert_family_error(refused, 400)["message"]
     created = http.post("/api/voice-profiles", data={"name": "Ana", "consent": "true", "transcript": "Hello there.",
                                                      "language": "en"}, files={"audio": clip})
     assert created.status_code == 200, created.text

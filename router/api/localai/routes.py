@@ -53,12 +53,19 @@ async def list_profiles(service: SpeechService = Depends(speech_service), caller
 async def create_profile(
     name: str = Form(...), audio: UploadFile = File(...), transcript: str | None = Form(None),
     language: str | None = Form(None), consent: bool = Form(False),
+    # Comma-separated: the only models that may speak it; none, every cloning model.
+    models: str | None = Form(None),
     service: SpeechService = Depends(speech_service), caller: Caller = Depends(request_caller),
 ):
     # LocalAI's library asks the user to confirm they may clone the voice.
     if not consent:
         raise InvalidRequest("confirm you have permission to clone this voice: send consent=true", param="consent")
-    details = VoiceDetails(name=name, transcript=transcript, language=language)
+    chosen = tuple(name.strip() for name in (models or "").split(",") if name.strip())
+    able = service.cloning_models()
+    if unknown := [model for model in chosen if model not in able]:
+        raise InvalidRequest(f"{', '.join(unknown)}: no cloning model of this server; models that can clone: "
+                             f"{', '.join(able) or 'none is configured'}", param="models")
+    details = VoiceDetails(name=name, transcript=transcript, language=language, models=chosen)
     voice = await to_thread.run_sync(service.voices.create, await uploads([audio]), details, caller)
     return _profile_json(voice, service.cloning_models(voice))
 
