@@ -16,8 +16,7 @@ __all__ = ["BACKENDS", "CLONING_BACKENDS", "PROMPT_BACKENDS", "backend_class", "
 PROMPT_BACKENDS: frozenset[str] = frozenset({"transformers-musicgen"})
 #: Backends that clone a voice from any reference recording a request names (a path in the
 #: models directory): the ones a saved voice of the library (router/voices.py) may be spoken by.
-#: VALL-E X clones only its config's recording, encoded at load.
-CLONING_BACKENDS: frozenset[str] = frozenset({"coqui"})
+CLONING_BACKENDS: frozenset[str] = frozenset({"coqui", "vall-e-x"})
 
 
 def modal_class_name(backend: str) -> str:

@@ -35,6 +35,7 @@ from functions.protocol import (
     SynthesisRequest,
     pcm16,
 )
+from functions.saved_voices import saved_voice_details
 
 
 class CoquiBackend(Backend):
@@ -273,7 +274,7 @@ class CoquiBackend(Backend):
     def _latents_file(self, path: Path) -> Path | None:
         """Where a saved voice's (the voice library's: a folder with its voice.json) latents are
         kept for this model; None for any other recording, which is not ours to write beside."""
-        if path.name != "reference.wav" or not path.with_name("voice.json").is_file():
+        if saved_voice_details(path) is None:
             return None
         checkpoint = hashlib.sha256(str(self.config.parameters.model).encode()).hexdigest()[:16]
         return path.with_name(f"xtts-latents-{checkpoint}.pt")

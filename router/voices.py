@@ -34,6 +34,7 @@ import numpy as np
 
 from functions import CLONING_BACKENDS
 from functions.config import ModelConfig
+from functions.saved_voices import DETAILS_FILE, REFERENCE_FILE
 from router.errors import InvalidRequest, NotFound, UnsupportedAudio, VoiceNotFound
 
 #: The reference's rate: VALL-E X's codec rate, and XTTS resamples whatever it reads.
@@ -56,8 +57,6 @@ MAX_TEXT_CHARS = 2000
 #: 20 hex digits: ElevenLabs' voice ids are 20 characters too, and the pattern keeps an id from
 #: ever naming anything outside its folder.
 _ID = re.compile(r"^[0-9a-f]{20}$")
-_REFERENCE = "reference.wav"
-_META = "voice.json"
 _CONSENT_ID = re.compile(r"^cons_[0-9a-f]{20}$")
 _CONSENT_RECORDING = "recording.wav"
 _CONSENT_META = "consent.json"
@@ -107,7 +106,7 @@ class Voice:
     @property
     def reference(self) -> str:
         """The reference recording's path in the models directory, as backends are given it."""
-        return f"voices/{self.id}/{_REFERENCE}"
+        return f"voices/{self.id}/{REFERENCE_FILE}"
 
     def visible_to(self, caller: Caller) -> bool:
         return caller.admin or self.owner == caller.owner
@@ -252,7 +251,7 @@ class VoiceLibrary:
 
     def _read(self, voice_id: str) -> Voice | None:
         try:
-            data = json.loads((self.root / voice_id / _META).read_text(encoding="utf-8"))
+            data = json.loads((self.root / voice_id / DETAILS_FILE).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
         data["models"] = tuple(data.get("models") or ())
@@ -298,7 +297,7 @@ class VoiceLibrary:
             if len(self._ids()) >= self.max_voices:
                 raise InvalidRequest(f"this server keeps at most {self.max_voices} voices: delete one first")
 
-        self._place(self.root, voice.id, {_REFERENCE: _wav(samples), _META: json.dumps(asdict(voice)).encode()}, room)
+        self._place(self.root, voice.id, {REFERENCE_FILE: _wav(samples), DETAILS_FILE: json.dumps(asdict(voice)).encode()}, room)
         return voice
 
     def _place(self, root: Path, name: str, files: dict[str, bytes], check: Callable[[], None] | None = None) -> None:
@@ -356,10 +355,10 @@ class VoiceLibrary:
         changes = {k: v for k, v in asdict(details.check()).items() if v is not None}
         edited = replace(voice, **changes)
         folder = self.root / voice_id
-        temporary = folder / f".{_META}.{secrets.token_hex(4)}"
+        temporary = folder / f".{DETAILS_FILE}.{secrets.token_hex(4)}"
         try:
             temporary.write_text(json.dumps(asdict(edited)), encoding="utf-8")
-            temporary.replace(folder / _META)  # atomic: a reader sees the old or the new
+            temporary.replace(folder / DETAILS_FILE)  # atomic: a reader sees the old or the new
         except FileNotFoundError:
             raise VoiceNotFound(f"A voice with the voice_id {voice_id} was not found.", param="voice_id") from None
         finally:
