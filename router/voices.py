@@ -293,6 +293,7 @@ class VoiceLibrary:
             language=details.language, transcript=details.transcript, models=details.models or (),
             consent=details.consent, created=int(time.time()),
         )
+
         def room() -> None:
             if len(self._ids()) >= self.max_voices:
                 raise InvalidRequest(f"this server keeps at most {self.max_voices} voices: delete one first")
