@@ -32,7 +32,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from functions import CLONING_BACKENDS
+from functions import clones_voices
 from functions.config import ModelConfig
 from functions.saved_voices import DETAILS_FILE, REFERENCE_FILE
 from router.errors import InvalidRequest, NotFound, UnsupportedAudio, VoiceNotFound
@@ -383,4 +383,4 @@ class VoiceLibrary:
     def usable(self, voice: Voice | None, configs: list[ModelConfig]) -> list[str]:
         """The models among `configs` that can speak `voice` (any saved voice, for None)."""
         allowed = voice.models if voice is not None else ()
-        return [c.name for c in configs if c.backend in CLONING_BACKENDS and (not allowed or c.name in allowed)]
+        return [c.name for c in configs if clones_voices(c) and (not allowed or c.name in allowed)]
