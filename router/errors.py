@@ -46,6 +46,14 @@ class UnsupportedAudio(ChorusError):
     code = "unsupported_audio"
 
 
+class StorageFailed(ChorusError):
+    """The models directory could not keep a change to the voice library (read-only, full, a
+    shared volume that would not commit); nothing of the change is left."""
+
+    status = 503
+    code = "storage_unavailable"
+
+
 class BackendUnavailable(ChorusError):
     status = 503
     code = "backend_unavailable"

@@ -99,7 +99,7 @@ class SpeechService:
         self.metrics = metrics or Metrics()
         runner.observe(self.metrics)
         self.admission = Admission(settings.max_queue, settings.queue_timeout)
-        self.voices = VoiceLibrary(settings.models_dir, settings.max_voices)
+        self.voices = VoiceLibrary(settings.models_dir, settings.max_voices, runner.models_volume())
 
     def prepare(self, ask: Ask) -> SpeechJob:
         """The job `ask` makes. A whole text is cleaned and checked now; fragments are, as they

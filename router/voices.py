@@ -19,15 +19,17 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import re
 import secrets
 import shutil
 import threading
 import time
 import wave
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 
 import av
 import numpy as np
@@ -35,7 +37,9 @@ import numpy as np
 from functions import clones_voices
 from functions.config import ModelConfig
 from functions.saved_voices import DETAILS_FILE, REFERENCE_FILE
-from router.errors import InvalidRequest, NotFound, UnsupportedAudio, VoiceNotFound
+from router.errors import InvalidRequest, NotFound, StorageFailed, UnsupportedAudio, VoiceNotFound
+
+log = logging.getLogger("chorus")
 
 #: The reference's rate: VALL-E X's codec rate, and XTTS resamples whatever it reads.
 REFERENCE_RATE = 24000
@@ -225,12 +229,33 @@ def _wav(samples: np.ndarray) -> bytes:
     return out.getvalue()
 
 
-class VoiceLibrary:
-    """The saved voices of one models directory, at most `max_voices` of them."""
+class SharedVolume(Protocol):
+    """A models directory that other hosts mount too, whose changes they see only once committed
+    (Modal's Volume). Blocking: called from worker threads, as the library's writes are."""
 
-    def __init__(self, models_dir: Path, max_voices: int):
+    def commit(self) -> None: ...
+
+
+@contextlib.contextmanager
+def _storing(what: str) -> Iterator[None]:
+    """An OSError while `what` is a 503 naming its cause (read-only, full), never the path."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise  # a voice removed meanwhile: the caller's 404
+    except OSError as exc:
+        cause = exc.strerror or exc.__class__.__name__
+        raise StorageFailed(f"the models directory could not {what}: {cause}") from None
+
+
+class VoiceLibrary:
+    """The saved voices of one models directory, at most `max_voices` of them; each change
+    committed to `volume` where the directory is one."""
+
+    def __init__(self, models_dir: Path, max_voices: int, volume: SharedVolume | None = None):
         self.root = models_dir / "voices"
         self.max_voices = max_voices
+        self._volume = volume
         # Counting and renaming into place happen under it, so concurrent creates never pass
         # the limit together. (Routers sharing a volume each keep their own count.)
         self._lock = threading.Lock()
@@ -298,24 +323,46 @@ class VoiceLibrary:
             if len(self._ids()) >= self.max_voices:
                 raise InvalidRequest(f"this server keeps at most {self.max_voices} voices: delete one first")
 
-        self._place(self.root, voice.id, {REFERENCE_FILE: _wav(samples), DETAILS_FILE: json.dumps(asdict(voice)).encode()}, room)
+        self._place(self.root, voice.id, {REFERENCE_FILE: _wav(samples), DETAILS_FILE: json.dumps(asdict(voice)).encode()},
+                    "save the voice", room)
         return voice
 
-    def _place(self, root: Path, name: str, files: dict[str, bytes], check: Callable[[], None] | None = None) -> None:
+    def _place(self, root: Path, name: str, files: dict[str, bytes], what: str,
+               check: Callable[[], None] | None = None) -> None:
         """`files` written in a hidden folder of `root`, then renamed to `root/name` at once
-        (after `check`, under the lock); on any failure nothing is left."""
-        root.mkdir(parents=True, exist_ok=True)
+        (after `check`, under the lock) and committed; on any failure nothing is left, and the
+        error says the library could not `what`."""
         incoming = root / f"{_INCOMING}{name}"
         try:
-            incoming.mkdir()
-            for file, data in files.items():
-                (incoming / file).write_bytes(data)
+            with _storing(what):
+                root.mkdir(parents=True, exist_ok=True)
+                incoming.mkdir()
+                for file, data in files.items():
+                    (incoming / file).write_bytes(data)
             with self._lock:
                 if check is not None:
                     check()
-                incoming.rename(root / name)
+                with _storing(what):
+                    incoming.rename(root / name)
         finally:
             shutil.rmtree(incoming, ignore_errors=True)
+        try:
+            self._commit(what)
+        except StorageFailed:
+            # Not kept where other hosts would see it: not kept at all.
+            shutil.rmtree(root / name, ignore_errors=True)
+            raise
+
+    def _commit(self, what: str) -> None:
+        if self._volume is None:
+            return
+        try:
+            self._volume.commit()
+        except Exception as exc:  # noqa: BLE001 - the volume's client raises its own kinds
+            # Its message may hold the volume's paths: the log has it, the client gets the gist.
+            log.error("the models volume did not commit (to %s): %s", what, exc)
+            raise StorageFailed(f"the models volume could not {what}: its commit failed, see the router's "
+                                "log") from None
 
     # -- consents: a recording of the speaker agreeing, which OpenAI's custom voices require ---
 
@@ -329,7 +376,8 @@ class VoiceLibrary:
         samples = decode_reference([recording], param="recording")
         consent = Consent(f"cons_{secrets.token_hex(10)}", details.name or "", language, caller.owner, int(time.time()))
         self._place(self._consents, consent.id, {_CONSENT_RECORDING: _wav(samples),
-                                                 _CONSENT_META: json.dumps(asdict(consent)).encode()})
+                                                 _CONSENT_META: json.dumps(asdict(consent)).encode()},
+                    "save the consent")
         return consent
 
     def consent(self, consent_id: str, caller: Caller) -> Consent | None:
@@ -358,13 +406,15 @@ class VoiceLibrary:
         folder = self.root / voice_id
         temporary = folder / f".{DETAILS_FILE}.{secrets.token_hex(4)}"
         try:
-            temporary.write_text(json.dumps(asdict(edited)), encoding="utf-8")
-            temporary.replace(folder / DETAILS_FILE)  # atomic: a reader sees the old or the new
+            with _storing("save the voice"):
+                temporary.write_text(json.dumps(asdict(edited)), encoding="utf-8")
+                temporary.replace(folder / DETAILS_FILE)  # atomic: a reader sees the old or the new
         except FileNotFoundError:
             raise VoiceNotFound(f"A voice with the voice_id {voice_id} was not found.", param="voice_id") from None
         finally:
             with contextlib.suppress(OSError):
                 temporary.unlink()
+        self._commit("save the voice")
         return edited
 
     def delete(self, voice_id: str, caller: Caller) -> None:
@@ -375,10 +425,12 @@ class VoiceLibrary:
     def _remove(self, root: Path, name: str) -> None:
         removed = root / f"{_REMOVED}{name}-{secrets.token_hex(4)}"
         try:
-            (root / name).rename(removed)  # gone for every reader at once
+            with _storing("remove it"):
+                (root / name).rename(removed)  # gone for every reader at once
         except FileNotFoundError:
             raise NotFound(f"'{name}' was not found (removed meanwhile)") from None
         shutil.rmtree(removed, ignore_errors=True)
+        self._commit("remove it")
 
     def usable(self, voice: Voice | None, configs: list[ModelConfig]) -> list[str]:
         """The models among `configs` that can speak `voice` (any saved voice, for None)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from functions.config import ModelConfig
 from functions.protocol import Spoken, SynthesisRequest
@@ -54,6 +55,12 @@ class Runner(ABC):
     def capacity(self, config: ModelConfig) -> int:
         """Syntheses of this model that may run at once, wherever it runs."""
         return config.deploy.max_concurrent_inputs
+
+    def models_volume(self) -> Any:
+        """The models directory as a volume other hosts see changes to only once committed
+        (router/voices.py's SharedVolume), or None where they see them at once (one disk, or
+        a bind mount)."""
+        return None
 
     async def close(self) -> None:  # noqa: B027 - most runners hold nothing to release
         """Release connections and models."""
