@@ -6,6 +6,7 @@ creates keep the limit; with API keys a voice is its key's alone."""
 
 from __future__ import annotations
 
+import json
 import wave
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +19,7 @@ from tests._live import assert_family_error, live_app, piper_setup
 from tests.audio import RECORDING_FORMATS, SHORT_TEXT, decode, encoded_voice
 
 elevenlabs = pytest.importorskip("elevenlabs")
+from websockets.sync.client import connect  # noqa: E402
 
 MAX_VOICES = 4
 UPLOAD_BYTES = 3 * 1024 * 1024
@@ -173,6 +175,18 @@ def test_a_voice_belongs_to_the_key_that_made_it(tmp_path):
         spoken = http.post(f"/v1/text-to-speech/{voice_id}", headers=bob, json={"text": SHORT_TEXT})
         assert_family_error(spoken, 404, code="voice_not_found")
         assert http.get(f"/v1/voices/{voice_id}", headers=alice).status_code == 200
+
+        def first_reply(key: str) -> dict:
+            """What the socket answers a key sent only in its first message, as ElevenLabs documents."""
+            address = f"{url.replace('http', 'ws', 1)}/v1/text-to-speech/{voice_id}/stream-input?model_id=tts-1"
+            with connect(address) as socket:
+                socket.send(json.dumps({"text": " ", "xi_api_key": key}))
+                return json.loads(socket.recv(timeout=30))
+
+        # Alice's key finds her voice, which Piper cannot speak; to Bob's it is no voice at all.
+        assert "Narrator) is a cloned voice, which model 'tts-1' cannot speak" in first_reply(USER_KEYS[0])["message"]
+        to_bob = first_reply(USER_KEYS[1])
+        assert to_bob["error"] == "voice_not_found" and "cloned" not in to_bob["message"]
         assert http.delete(f"/v1/voices/{voice_id}", headers=admin).status_code == 200
         assert_family_error(http.get(f"/v1/voices/{voice_id}", headers=alice), 404)
 

@@ -82,6 +82,22 @@ class Socket:
             payload["contextId"] = context.id
         await self.send(payload)
 
+    @property
+    def authorized(self) -> bool:
+        return self._authorized
+
+    async def check_voice(self) -> None:
+        """The model and the voice, checked before any text is waited for, as ElevenLabs does;
+        a failure closes the socket with ElevenLabs' error."""
+        options = self.options
+        body = TextToSpeechBody(text="", model_id=options.model_id, language_code=options.language_code)
+        try:
+            async with voice_not_found(self.voice_id):
+                job = self.service.prepare(ask(self.voice_id, body, self.caller, _nothing()))
+            await _check_voice(self.service, job, self.voice_id)
+        except ChorusError as exc:
+            raise SocketError(exc.code, exc.message, fatal=True) from None
+
     def authorize(self, presented: list[bytes]) -> None:
         keys = [key.encode() for key in self.service.settings.every_api_key]
         self._authorized = self._authorized or key_matches(presented, keys)
@@ -100,11 +116,17 @@ class Socket:
                 await self.error(exc.code, exc.message)
                 continue
             if first:
+                checked = self._authorized
                 if message.key():
-                    self.authorize([message.key().removeprefix("Bearer ").strip().encode()])
+                    presented = [message.key().removeprefix("Bearer ").strip().encode()]
+                    self.authorize(presented)
+                    if not checked:
+                        self.caller = caller(presented, self.service.settings)
                 if not self._authorized:
                     raise SocketError("invalid_api_key", "invalid API key: send it in the xi-api-key header, the "
                                       "authorization query parameter or the first message", fatal=True)
+                if not checked:
+                    await self.check_voice()
                 first = False
             self.active()
             if await self.handle(message):
@@ -289,21 +311,15 @@ async def _converse(websocket: WebSocket, service: SpeechService, voice_id: str,
         presented = presented_keys({k.lower(): v for k, v in websocket.headers.raw})
         if options.authorization:
             presented.append(options.authorization.removeprefix("Bearer ").strip().encode())
-        # A key sent only in the first message authorizes the socket, but too late to pick that
-        # key's saved voices: the voice is checked now.
-        who = caller(presented, service.settings)
         try:
             fmt = parse_output_format(options.output_format)
-            # The model and the voice are checked now, before any text is waited for, as
-            # ElevenLabs does.
-            body = TextToSpeechBody(text="", model_id=options.model_id, language_code=options.language_code)
-            async with voice_not_found(voice_id):
-                job = service.prepare(ask(voice_id, body, who, _nothing()))
-            await _check_voice(service, job, voice_id)
         except ChorusError as exc:
             raise SocketError(exc.code, exc.message, fatal=True) from None
-        socket = Socket(websocket, service, voice_id, who, options, fmt, multi)
+        socket = Socket(websocket, service, voice_id, caller(presented, service.settings), options, fmt, multi)
         socket.authorize(presented)
+        if socket.authorized:
+            await socket.check_voice()
+        # Else the key comes in the first message, and the voice (maybe that key's) once it came.
         limit = service.settings.websocket_max_seconds
         try:
             async with asyncio.timeout(limit):
