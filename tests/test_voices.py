@@ -7,6 +7,7 @@ creates keep the limit; with API keys a voice is its key's alone."""
 from __future__ import annotations
 
 import json
+import os
 import wave
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -189,6 +190,22 @@ def test_a_voice_belongs_to_the_key_that_made_it(tmp_path):
         assert to_bob["error"] == "voice_not_found" and "cloned" not in to_bob["message"]
         assert http.delete(f"/v1/voices/{voice_id}", headers=admin).status_code == 200
         assert_family_error(http.get(f"/v1/voices/{voice_id}", headers=alice), 404)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes in a read-only folder all the same")
+def test_a_models_directory_that_cannot_be_written_is_a_503_naming_the_cause(tmp_path):
+    configs, models = piper_setup(tmp_path)
+    (models / "voices").mkdir()
+    (models / "voices").chmod(0o555)
+    try:
+        with live_app(configs, models) as url, httpx.Client(base_url=url, timeout=60) as http:
+            response = add(http, [("a.wav", encoded_voice(2, rate=16000))])
+            message = assert_family_error(response, 503, code="storage_unavailable")["message"]
+            assert message == "the models directory could not save the voice: Permission denied"
+            assert not any(v["category"] == "cloned" for v in http.get("/v1/voices").json()["voices"])
+        assert saved(models) == []
+    finally:
+        (models / "voices").chmod(0o755)
 
 
 def test_the_openai_sdk_makes_a_custom_voice_from_a_consent_and_a_sample(url, setup):
