@@ -20,13 +20,13 @@ from router.admission import Admission
 from router.cache import SynthesisCache
 from router.chunking import Fragments
 from router.encoding import AudioFormat, EncodedAudio, StreamEncoder
-from router.errors import ChorusError, InvalidRequest
+from router.errors import ChorusError, InvalidRequest, VoiceNotFound
 from router.metrics import Metrics, note_model
 from router.registry import ModelRegistry
 from router.runners import PcmStream, Runner
 from router.settings import ApiFamily, Settings
 from router.synthesis import ChunkDone, Synthesis
-from router.voices import Caller, Voice, VoiceLibrary
+from router.voices import Caller, Voice, VoiceLibrary, in_library
 
 log = logging.getLogger("chorus")
 
@@ -112,6 +112,9 @@ class SpeechService:
                 raise InvalidRequest(f"'{ask.text_param}' must not be empty", param=ask.text_param)
             rules.check(text, limit, ask.text_param)
         saved = self.voices.find(ask.voice, ask.caller)
+        if saved is None and in_library(ask.voice):
+            # By its path a saved voice would reach a backend unchecked, whoever's it is.
+            raise VoiceNotFound("a saved voice is named by its id, not by a path", param="voice")
         model = ask.model
         if saved is not None and model is None:
             # A saved voice with no model named: the first model that can speak it.

@@ -28,7 +28,7 @@ import time
 import wave
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Protocol
 
 import av
@@ -64,6 +64,7 @@ _ID = re.compile(r"^[0-9a-f]{20}$")
 _CONSENT_ID = re.compile(r"^cons_[0-9a-f]{20}$")
 _CONSENT_RECORDING = "recording.wav"
 _CONSENT_META = "consent.json"
+_CONSENTS = "consents"
 #: Hidden folders: a voice being written, or one being removed.
 _INCOMING, _REMOVED = ".incoming-", ".removed-"
 #: An incoming folder this old was left by a process that died mid-write.
@@ -154,6 +155,15 @@ class VoiceDetails:
             raise InvalidRequest(f"'language' {self.language!r} is not a language code (en, fr, pt-BR)",
                                  param="language")
         return replace(self, name=self.name.strip() if self.name is not None else None)
+
+
+def in_library(voice: str | None) -> bool:
+    """Whether `voice` is a path to a file of the library (LocalAI-style requests may name any
+    file of the models directory, a user's own `voices/*.wav` included): only an id names a
+    saved voice, its owner checked."""
+    parts = PurePosixPath(voice or "").parts
+    return len(parts) > 2 and parts[0] == "voices" and (
+        _ID.match(parts[1]) is not None or parts[1] == _CONSENTS or parts[1].startswith((_INCOMING, _REMOVED)))
 
 
 def labels_from_json(text: str | None) -> dict[str, str] | None:
@@ -368,7 +378,7 @@ class VoiceLibrary:
 
     @property
     def _consents(self) -> Path:
-        return self.root / "consents"
+        return self.root / _CONSENTS
 
     def add_consent(self, recording: Upload, name: str, language: str, caller: Caller) -> Consent:
         """Blocking, like `create`."""

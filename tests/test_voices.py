@@ -175,6 +175,11 @@ def test_a_voice_belongs_to_the_key_that_made_it(tmp_path):
         # To Bob it is no voice at all, as ElevenLabs answers an unknown voice_id.
         spoken = http.post(f"/v1/text-to-speech/{voice_id}", headers=bob, json={"text": SHORT_TEXT})
         assert_family_error(spoken, 404, code="voice_not_found")
+        # Nor is its recording, named by its path in the models directory.
+        for path in (f"voices/{voice_id}/reference.wav", f"./voices//{voice_id}/reference.wav"):
+            by_path = http.post("/v1/audio/speech", headers=bob, json={"model": "tts-1", "input": SHORT_TEXT,
+                                                                       "voice": path})
+            assert_family_error(by_path, 404, code="voice_not_found", param="voice")
         assert http.get(f"/v1/voices/{voice_id}", headers=alice).status_code == 200
 
         def first_reply(key: str) -> dict:
