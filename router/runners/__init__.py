@@ -11,12 +11,15 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from functions.config import ModelConfig
 from functions.protocol import Spoken, SynthesisRequest
 from functions.streams import Stream
 from router.metrics import Metrics
+
+if TYPE_CHECKING:
+    from router.voices import SharedVolume
 
 
 @dataclass
@@ -56,10 +59,9 @@ class Runner(ABC):
         """Syntheses of this model that may run at once, wherever it runs."""
         return config.deploy.max_concurrent_inputs
 
-    def models_volume(self) -> Any:
-        """The models directory as a volume other hosts see changes to only once committed
-        (router/voices.py's SharedVolume), or None where they see them at once (one disk, or
-        a bind mount)."""
+    def models_volume(self) -> SharedVolume | None:
+        """The models directory as a volume other hosts see changes to only once committed, or
+        None where they see them at once (one disk, or a bind mount)."""
         return None
 
     async def close(self) -> None:  # noqa: B027 - most runners hold nothing to release

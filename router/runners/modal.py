@@ -22,7 +22,7 @@ import asyncio
 import logging
 import math
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from functions import modal_class_name
 from functions.config import ModelConfig
@@ -38,6 +38,9 @@ from router.errors import (
 )
 from router.runners import PcmStream, Runner
 from router.settings import Settings
+
+if TYPE_CHECKING:
+    from router.voices import SharedVolume
 
 log = logging.getLogger("chorus")
 
@@ -114,7 +117,7 @@ class ModalRunner(Runner):
     def capacity(self, config: ModelConfig) -> int:
         return config.deploy.capacity
 
-    def models_volume(self) -> Any:
+    def models_volume(self) -> SharedVolume | None:
         # Backend containers already warm see a saved voice only once the router committed it.
         if self._volume is None:
             self._volume = _models_volume()
