@@ -135,6 +135,7 @@ class BackendService:
 
         from functions.protocol import SynthesisRequest, WordTimes
         from functions.saved_voices import saved_voice_missing
+        from functions.serving import ServingError
 
         asked = SynthesisRequest.model_validate(request)
         if saved_voice_missing(self.pool.models_dir, asked.voice):
@@ -142,8 +143,11 @@ class BackendService:
             # reload shows it, and a reload is costly, so only for a voice not found.
             try:
                 await models_volume.reload.aio()
-            except RuntimeError as exc:  # open files on the Volume: the backend says what is missing
+            except RuntimeError as exc:  # files held open on the Volume; its message names them
                 print(f"the models Volume could not be reloaded: {exc}")
+            if saved_voice_missing(self.pool.models_dir, asked.voice):
+                raise ServingError("backend_unavailable", f"model '{self.model}': the saved voice is not on the "
+                                   "models Volume in this container yet; retry shortly")
         loaded = await self.pool.get(self.config)
         pcm = bytearray()
         words: list[tuple[int, int, int, int]] = []

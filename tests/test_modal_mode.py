@@ -27,7 +27,7 @@ from functions.config import load_configs
 from functions.protocol import SynthesisRequest
 from router.api.openai.schemas import OPENAI_FORMATS
 from router.app import create_app
-from router.errors import InvalidRequest
+from router.errors import BackendUnavailable, InvalidRequest
 from router.runners.modal import ModalRunner
 from router.settings import Settings
 from router.speech import Ask
@@ -582,6 +582,11 @@ async def test_a_voice_saved_through_the_router_reaches_a_warm_container(monkeyp
                 await stream.audio.aclose()
             except InvalidRequest as exc:
                 outcomes.append(exc.message)
+        # One the Volume never had is still missing after the reload: a 503 to retry, no path.
+        with pytest.raises(BackendUnavailable) as missing:
+            await runner.stream(tts1, SynthesisRequest(model="tts-1", text="Hi.",
+                                                       voice=f"voices/{'0' * 20}/reference.wav"))
+        assert "not on the models Volume" in missing.value.message and "voices/" not in missing.value.message
         volume.commit_error = "conflict: there are open files preventing the operation: /__modal/volumes/vo-1/x"
         unsaved = await client.post("/v1/voices/add", data={"name": "Lost"},
                                     files=[("files", ("take.wav", encoded_voice(2), "audio/wav"))])
@@ -596,9 +601,9 @@ async def test_a_voice_saved_through_the_router_reaches_a_warm_container(monkeyp
     assert message.endswith("models that can: xtts"), message
     assert "voices/" not in message
     [container] = fake.started("PiperBackend")
-    # The container, warm before the voice was made, reloaded once to find it, then had it.
+    # The container, warm before the voice was made, reloaded to find it, then had it.
     assert (container.mount / "voices" / voice_id / "reference.wav").is_file()
-    assert volume.reloads[container.mount] == 1
+    assert volume.reloads[container.mount] == 2  # once for the saved voice, once for the missing one
     assert len(outcomes) == 2 and all("not offered" in o for o in outcomes), outcomes
     # A voice the Volume would not keep is not kept here either, and the error names no path.
     message = assert_family_error(unsaved, 503, code="storage_unavailable")["message"]
