@@ -411,14 +411,13 @@ class FakeVolume:
     The durable copy is a directory; each mount is a copy of it taken at the container's start.
     A mount's writes reach the durable copy only at its `commit`, and another mount only at its
     `reload`, which replaces the mount with the durable copy: what it had not committed is lost,
-    as Modal only says it "may" be kept. Counts each mount's reloads and commits."""
+    as Modal only says it "may" be kept. Counts each mount's reloads."""
 
     def __init__(self, root: Path):
         self.root = root
         self.durable = root / "durable"
         self.durable.mkdir(parents=True, exist_ok=True)
         self.reloads: Counter[Path] = Counter()
-        self.commits: Counter[Path] = Counter()
         #: While set, commits fail with it, as the client raises a server's conflict.
         self.commit_error: str | None = None
         self.in_container = _ContainerVolume(self)
@@ -456,7 +455,6 @@ class FakeVolume:
         with self._lock:
             shutil.rmtree(self.durable)
             shutil.copytree(mount, self.durable)
-            self.commits[mount] += 1
 
     def reload(self, mount: Path) -> None:
         with self._lock:
@@ -466,21 +464,19 @@ class FakeVolume:
 
 
 class _MountedVolume:
-    """One container's Volume object: the blocking interface from a worker thread (refused on
-    the event loop, where it would stall every request), `.aio` from the loop."""
+    """The router container's Volume object, which commits what the router wrote: the blocking
+    interface from a worker thread (refused on the event loop, where it would stall every
+    request), `.aio` from the loop."""
 
     def __init__(self, volume: FakeVolume, mount: Path):
-        self._volume, self._mount = volume, mount
-        self.commit = _Blocking("commit", lambda: volume.commit(self._mount))
-        self.reload = _Blocking("reload", lambda: volume.reload(self._mount))
+        self.commit = _Blocking("commit", lambda: volume.commit(mount))
 
 
 class _ContainerVolume:
-    """The app module's Volume, as each container running one of its calls sees it."""
+    """The app module's Volume, as each backend container running one of its calls sees it:
+    backends only read, so only reload."""
 
     def __init__(self, volume: FakeVolume):
-        self._volume = volume
-        self.commit = _Blocking("commit", lambda: volume.commit(self._mount()))
         self.reload = _Blocking("reload", lambda: volume.reload(self._mount()))
 
     @staticmethod
