@@ -9,6 +9,8 @@ fails at load with a message that says where it was looked for.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import threading
 from collections.abc import Iterator
@@ -33,6 +35,7 @@ from functions.protocol import (
     SynthesisRequest,
     pcm16,
 )
+from functions.saved_voices import saved_voice_details
 
 
 class CoquiBackend(Backend):
@@ -235,15 +238,46 @@ class CoquiBackend(Backend):
         stat = path.stat()
         key = (str(path), stat.st_mtime_ns, stat.st_size)
         if key not in self._latents:
-            config = self._model.config
-            self._latents[key] = self._model.get_conditioning_latents(
-                audio_path=str(path),
-                max_ref_length=config.max_ref_len,
-                gpt_cond_len=config.gpt_cond_len,
-                gpt_cond_chunk_len=config.gpt_cond_chunk_len,
-                sound_norm_refs=config.sound_norm_refs,
-            )
+            self._latents[key] = self._kept_latents(path) or self._encoded_latents(path)
         return self._latents[key]
+
+    def _encoded_latents(self, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+        config = self._model.config
+        latents = self._model.get_conditioning_latents(
+            audio_path=str(path),
+            max_ref_length=config.max_ref_len,
+            gpt_cond_len=config.gpt_cond_len,
+            gpt_cond_chunk_len=config.gpt_cond_chunk_len,
+            sound_norm_refs=config.sound_norm_refs,
+        )
+        kept = self._latents_file(path)
+        if kept is not None:
+            # Beside the recording, so that every worker and container after this one (a restart,
+            # a Modal scale-up) skips the encoding. Written whole or not at all; a read-only
+            # volume just keeps nothing.
+            partial = kept.with_name(f".{kept.name}.{os.getpid()}")
+            with contextlib.suppress(OSError):
+                torch.save({"gpt_cond_latent": latents[0], "speaker_embedding": latents[1]}, partial)
+                partial.replace(kept)
+        return latents
+
+    def _kept_latents(self, path: Path) -> tuple[torch.Tensor, torch.Tensor] | None:
+        kept = self._latents_file(path)
+        if kept is None or not kept.is_file():
+            return None
+        try:
+            latents = torch.load(kept, weights_only=True)
+        except Exception:
+            return None  # a damaged file is encoded again
+        return latents["gpt_cond_latent"], latents["speaker_embedding"]
+
+    def _latents_file(self, path: Path) -> Path | None:
+        """Where a saved voice's (the voice library's: a folder with its voice.json) latents are
+        kept for this model; None for any other recording, which is not ours to write beside."""
+        if saved_voice_details(path) is None:
+            return None
+        checkpoint = hashlib.sha256(str(self.config.parameters.model).encode()).hexdigest()[:16]
+        return path.with_name(f"xtts-latents-{checkpoint}.pt")
 
     # -- synthesis ---------------------------------------------------------------------------
 

@@ -42,6 +42,7 @@ from functions.protocol import (
     SynthesisRequest,
     pcm16,
 )
+from functions.saved_voices import saved_voice_details
 
 with cuda_hidden():  # it fixes its device at import: the CPU here, the GPU in to_device()
     from valle_x.utils import generation
@@ -100,7 +101,7 @@ class ValleBackend(Backend):
                     ) from exc
                 _loaded_checkpoint = checkpoint
             if self.config.tts.vall_e.audio_path:
-                self._prompt = self._make_prompt(self.config.tts.vall_e.audio_path)
+                self._prompt = self._make_prompt(self.config.tts.vall_e.audio_path, self.config.tts.vall_e.transcript)
 
     def to_device(self) -> None:
         device = torch.device(best_device())
@@ -132,9 +133,11 @@ class ValleBackend(Backend):
             )
         return path
 
-    def _make_prompt(self, audio_path: str) -> Path:
-        """Encode the reference audio and its transcript into a prompt file, the way the
-        package's make_prompt does, but saved in a writable cache and reused across restarts."""
+    def _make_prompt(self, audio_path: str, configured: str | None, trim: bool = False) -> Path:
+        """Encode the reference audio and its transcript (`configured`, else Whisper's) into a
+        prompt file, the way the package's make_prompt does, but saved in a writable cache and
+        reused across restarts. `trim` cuts a longer recording to what VALL-E X clones from
+        (a saved voice's; a config's is refused, as its author can fix it)."""
         try:
             path = resolve_in(self.models_dir, audio_path)
         except UnsafePathError as exc:
@@ -149,17 +152,18 @@ class ValleBackend(Backend):
             audio, sr = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
         except Exception as exc:
             raise BackendError(f"model '{self.config.name}': cannot read '{audio_path}': {exc}") from exc
+        if trim:
+            audio = audio[: int(MAX_REFERENCE_SECONDS * sr)]
         seconds = audio.shape[0] / sr
         if seconds > MAX_REFERENCE_SECONDS:
             raise BackendError(
                 f"model '{self.config.name}': the reference audio '{audio_path}' lasts "
                 f"{seconds:.1f} s; VALL-E X clones from at most {MAX_REFERENCE_SECONDS:.0f} s"
             )
-        configured = self.config.tts.vall_e.transcript
         # Keyed by the audio and what decides its words (the transcript, or the Whisper model
         # that will hear them), so that a cached prompt spares the transcription too.
         words = configured or f"whisper:{_whisper_model()}"
-        digest = hashlib.sha256(data + b"\0" + words.encode()).hexdigest()[:16]
+        digest = hashlib.sha256(data + b"\0" + words.encode() + (b"\0trim" if trim else b"")).hexdigest()[:16]
         target = _cache_dir() / f"{self.config.name}-{digest}.npz"
         if target.is_file():
             return target
@@ -222,11 +226,30 @@ class ValleBackend(Backend):
             return str(self._prompt) if self._prompt is not None else None
         if voice in self._presets():
             return str(PRESETS_DIR / f"{voice}.npz")
+        if (saved := self._saved_prompt(voice)) is not None:
+            return saved
         raise InvalidRequestError(
             f"voice '{voice}' is not offered by model '{self.config.name}'; "
             f"available: {', '.join(self.voices())}",
             param="voice",
         )
+
+    def _saved_prompt(self, voice: str) -> str | None:
+        """The prompt of a saved voice of the library (its recording's path), encoded on its
+        first use; None for any other voice."""
+        try:
+            details = saved_voice_details(resolve_in(self.models_dir, voice))
+        except UnsafePathError:
+            return None
+        if details is None:
+            return None
+        transcript = details.get("transcript")
+        if not transcript and not (self.models_dir / "whisper" / f"{_whisper_model()}.pt").is_file():
+            raise InvalidRequestError(
+                f"model '{self.config.name}' needs the words spoken in voice '{details.get('name')}': save it "
+                "with its transcript", param="transcript")
+        with _lock:
+            return str(self._make_prompt(voice, transcript, trim=True))
 
     @staticmethod
     def _language(requested: str | None) -> str:

@@ -32,7 +32,7 @@ from functions.images import ROUTER_DOCKERFILE, WORKER_DOCKERFILE, modal_dockerf
 #: The repository on the machine that deploys; in a container this file is /root/modal_app.py.
 REPO = Path(__file__).resolve().parent.parent
 APP_NAME = os.environ.get("CHORUS_MODAL_APP") or "chorus"
-VOLUME_NAME = "chorus-models"
+VOLUME_NAME = "chorus-models"  # the router's MODELS_VOLUME (router/runners/modal.py)
 SECRET_NAME = "chorus-api-key"
 VOICES_DICT_NAME = "chorus-voices"
 MODELS_DIR = "/models"
@@ -134,11 +134,24 @@ class BackendService:
         from contextlib import aclosing
 
         from functions.protocol import SynthesisRequest, WordTimes
+        from functions.saved_voices import saved_voice_missing
+        from functions.serving import ServingError
 
+        asked = SynthesisRequest.model_validate(request)
+        if saved_voice_missing(self.pool.models_dir, asked.voice):
+            # Saved (and committed by the router) after this container mounted the Volume: only a
+            # reload shows it, and a reload is costly, so only for a voice not found.
+            try:
+                await models_volume.reload.aio()
+            except RuntimeError as exc:  # files held open on the Volume; its message names them
+                print(f"the models Volume could not be reloaded: {exc}")
+            if saved_voice_missing(self.pool.models_dir, asked.voice):
+                raise ServingError("backend_unavailable", f"model '{self.model}': the saved voice is not on the "
+                                   "models Volume in this container yet; retry shortly")
         loaded = await self.pool.get(self.config)
         pcm = bytearray()
         words: list[tuple[int, int, int, int]] = []
-        async with aclosing(loaded.chunks(SynthesisRequest.model_validate(request))) as chunks:
+        async with aclosing(loaded.chunks(asked)) as chunks:
             async for piece in chunks:
                 if isinstance(piece, WordTimes):
                     words.extend(piece.words)

@@ -35,7 +35,7 @@ def error_family(path: str, headers: Mapping[str, str]) -> Literal["openai", "lo
     both OpenAI and ElevenLabs own: ElevenLabs' clients (known by their headers) get theirs."""
     if path.startswith(_ELEVENLABS_PREFIXES) or (path == "/v1/models" and is_elevenlabs_client(headers)):
         return "elevenlabs"
-    if path.startswith("/tts"):
+    if path.startswith(("/tts", "/api/voice-profiles")):
         return "localai"
     return "openai"
 
@@ -113,8 +113,9 @@ def create_app(
     for router in routers:
         app.include_router(router)
     # Outermost last: metrics see every answer, the key is checked before the body is read.
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, render=_fallback_error)
-    app.add_middleware(ApiKeys, keys=settings.api_keys, render=_fallback_error)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, render=_fallback_error,
+                       upload_bytes=settings.max_voice_upload_bytes)
+    app.add_middleware(ApiKeys, keys=settings.every_api_key, render=_fallback_error)
     routes = [route for router in routers for route in router.routes]
     app.add_middleware(MetricsMiddleware, metrics=speech.metrics, routes=routes)
 

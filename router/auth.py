@@ -15,6 +15,8 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from router.body_limit import ErrorRender
+from router.settings import Settings
+from router.voices import Caller
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/", "/playground", "/openapi.json", "/docs", "/redoc"})
 OPEN_PREFIXES = ("/playground/static/", "/docs/")
@@ -40,6 +42,16 @@ def key_matches(presented: list[bytes], keys: list[bytes]) -> bool:
         for key in keys:
             matched |= hmac.compare_digest(candidate, key)
     return matched
+
+
+def caller(presented: list[bytes], settings: Settings) -> Caller:
+    """Whose saved voices a request sees: its key's, or every one for an admin key. Called once
+    the key has been checked (or on a server with none)."""
+    admin = [key.encode() for key in settings.admin_api_keys]
+    if key_matches(presented, admin):
+        return Caller(admin=True)
+    users = [key.encode() for key in settings.api_keys]
+    return Caller.from_key(next((key for key in presented if key_matches([key], users)), None))
 
 
 def is_open(path: str) -> bool:

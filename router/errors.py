@@ -34,6 +34,26 @@ class VoiceNotFound(ChorusError):
     code = "voice_not_found"
 
 
+class NotFound(ChorusError):
+    status = 404
+    code = "not_found"
+
+
+class UnsupportedAudio(ChorusError):
+    """An upload that is no audio FFmpeg can decode."""
+
+    status = 415
+    code = "unsupported_audio"
+
+
+class StorageFailed(ChorusError):
+    """The models directory could not keep a change to the voice library (read-only, full, a
+    shared volume that would not commit); nothing of the change is left."""
+
+    status = 503
+    code = "storage_unavailable"
+
+
 class BackendUnavailable(ChorusError):
     status = 503
     code = "backend_unavailable"

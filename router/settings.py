@@ -65,8 +65,14 @@ class Settings(BaseModel):
 
     #: API keys a client must present (Bearer, x-api-key or xi-api-key); none = an open server.
     api_keys: list[str] = Field(default_factory=list)
+    #: Keys that also manage every user's saved voices (an operator's); they are valid keys too.
+    admin_api_keys: list[str] = Field(default_factory=list)
     #: Largest request body accepted, in bytes (JSON text of max_input_chars fits many times).
     max_body_bytes: int = Field(1_048_576, ge=1024)
+    #: Largest voice upload (its audio files and fields), in bytes: checked before any decoding.
+    max_voice_upload_bytes: int = Field(20 * 1_048_576, ge=1024)
+    #: Saved voices (the voice library, <models>/voices) this server keeps at most.
+    max_voices: int = Field(100, ge=0)
     #: Per-route overrides of max_input_chars: keys openai, localai, elevenlabs, sound-generation,
     #: wyoming.
     max_input_chars_by_route: dict[ApiFamily, int] = Field(default_factory=dict)
@@ -116,6 +122,11 @@ class Settings(BaseModel):
             raise SettingsError(
                 f"{_ENV_NAMES.get(field, field)}: {error['msg']} (got {error['input']!r})"
             ) from None
+
+    @property
+    def every_api_key(self) -> list[str]:
+        """The keys a request may present: users' and admins'."""
+        return [*self.api_keys, *self.admin_api_keys]
 
     def input_limit(self, family: ApiFamily | None) -> int:
         if family is None:
@@ -167,6 +178,9 @@ _ENV_NAMES = {
     "configless_models": "CHORUS_CONFIGLESS_MODELS",
     "memory_release_seconds": "CHORUS_MEMORY_RELEASE_SECONDS",
     "api_keys": "CHORUS_API_KEYS",
+    "admin_api_keys": "CHORUS_ADMIN_API_KEYS",
+    "max_voice_upload_bytes": "CHORUS_MAX_VOICE_UPLOAD_BYTES",
+    "max_voices": "CHORUS_MAX_VOICES",
     "max_body_bytes": "CHORUS_MAX_BODY_BYTES",
     "max_input_chars_by_route": "CHORUS_MAX_INPUT_CHARS_BY_ROUTE",
     "max_queue": "CHORUS_MAX_QUEUE",
@@ -185,5 +199,6 @@ _ENV_NAMES = {
 _PARSERS = {
     "backend_urls": _pairs,
     "api_keys": _split,
+    "admin_api_keys": _split,
     "max_input_chars_by_route": _pairs,
 }

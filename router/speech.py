@@ -20,12 +20,13 @@ from router.admission import Admission
 from router.cache import SynthesisCache
 from router.chunking import Fragments
 from router.encoding import AudioFormat, EncodedAudio, StreamEncoder
-from router.errors import ChorusError, InvalidRequest
+from router.errors import ChorusError, InvalidRequest, VoiceNotFound
 from router.metrics import Metrics, note_model
 from router.registry import ModelRegistry
 from router.runners import PcmStream, Runner
 from router.settings import ApiFamily, Settings
 from router.synthesis import ChunkDone, Synthesis
+from router.voices import Caller, Voice, VoiceLibrary, in_library
 
 log = logging.getLogger("chorus")
 
@@ -45,7 +46,8 @@ class Ask:
     """What a front door asks for, in the one shape every API family's request is translated
     into. `text` is the whole text, or its fragments as they arrive (a WebSocket's messages);
     `text_param` names the wire field that carried it, for errors about it; `family` picks the
-    input limit, and LocalAI's serves models no config names."""
+    input limit, and LocalAI's serves models no config names. `caller` decides which saved
+    voices `voice` may name."""
 
     text: str | Fragments
     text_param: str
@@ -60,6 +62,7 @@ class Ask:
     #: The timestamp routes and sockets: the backend's measured word times, where it has them.
     word_times: bool = False
     sound: Sound = Sound()
+    caller: Caller = Caller()
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,7 @@ class SpeechService:
         self.metrics = metrics or Metrics()
         runner.observe(self.metrics)
         self.admission = Admission(settings.max_queue, settings.queue_timeout)
+        self.voices = VoiceLibrary(settings.models_dir, settings.max_voices, runner.models_volume())
 
     def prepare(self, ask: Ask) -> SpeechJob:
         """The job `ask` makes. A whole text is cleaned and checked now; fragments are, as they
@@ -107,15 +111,31 @@ class SpeechService:
             if not text.strip():
                 raise InvalidRequest(f"'{ask.text_param}' must not be empty", param=ask.text_param)
             rules.check(text, limit, ask.text_param)
+        saved = self.voices.find(ask.voice, ask.caller)
+        if saved is None and in_library(ask.voice):
+            # By its path a saved voice would reach a backend unchecked, whoever's it is.
+            raise VoiceNotFound("a saved voice is named by its id, not by a path", param="voice")
+        model = ask.model
+        if saved is not None and model is None:
+            # A saved voice with no model named: the first model that can speak it.
+            model = next(iter(self.cloning_models(saved)), None)
         # LocalAI's route (or any request naming a backend) serves models that no config names.
-        config = self.registry.get(ask.model, ask.backend, configless=ask.family == "localai" or ask.backend is not None)
+        config = self.registry.get(model, ask.backend, configless=ask.family == "localai" or ask.backend is not None)
         metric_name = self.registry.metric_name(config)
         note_model(metric_name)
+        voice = self.registry.voice_for(config, ask.voice)
+        if saved is not None:
+            able = self.cloning_models(saved)
+            if config.name not in able:
+                raise InvalidRequest(
+                    f"voice '{saved.id}' ({saved.name}) is a cloned voice, which model '{config.name}' cannot "
+                    f"speak; models that can: {', '.join(able) or 'none is configured'}", param="voice")
+            voice = saved.reference
         request = SynthesisRequest(
             model=config.name,
             text=text,
-            voice=self.registry.voice_for(config, ask.voice),
-            language=ask.language or config.parameters.language,
+            voice=voice,
+            language=ask.language or (saved.language if saved else None) or config.parameters.language,
             speed=ask.speed,
             instructions=ask.instructions,
             seed=ask.seed,
@@ -126,6 +146,10 @@ class SpeechService:
         )
         fragments = None if isinstance(ask.text, str) else ask.text
         return SpeechJob(config, request, ask.text_param, limit, metric_name, fragments)
+
+    def cloning_models(self, voice: Voice | None = None) -> list[str]:
+        """The models this server serves that may speak the saved `voice` (any, for None)."""
+        return self.voices.usable(voice, self.registry.all())
 
     async def synthesis(self, job: SpeechJob, on_chunk: ChunkDone | None = None) -> Synthesis:
         """The job's synthesis, open: its first chunk's audio begun."""
@@ -213,8 +237,9 @@ class ModelVoices:
     confirmed: bool = True
 
 
-async def model_voices(service: SpeechService) -> dict[str, ModelVoices]:
-    """Every model's voices: the backend's own, then the public names its config maps. A model
+async def model_voices(service: SpeechService, caller: Caller = Caller()) -> dict[str, ModelVoices]:
+    """Every model's voices: the backend's own, the public names its config maps, then the saved
+    voices `caller` may use with it (by id). A model
     whose backend cannot be reached, or must not be started to be asked (a cold Modal model),
     lists its config's voice and mapped names, unconfirmed. The backends are asked all at once,
     so one slow worker does not add its delay to every other model's."""
@@ -231,7 +256,12 @@ async def model_voices(service: SpeechService) -> dict[str, ModelVoices]:
         return ModelVoices(names)
 
     listed = await asyncio.gather(*(backend_voices(config) for config in configs))
+    saved: dict[str, list[str]] = {}
+    for voice in service.voices.all(caller):
+        for model in service.cloning_models(voice):
+            saved.setdefault(model, []).append(voice.id)
     return {
-        config.name: ModelVoices(list(dict.fromkeys([*voices.names, *config.voices])), voices.confirmed)
+        config.name: ModelVoices(list(dict.fromkeys([*voices.names, *config.voices, *saved.get(config.name, [])])),
+                                 voices.confirmed)
         for config, voices in zip(configs, listed, strict=True)
     }

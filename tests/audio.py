@@ -65,12 +65,39 @@ def decode(data: bytes | Path, raw: str | None = None, rate: int | None = None) 
     return Decoded(container_name, codec, decoded_rate, seconds, pcm.astype(np.float64))
 
 
-def write_voice_like_wav(path: Path, seconds: float, rate: int) -> None:
-    """A voiced, vowel-like tone with a slow wobble, as 16-bit mono WAV: a reference recording a
-    cloning backend's speaker encoder can chew on."""
+def voice_like(seconds: float, rate: int) -> np.ndarray:
+    """A voiced, vowel-like tone with a slow wobble: a reference recording a cloning backend's
+    speaker encoder can chew on."""
     t = np.arange(int(seconds * rate)) / rate
-    signal = 0.3 * np.sin(2 * np.pi * 180 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))
-    write_wav(path, signal, rate)
+    return 0.3 * np.sin(2 * np.pi * 180 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))
+
+
+def write_voice_like_wav(path: Path, seconds: float, rate: int) -> None:
+    """`voice_like` as 16-bit mono WAV."""
+    write_wav(path, voice_like(seconds, rate), rate)
+
+
+#: (container, codec) a voice recording is encoded to by `encoded_voice`.
+RECORDING_FORMATS = {"wav": ("wav", "pcm_s16le"), "mp3": ("mp3", "libmp3lame"), "flac": ("flac", "flac"),
+                     "ogg": ("ogg", "libopus"), "webm": ("webm", "libopus"), "m4a": ("mp4", "aac")}
+
+
+def encoded_voice(seconds: float, rate: int = 44100, fmt: str = "wav", stereo: bool = False) -> bytes:
+    """`voice_like` encoded as a user's recording might be: `fmt` (a RECORDING_FORMATS key)."""
+    container_name, codec = RECORDING_FORMATS[fmt]
+    samples = voice_like(seconds, rate).astype(np.float32)
+    layout = "stereo" if stereo else "mono"
+    planes = np.stack([samples, samples]) if stereo else samples[None, :]
+    out = io.BytesIO()
+    with av.open(out, "w", format=container_name) as container:
+        stream = container.add_stream(codec, rate=48000 if codec == "libopus" else rate, layout=layout)
+        frame = av.AudioFrame.from_ndarray(planes, format="fltp", layout=layout)
+        frame.sample_rate = rate
+        resampler = av.AudioResampler(format=stream.codec_context.format, layout=layout, rate=stream.codec_context.sample_rate)
+        for piece in [*resampler.resample(frame), *resampler.resample(None)]:
+            container.mux(stream.encode(piece))
+        container.mux(stream.encode(None))
+    return out.getvalue()
 
 
 def write_wav(path: Path, samples: np.ndarray, rate: int) -> None:

@@ -22,7 +22,9 @@ It is no more permissive than Modal where Modal's servers decide (modal 1.6.4's 
 - `FunctionCall.cancel` reaches a container at its next heartbeat (`heartbeat` seconds; Modal's
   are about 15 s), then cancels the input's task;
 - a container idle for its `scaledown_window` stops, and the next call starts another;
-- a Dict entry not used for seven days is gone (`FakeDict`'s clock).
+- a Dict entry not used for seven days is gone (`FakeDict`'s clock);
+- with a `FakeVolume`, each container mounts its own view of the Volume, taken at its start: what
+  one writes reaches the others only once it commits and they reload.
 
 Private names of the client are used where it has no public one: the user class of a
 `modal.Cls` and its enter hooks (`_find_callables_for_obj`, `_PartialFunctionFlags`).
@@ -31,12 +33,19 @@ Private names of the client are used where it has no public one: the user class 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import inspect
 import math
+import os
 import pickle
+import shutil
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import modal
@@ -66,6 +75,8 @@ class Container:
     error: Exception | None = None
     #: Set once it has stopped (idle past its scaledown_window): no call takes it any more.
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Its view of the Volume (with a FakeVolume): its models directory.
+    mount: Path | None = None
     _stop: asyncio.TimerHandle | None = None
 
 
@@ -98,8 +109,15 @@ class FakeModal:
     deployment: ModalRecorder | None = None
     #: Seconds until a cancel reaches its container (Modal's heartbeat).
     heartbeat: float = 0.1
+    #: The app's models Volume as Modal keeps it; without it every container shares one directory.
+    volume: FakeVolume | None = None
     _waiting: dict[tuple, int] = field(default_factory=dict)
     _starts: set[asyncio.Future] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        if self.volume is not None:
+            # What the app's classes call reload on: the mount of the container running the call.
+            self.app.models_volume = self.volume.in_container
 
     def lookup(self, app_name: str, class_name: str) -> FakeCls:
         """`modal.Cls.from_name`: nothing is asked of Modal until the first call."""
@@ -179,11 +197,14 @@ class FakeModal:
         await asyncio.sleep(self.cold_start)
         obj = cls.deployed(**dict(container.variant[3]))
         instance = synchronizer._translate_in(obj)._cached_user_cls_instance()
+        if self.volume is not None:
+            container.mount = self.volume.mount(f"container-{len(self.containers)}-{id(container)}")
 
         def enter(flag: _PartialFunctionFlags) -> float:
             started = time.perf_counter()
-            for hook in _find_callables_for_obj(instance, flag).values():
-                hook()
+            with self.volume.mounted_at(container.mount) if self.volume is not None else contextlib.nullcontext():
+                for hook in _find_callables_for_obj(instance, flag).values():
+                    hook()
             return time.perf_counter() - started
 
         container.before_snapshot = await asyncio.to_thread(enter, _PartialFunctionFlags.ENTER_PRE_SNAPSHOT)
@@ -197,6 +218,7 @@ class FakeModal:
                 await asyncio.Event().wait()
             method = _find_callables_for_obj(container.instance, _PartialFunctionFlags.CALLABLE_INTERFACE)[call.method]
             args = pickle.loads(pickle.dumps(call.args))
+            _current_mount.set(container.mount)
             try:
                 if inspect.iscoroutinefunction(method):
                     result = await method(*args)
@@ -377,3 +399,105 @@ class FakeDict:
             return False
         self.data[key] = (pickle.dumps(value), self.clock())
         return True
+
+
+#: The mount of the container whose call runs in this task.
+_current_mount: contextvars.ContextVar[Path | None] = contextvars.ContextVar("mount", default=None)
+
+
+class FakeVolume:
+    """`modal.Volume` as containers mounting it see it (modal 1.6.4's client: `commit` and
+    `reload` are the server's VolumeCommit and VolumeReload for the calling container's mount).
+    The durable copy is a directory; each mount is a copy of it taken at the container's start.
+    A mount's writes reach the durable copy only at its `commit`, and another mount only at its
+    `reload`, which replaces the mount with the durable copy: what it had not committed is lost,
+    as Modal only says it "may" be kept. Counts each mount's reloads."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.durable = root / "durable"
+        self.durable.mkdir(parents=True, exist_ok=True)
+        self.reloads: Counter[Path] = Counter()
+        #: While set, commits fail with it, as the client raises a server's conflict.
+        self.commit_error: str | None = None
+        self.in_container = _ContainerVolume(self)
+        self._lock = threading.Lock()
+        self._env = threading.Lock()
+
+    def mount(self, name: str) -> Path:
+        """A new container's view: the durable copy as it is now."""
+        path = self.root / name
+        with self._lock:
+            shutil.copytree(self.durable, path)
+        return path
+
+    def handle(self, mount: Path) -> _MountedVolume:
+        """The Volume object of the container (the router's) whose models directory is `mount`."""
+        return _MountedVolume(self, mount)
+
+    @contextlib.contextmanager
+    def mounted_at(self, mount: Path):
+        """The app reads its models directory from the environment, as in a Modal container."""
+        with self._env:
+            before = os.environ.get("CHORUS_MODELS_DIR")
+            os.environ["CHORUS_MODELS_DIR"] = str(mount)
+            try:
+                yield
+            finally:
+                if before is None:
+                    del os.environ["CHORUS_MODELS_DIR"]
+                else:
+                    os.environ["CHORUS_MODELS_DIR"] = before
+
+    def commit(self, mount: Path) -> None:
+        if self.commit_error is not None:
+            raise RuntimeError(self.commit_error)
+        with self._lock:
+            shutil.rmtree(self.durable)
+            shutil.copytree(mount, self.durable)
+
+    def reload(self, mount: Path) -> None:
+        with self._lock:
+            shutil.rmtree(mount)
+            shutil.copytree(self.durable, mount)
+            self.reloads[mount] += 1
+
+
+class _MountedVolume:
+    """The router container's Volume object, which commits what the router wrote: the blocking
+    interface from a worker thread (refused on the event loop, where it would stall every
+    request), `.aio` from the loop."""
+
+    def __init__(self, volume: FakeVolume, mount: Path):
+        self.commit = _Blocking("commit", lambda: volume.commit(mount))
+
+
+class _ContainerVolume:
+    """The app module's Volume, as each backend container running one of its calls sees it:
+    backends only read, so only reload."""
+
+    def __init__(self, volume: FakeVolume):
+        self.reload = _Blocking("reload", lambda: volume.reload(self._mount()))
+
+    @staticmethod
+    def _mount() -> Path:
+        mount = _current_mount.get()
+        if mount is None:
+            # Modal: "Must be called inside a container that mounts the Volume".
+            raise RuntimeError("the Volume is not mounted here: commit and reload work inside a container only")
+        return mount
+
+
+class _Blocking:
+    def __init__(self, label: str, run: Callable[[], None]):
+        self._label, self._run = label, run
+
+    def __call__(self) -> None:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return self._run()
+        raise AssertionError(f".{self._label}() called on the event loop: use .{self._label}.aio() or a thread")
+
+    async def aio(self) -> None:
+        await asyncio.to_thread(self._run)

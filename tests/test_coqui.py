@@ -5,6 +5,8 @@ Hugging Face cache so that LocalAI's documented `xtts_v2` config loads it by nam
 
 from __future__ import annotations
 
+import base64
+import json
 import subprocess
 import textwrap
 import time
@@ -16,7 +18,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.audio import audio_seconds, write_voice_like_wav
+from tests.audio import MP3, audio_seconds, decode, encoded_voice, write_voice_like_wav
 from tests.containers import image_python
 from tests.processes import REPO, backend_worker, chorus_server
 
@@ -226,3 +228,58 @@ def test_router_serves_coqui_on_all_three_api_families(worker, setup, tmp_path):
                 ("xtts-clone", "voices/reference.wav")} <= {(v["model"], v["id"]) for v in listed}
         eleven_voices = httpx.get(f"{router.url}/v1/voices", timeout=60).json()["voices"]
         assert {"alice", "bob", "Ana Florence"} <= {v["voice_id"] for v in eleven_voices}
+
+
+# --- a voice a user uploads, cloned by XTTS ---------------------------------------------------
+
+
+def test_an_uploaded_voice_is_cloned_through_every_family(worker, setup, tmp_path):
+    """The ElevenLabs SDK uploads a recording to the router, which keeps it in the models
+    directory the worker shares; each family speaks it with the tiny XTTS; the SDK deletes it."""
+    from elevenlabs.client import ElevenLabs
+    from websockets.sync.client import connect
+
+    env = {"CHORUS_MODE": "http", "CHORUS_BACKEND_URLS": f"coqui={worker}"}
+    with chorus_server(setup["models"], tmp_path / "router.log", configs_dir=setup["configs"],
+                       env=env) as router:
+        client = ElevenLabs(base_url=router.url, api_key="x", timeout=120)
+        recording = encoded_voice(4.0, rate=44100, fmt="mp3")
+        voice_id = client.voices.ivc.create(name="Uploaded", files=[("me.mp3", recording, "audio/mpeg")]).voice_id
+        folder = setup["models"] / "voices" / voice_id
+        try:
+            cloned = [v for v in client.voices.get_all().voices if v.voice_id == voice_id]
+            assert [v.category for v in cloned] == ["cloned"]
+            assert "xtts-clone" in cloned[0].high_quality_base_model_ids
+            audio = b"".join(client.text_to_speech.convert(voice_id, text="hello there", model_id="xtts-clone",
+                                                            language_code="en", output_format="mp3_44100_128"))
+            assert decode(audio).codec in MP3 and decode(audio).duration > 0.1
+            # Encoded once, kept beside the recording for every worker after this one.
+            assert list(folder.glob("xtts-latents-*.pt"))
+
+            openai = httpx.post(f"{router.url}/v1/audio/speech", timeout=120, json={
+                "model": "xtts-clone", "input": "hello", "voice": {"id": voice_id}, "response_format": "wav"})
+            assert openai.status_code == 200, openai.text
+            assert audio_seconds(openai.content) > 0.1
+            localai = httpx.post(f"{router.url}/tts", timeout=120, json={
+                "model": "xtts-clone", "input": "hello", "voice": voice_id, "language": "en"})
+            assert localai.status_code == 200, localai.text
+            assert audio_seconds(localai.content) > 0.1
+            # ElevenLabs' WebSocket, the voice in its path.
+            query = "model_id=xtts-clone&language_code=en&output_format=pcm_24000"
+            with connect(f"ws://127.0.0.1:{router.port}/v1/text-to-speech/{voice_id}/stream-input?{query}") as socket:
+                for text in (" ", "hello there. ", ""):
+                    socket.send(json.dumps({"text": text}))
+                messages = [json.loads(message) for message in socket]
+            pcm = b"".join(base64.b64decode(m["audio"]) for m in messages if m.get("audio"))
+            assert messages[-1].get("isFinal") and len(pcm) > 2400
+
+            # A LocalAI profile kept for one model: another is refused before any synthesis.
+            profile = httpx.post(f"{router.url}/api/voice-profiles", timeout=60, files={"audio": ("me.mp3", recording)},
+                                 data={"name": "Kept", "consent": "true", "models": "xtts-clone"}).json()
+            refused = httpx.post(f"{router.url}/tts", timeout=60, json={
+                "model": "xtts_v2", "input": "hello", "voice": profile["uri"], "language": "en"})
+            assert refused.status_code == 400 and "models that can: xtts-clone" in refused.text
+            assert httpx.delete(f"{router.url}/api/voice-profiles/{profile['id']}", timeout=60).status_code == 200
+        finally:
+            assert client.voices.delete(voice_id).status == "ok"
+        assert not folder.exists()

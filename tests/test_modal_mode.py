@@ -24,13 +24,16 @@ from anyio import to_thread
 from websockets.exceptions import ConnectionClosed
 
 from functions.config import load_configs
+from functions.protocol import SynthesisRequest
 from router.api.openai.schemas import OPENAI_FORMATS
 from router.app import create_app
+from router.errors import BackendUnavailable, InvalidRequest
 from router.runners.modal import ModalRunner
 from router.settings import Settings
 from router.speech import Ask
-from tests.audio import MP3, decode
-from tests.modal_fake import FakeDict, FakeModal
+from tests._live import assert_family_error
+from tests.audio import MP3, decode, encoded_voice
+from tests.modal_fake import FakeDict, FakeModal, FakeVolume
 from tests.modal_offline import load_app, write_configs
 from tests.modal_server import ModalRecorder, modal_server
 from tests.processes import REPO, serving
@@ -531,3 +534,79 @@ def test_no_socket_message_is_over_modals_limit(shipped, tmp_path):
     seconds = sum(len(part) for part in audio) / 2 / 44100
     assert seconds > 1.1 * 768 * 1024 / 2 / 44100, "the test's chunk must need more than one message"
     assert "".join(c for m in received if m.get("alignment") for c in m["alignment"]["chars"]).strip() == sentence
+
+
+def test_the_fakes_volume_shows_a_write_elsewhere_only_after_commit_and_reload(tmp_path):
+    volume = FakeVolume(tmp_path / "volume")
+    writer, reader = volume.mount("writer"), volume.mount("reader")
+    (writer / "voice.wav").write_bytes(b"RIFF")
+    volume.reload(reader)
+    assert not (reader / "voice.wav").exists()  # not committed: Modal's other containers see nothing
+    volume.commit(writer)
+    assert not (reader / "voice.wav").exists()  # committed, but this container has not reloaded
+    volume.reload(reader)
+    assert (reader / "voice.wav").read_bytes() == b"RIFF"
+    assert (volume.mount("started later") / "voice.wav").is_file()
+
+
+@pytest.mark.anyio
+async def test_a_voice_saved_through_the_router_reaches_a_warm_container(monkeypatch, tmp_path, no_network, no_token):
+    configs = write_configs(tmp_path / "configs", [
+        {"name": "tts-1", "backend": "piper", "parameters": {"model": "en_US-joe-medium.onnx"}},
+        {"name": "xtts", "backend": "coqui", "parameters": {"model": "tts_models/multilingual/multi-dataset/xtts_v2"}},
+        {"name": "vits", "backend": "coqui", "parameters": {"model": "tts_models/en/ljspeech/vits"}},
+    ])
+    app_module = load_app(monkeypatch, configs)
+    volume = FakeVolume(tmp_path / "volume")
+    fake = FakeModal(app_module, volume=volume)
+    mount = volume.mount("router")
+    runner = ModalRunner(app_module.APP_NAME, lookup=fake.lookup, voices_dict=FakeDict(), volume=volume.handle(mount))
+    app = create_app(Settings(mode="modal", configs_dir=configs, models_dir=mount), runner=runner)
+    tts1 = next(c for c in load_configs(configs, mount) if c.name == "tts-1")
+
+    async def scenario(client):
+        warm = await client.post("/v1/audio/speech", json=speech())
+        assert warm.status_code == 200, warm.text
+        added = await client.post("/v1/voices/add", data={"name": "Narrator"},
+                                  files=[("files", ("take.wav", encoded_voice(2), "audio/wav"))])
+        assert added.status_code == 200, added.text
+        voice_id = added.json()["voice_id"]
+        listed = (await client.get("/v1/audio/voices")).json()["voices"]
+        refused = await client.post("/v1/audio/speech", json=speech("vits", voice=voice_id))
+        # The warm container is asked for the voice (as the router asks a cloning model for it).
+        reference = f"voices/{voice_id}/reference.wav"
+        outcomes = []
+        for _ in range(2):
+            try:
+                stream = await runner.stream(tts1, SynthesisRequest(model="tts-1", text="Hi.", voice=reference))
+                await stream.audio.aclose()
+            except InvalidRequest as exc:
+                outcomes.append(exc.message)
+        # One the Volume never had is still missing after the reload: a 503 to retry, no path.
+        with pytest.raises(BackendUnavailable) as missing:
+            await runner.stream(tts1, SynthesisRequest(model="tts-1", text="Hi.",
+                                                       voice=f"voices/{'0' * 20}/reference.wav"))
+        assert "not on the models Volume" in missing.value.message and "voices/" not in missing.value.message
+        volume.commit_error = "conflict: there are open files preventing the operation: /__modal/volumes/vo-1/x"
+        unsaved = await client.post("/v1/voices/add", data={"name": "Lost"},
+                                    files=[("files", ("take.wav", encoded_voice(2), "audio/wav"))])
+        return voice_id, listed, refused, outcomes, unsaved
+
+    voice_id, listed, refused, outcomes, unsaved = await in_client(app, scenario)
+    # Saved and committed: the Volume holds it for every container.
+    assert (volume.durable / "voices" / voice_id / "reference.wav").is_file()
+    assert {v["model"] for v in listed if v["id"] == voice_id} == {"xtts"}
+    # A Coqui model that is not XTTS cannot clone: refused, naming the one that can.
+    message = assert_family_error(refused, 400, param="voice")["message"]
+    assert message.endswith("models that can: xtts"), message
+    assert "voices/" not in message
+    [container] = fake.started("PiperBackend")
+    # The container, warm before the voice was made, reloaded to find it, then had it.
+    assert (container.mount / "voices" / voice_id / "reference.wav").is_file()
+    assert volume.reloads[container.mount] == 2  # once for the saved voice, once for the missing one
+    assert len(outcomes) == 2 and all("not offered" in o for o in outcomes), outcomes
+    # A voice the Volume would not keep is not kept here either, and the error names no path.
+    message = assert_family_error(unsaved, 503, code="storage_unavailable")["message"]
+    assert "could not save the voice" in message and "/__modal" not in message
+    assert sorted(p.name for p in (mount / "voices").iterdir()) == [voice_id]
+    assert sorted(p.name for p in (volume.durable / "voices").iterdir()) == [voice_id]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import warnings
+import wave
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.audio import encoded_voice
 from tests.processes import chorus_server
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -19,6 +21,8 @@ INSTALL_HINT = "install it with: apt-get update && apt-get install -y chromium"
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    # A microphone that plays a tone, allowed without asking: the page's recorder is tested too.
+    "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
 ]
 #: Low, so that a too-long text is quick to type.
 MAX_INPUT_CHARS = 300
@@ -217,6 +221,34 @@ def test_server_errors_are_shown_in_words(page, text, expected):
     assert message.startswith("The server could not speak this text:")
     assert "{" not in message  # the message, not the raw JSON body
     assert page.is_hidden("#download")
+
+
+def test_a_recorded_and_uploaded_voice_is_saved_and_selected(page, server):
+    page.fill("#voice-name", "Grandpa")
+    page.click("#record")
+    # The fake microphone's tone, until the page says it has recorded 1.5 s of it.
+    page.wait_for_function(
+        "() => parseFloat(document.querySelector('#voice-status').textContent.replace(/[^0-9.]/g, '')) >= 1.5")
+    page.click("#record")
+    page.wait_for_function("() => document.querySelector('#voice-status').textContent.startsWith('Recorded')")
+    page.set_input_files("#voice-files", files=[{"name": "take.wav", "mimeType": "audio/wav",
+                                                 "buffer": encoded_voice(2)}])
+    page.click("#save-voice")
+    page.wait_for_function("() => document.querySelector('#voice-status').textContent.startsWith('Saved')"
+                           " || !document.querySelector('#error').hidden")
+    assert page.is_hidden("#error"), page.text_content("#error")
+    voice_id = page.input_value("#voice")
+    try:
+        # Selected with the first model that clones (the example configs, in file-name order).
+        assert page.input_value("#model") == "cloned-voice"
+        assert page.eval_on_selector("#voice", "s => s.selectedOptions[0].textContent") == "Grandpa"
+        voice = httpx.get(f"{server.url}/v1/voices/{voice_id}", timeout=30).json()
+        assert voice["name"] == "Grandpa" and voice["category"] == "cloned"
+        # Both takes, one after the other: the 2 s upload and at least 1.5 s of recording.
+        with wave.open(str(server.models_dir / "voices" / voice_id / "reference.wav")) as reference:
+            assert reference.getnframes() / reference.getframerate() > 3.2
+    finally:
+        httpx.delete(f"{server.url}/v1/voices/{voice_id}", timeout=30)
 
 
 def test_static_files_outside_the_page_are_not_served(server):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.audio import audio_seconds, write_voice_like_wav
+from tests.audio import audio_seconds, encoded_voice, write_voice_like_wav
 from tests.containers import image_python
 from tests.processes import REPO, backend_worker, chorus_server
 
@@ -180,3 +180,24 @@ def test_router_serves_valle_on_all_three_api_families(worker, setup, tmp_path):
 
         listed = httpx.get(f"{router.url}/v1/audio/voices", timeout=60).json()["voices"]
         assert ("cloned-voice", "cloned-voice") in {(v["model"], v["id"]) for v in listed}
+
+
+def test_a_saved_voice_is_cloned_from_its_recording_and_transcript(worker, setup, tmp_path):
+    """A LocalAI voice profile (with its transcript) uploaded to the router, in the models
+    directory the worker shares, spoken by VALL-E X; a recording longer than it clones from is cut
+    to it. One saved without a transcript is refused (no Whisper here), naming what is missing."""
+    env = {"CHORUS_MODE": "http", "CHORUS_BACKEND_URLS": f"vall-e-x={worker}"}
+    with chorus_server(setup["models"], tmp_path / "router.log", configs_dir=setup["configs"],
+                       env=env) as router, httpx.Client(base_url=router.url, timeout=300) as http:
+        clip = ("me.flac", encoded_voice(20, rate=24000, fmt="flac"), "audio/flac")
+        profile = http.post("/api/voice-profiles", files={"audio": clip}, data={
+            "name": "Reader", "consent": "true", "transcript": "Hello there, how are you today?"}).json()
+        spoken = http.post("/tts", json={"model": "valle", "input": "Hello!", "voice": profile["uri"]})
+        assert spoken.status_code == 200, spoken.text
+        assert audio_seconds(spoken.content) > 0
+
+        untranscribed = http.post("/v1/voices/add", data={"name": "Quiet"}, files={"files": clip}).json()["voice_id"]
+        refused = http.post(f"/v1/text-to-speech/{untranscribed}", json={"text": "Hello!", "model_id": "valle"})
+        assert refused.status_code == 400 and "save it with its transcript" in refused.text
+        for voice_id in (profile["id"], untranscribed):
+            assert http.delete(f"/v1/voices/{voice_id}").status_code == 200

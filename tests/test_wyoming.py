@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from wyoming.audio import AudioChunk, AudioStart
 from wyoming.client import AsyncTcpClient
 from wyoming.error import Error
@@ -29,7 +30,16 @@ from router.api.wyoming.server import SERVICE_TYPE
 from router.errors import BackendUnavailable
 from router.runners import PcmStream
 from tests._live import HANG, ScriptedRunner, live_app, piper_setup, write_config
-from tests.audio import LONGER_TEXT, PIPER_RATE, SHORT_SECONDS, SHORT_TEXT, Decoded, assert_speech, decode
+from tests.audio import (
+    LONGER_TEXT,
+    PIPER_RATE,
+    SHORT_SECONDS,
+    SHORT_TEXT,
+    Decoded,
+    assert_speech,
+    decode,
+    encoded_voice,
+)
 from tests.processes import CONFIGS, chorus_server, free_port
 
 pytestmark = pytest.mark.anyio
@@ -238,6 +248,34 @@ async def test_a_refusal_is_an_error_event_then_the_end_of_the_connection(port, 
     assert error.code == code and words in error.text, error
     # The server serves the next client.
     assert Info.from_event((await answer(port, [Describe()], until="info"))[0]).tts
+
+
+async def test_a_saved_voice_is_listed_for_the_model_that_clones_and_refused_by_the_others(tmp_path):
+    configs, models = piper_setup(tmp_path)
+    # The cloning model is one whose worker is down: no XTTS is loaded for a listing and a refusal.
+    (configs / f"{DOWN}.yaml").write_text(yaml.safe_dump({
+        "name": DOWN, "backend": "coqui",
+        "parameters": {"model": "tts_models/multilingual/multi-dataset/xtts_v2", "language": "en"},
+    }))
+    port = free_port()
+    with live_app(configs, models, OneWorkerDown(models), wyoming_port=port) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+            added = await http.post("/v1/voices/add", data={"name": "Grandpa"},
+                                    files=[("files", ("take.wav", encoded_voice(2), "audio/wav"))])
+        assert added.status_code == 200, added.text
+        voice_id = added.json()["voice_id"]
+        (event,) = await answer(port, [Describe()], until="info")
+        voices = {voice.name: voice for voice in Info.from_event(event).tts[0].voices}
+        assert f"tts-1:{voice_id}" not in voices
+        listed = voices[f"{DOWN}:{voice_id}"]
+        assert listed.description == f"Grandpa ({DOWN}, coqui)" and listed.languages == ["en"]
+        # The cloning model is asked for it (its worker is down); Piper names the model that can.
+        asked = refusal(await answer(port, [Synthesize(text="Hi.", voice=SynthesizeVoice(name=f"{DOWN}:{voice_id}"))],
+                                     until=None))
+        assert asked.code == "backend_unavailable", asked
+        refused = refusal(await answer(port, [Synthesize(text="Hi.", voice=SynthesizeVoice(name=f"tts-1:{voice_id}"))],
+                                       until=None))
+        assert refused.code == "voice_not_found" and refused.text.endswith(f"models that can: {DOWN}"), refused
 
 
 def limited_server(tmp_path_factory: pytest.TempPathFactory, **limits: object) -> Iterator[int]:

@@ -6,7 +6,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from typing import Any
 
-from fastapi import Request
+from fastapi import Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
@@ -14,9 +14,11 @@ from starlette.exceptions import HTTPException
 from starlette.types import Receive, Scope, Send
 
 from functions.streams import Stream
+from router.auth import caller, presented_keys
 from router.encoding import EncodedAudio
 from router.errors import ChorusError
 from router.speech import SpeechService
+from router.voices import Caller, Upload
 
 log = logging.getLogger("chorus")
 
@@ -89,6 +91,17 @@ def family_route(render: ErrorRenderer, validation_status: int) -> type[APIRoute
 
 def speech_service(request: Request) -> SpeechService:
     return request.app.state.speech
+
+
+def request_caller(request: Request) -> Caller:
+    """Whose saved voices the request may see and change (the key middleware has checked it)."""
+    headers = {k.lower(): v for k, v in request.headers.raw}
+    return caller(presented_keys(headers), request.app.state.speech.settings)
+
+
+async def uploads(files: list[UploadFile]) -> list[Upload]:
+    """A form's files, read (the body limit has bounded them already)."""
+    return [Upload(file.filename or "upload", await file.read()) for file in files]
 
 
 class AudioResponse(StreamingResponse):

@@ -11,11 +11,15 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from functions.config import ModelConfig
 from functions.protocol import Spoken, SynthesisRequest
 from functions.streams import Stream
 from router.metrics import Metrics
+
+if TYPE_CHECKING:
+    from router.voices import SharedVolume
 
 
 @dataclass
@@ -54,6 +58,11 @@ class Runner(ABC):
     def capacity(self, config: ModelConfig) -> int:
         """Syntheses of this model that may run at once, wherever it runs."""
         return config.deploy.max_concurrent_inputs
+
+    def models_volume(self) -> SharedVolume | None:
+        """The models directory as a volume other hosts see changes to only once committed, or
+        None where they see them at once (one disk, or a bind mount)."""
+        return None
 
     async def close(self) -> None:  # noqa: B027 - most runners hold nothing to release
         """Release connections and models."""

@@ -22,7 +22,7 @@ import asyncio
 import logging
 import math
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from functions import modal_class_name
 from functions.config import ModelConfig
@@ -39,12 +39,17 @@ from router.errors import (
 from router.runners import PcmStream, Runner
 from router.settings import Settings
 
+if TYPE_CHECKING:
+    from router.voices import SharedVolume
+
 log = logging.getLogger("chorus")
 
 #: (app name, class name) -> the class: `modal.Cls.from_name` in production.
 Lookup = Callable[[str, str], Any]
 #: The deployed app's Dict of voices by model name (`modal.Dict`'s interface).
 VOICES_DICT = "chorus-voices"
+#: The deployed app's Volume, mounted at the models directory of the router and every backend.
+MODELS_VOLUME = "chorus-models"
 #: The longest Retry-After for a model that is starting.
 RETRY_AFTER = 30
 
@@ -59,6 +64,14 @@ def _voices_dict() -> Any:
     import modal
 
     return modal.Dict.from_name(VOICES_DICT, create_if_missing=True)
+
+
+def _models_volume() -> Any:
+    """The Volume the router's models directory is, where the router runs in a Modal container
+    (its web function mounts it); None elsewhere, where no commit could reach it."""
+    import modal
+
+    return None if modal.is_local() else modal.Volume.from_name(MODELS_VOLUME)
 
 
 def model_instance(cls: Any, config: ModelConfig) -> Any:
@@ -76,11 +89,13 @@ class ModalRunner(Runner):
         lookup: Lookup | None = None,
         voices_dict: Any = None,
         start_wait: float = 120.0,
+        volume: Any = None,
     ):
         self.app_name = app_name
         self._lookup = lookup or _from_name
         self._voices_dict = voices_dict
         self.start_wait = start_wait
+        self._volume = volume
         self._instances: dict[tuple[str, str], Any] = {}
         #: Voices by model, as the model's containers reported them.
         self._voices: dict[str, list[str]] = {}
@@ -101,6 +116,12 @@ class ModalRunner(Runner):
 
     def capacity(self, config: ModelConfig) -> int:
         return config.deploy.capacity
+
+    def models_volume(self) -> SharedVolume | None:
+        # Backend containers already warm see a saved voice only once the router committed it.
+        if self._volume is None:
+            self._volume = _models_volume()
+        return self._volume
 
     def _instance(self, config: ModelConfig) -> Any:
         key = (config.backend, config.name)

@@ -1,6 +1,7 @@
 // The Chorus playground: lists what the server serves, sends the text to the OpenAI-compatible
-// speech route, plays the audio while it streams and offers it for download. No build step and
-// no third-party code, so it works on a machine with no internet access.
+// speech route, plays the audio while it streams and offers it for download; saves a voice from
+// uploaded or recorded audio through the ElevenLabs-compatible route and selects it. No build
+// step and no third-party code, so it works on a machine with no internet access.
 "use strict";
 
 const MIME = { mp3: "audio/mpeg", opus: "audio/ogg", aac: "audio/aac", flac: "audio/flac", wav: "audio/wav" };
@@ -62,15 +63,15 @@ function option(value, label) {
 function fillVoices() {
   const voices = voicesByModel[modelBox.value] || [];
   voiceBox.replaceChildren(option(DEFAULT_VOICE, "model's default voice"),
-    ...voices.map((voice) => option(voice, voice)));
-  if (voices.length) voiceBox.value = voices[0];
+    ...voices.map((voice) => option(voice.id, voice.name)));
+  if (voices.length) voiceBox.value = voices[0].id;
 }
 
 async function loadCatalogue() {
   try {
     const [models, voices] = await Promise.all([getJSON("/v1/models"), getJSON("/v1/audio/voices")]);
     voicesByModel = {};
-    for (const voice of voices.voices) (voicesByModel[voice.model] ||= []).push(voice.id);
+    for (const voice of voices.voices) (voicesByModel[voice.model] ||= []).push(voice);
     modelBox.replaceChildren(...models.data.map((model) => option(model.id, `${model.id} (${model.owned_by.replace(/^chorus-/, "")})`)));
     if (!models.data.length) showError("This server has no model configured: add a config to its configs directory.");
     fillVoices();
@@ -233,6 +234,100 @@ function showSpeed() {
   $("speed-value").textContent = `${Number(speedBox.value).toFixed(2)}×`;
 }
 
+// -- a voice of one's own -------------------------------------------------------------------
+
+const voiceForm = $("voice-form"), voiceName = $("voice-name"), voiceFiles = $("voice-files");
+const recordButton = $("record"), saveVoiceButton = $("save-voice"), voiceStatus = $("voice-status");
+let recording = null; // { recorder, started, timer, stopped } while the microphone is on
+let recorded = null; // the last recording (a Blob), sent with the chosen files
+
+function secondsSince(started) {
+  return ((performance.now() - started) / 1000).toFixed(1);
+}
+
+async function toggleRecording() {
+  clearError();
+  if (recording) {
+    recording.recorder.stop();
+    return;
+  }
+  let stream;
+  try {
+    stream = await navigator.mediaDevices.getUserMedia({ audio: true });
+  } catch (error) {
+    showError(`Could not use the microphone: ${error.message}`);
+    return;
+  }
+  const recorder = new MediaRecorder(stream);
+  const parts = [];
+  recorder.addEventListener("dataavailable", (event) => parts.push(event.data));
+  recorder.addEventListener("stop", () => {
+    clearInterval(recording.timer);
+    stream.getTracks().forEach((track) => track.stop());
+    recorded = new Blob(parts, { type: recorder.mimeType });
+    voiceStatus.textContent = `Recorded ${secondsSince(recording.started)} s: save the voice to keep it.`;
+    recordButton.textContent = "Record";
+    recording = null;
+  });
+  const started = performance.now();
+  const timer = setInterval(() => { voiceStatus.textContent = `Recording… ${secondsSince(started)} s`; }, 100);
+  // Resolved after the listener above has kept the recording.
+  const stopped = new Promise((resolve) => recorder.addEventListener("stop", resolve, { once: true }));
+  recording = { recorder, started, timer, stopped };
+  recorder.start();
+  recordButton.textContent = "Stop";
+  voiceStatus.textContent = "Recording… 0.0 s";
+}
+
+async function saveVoice(event) {
+  event.preventDefault();
+  clearError();
+  if (recording) {
+    const { stopped } = recording;
+    recording.recorder.stop();
+    await stopped;
+  }
+  if (!voiceFiles.files.length && !recorded) {
+    showError("Choose a recording, or record one, before saving the voice.");
+    return;
+  }
+  const name = voiceName.value.trim();
+  const body = new FormData();
+  body.append("name", name);
+  for (const file of voiceFiles.files) body.append("files", file, file.name);
+  if (recorded) body.append("files", recorded, recorded.type.includes("ogg") ? "recording.ogg" : "recording.webm");
+  saveVoiceButton.disabled = true;
+  voiceStatus.textContent = "Saving…";
+  try {
+    const response = await fetch("/v1/voices/add", { method: "POST", headers: authorization(), body });
+    if (!response.ok) {
+      voiceStatus.textContent = "";
+      showError(`The server could not save this voice: ${await serverMessage(response)}`);
+      return;
+    }
+    const { voice_id: id } = await response.json();
+    recorded = null;
+    voiceFiles.value = "";
+    await loadCatalogue();
+    const model = Object.keys(voicesByModel).find((key) => voicesByModel[key].some((voice) => voice.id === id));
+    if (!model) {
+      voiceStatus.textContent = `Saved ${name}, but no model here clones voices (XTTS, VALL-E X) to speak it.`;
+      return;
+    }
+    modelBox.value = model;
+    fillVoices();
+    voiceBox.value = id;
+    voiceStatus.textContent = `Saved ${name}: selected with model ${model}.`;
+  } catch (error) {
+    voiceStatus.textContent = "";
+    showError(`Could not reach the Chorus server: ${error.message}`);
+  } finally {
+    saveVoiceButton.disabled = false;
+  }
+}
+
+recordButton.addEventListener("click", toggleRecording);
+voiceForm.addEventListener("submit", saveVoice);
 modelBox.addEventListener("change", fillVoices);
 keyBox.addEventListener("change", () => {
   sessionStorage.setItem(KEY_STORE, keyBox.value.trim());

@@ -1,5 +1,5 @@
-"""ElevenLabs' HTTP routes: /v1/text-to-speech/{voice_id}[/stream][/with-timestamps], /v1/voices,
-/v2/voices; each translates its request into the one Ask, and its errors into ElevenLabs' shape."""
+"""ElevenLabs' HTTP speech routes, /v1/text-to-speech/{voice_id}[/stream][/with-timestamps]: each
+translates its request into the one Ask, and its errors into ElevenLabs' shape."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 from anyio import to_thread
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from router.alignment import CharTimes, TimedSegment, timed_segments
-from router.api.common import AudioResponse, family_route, speech_service
+from router.api.common import AudioResponse, family_route, request_caller, speech_service
 from router.api.elevenlabs.schemas import (
     TextToSpeechBody,
     ask,
@@ -22,7 +22,8 @@ from router.api.elevenlabs.schemas import (
     voice_not_found,
 )
 from router.encoding import AudioFormat, StreamEncoder
-from router.speech import SpeechService, model_voices
+from router.speech import SpeechService
+from router.voices import Caller
 
 router = APIRouter(
     route_class=family_route(elevenlabs_error, validation_status=422), tags=["ElevenLabs"]
@@ -59,8 +60,9 @@ async def text_to_speech_with_timestamps(
     body: TextToSpeechBody,
     fmt: AudioFormat = Depends(query_format),
     service: SpeechService = Depends(speech_service),
+    caller: Caller = Depends(request_caller),
 ) -> Response:
-    job = service.prepare(ask(voice_id, body, word_times=True))
+    job = service.prepare(ask(voice_id, body, caller, word_times=True))
     async with voice_not_found(voice_id):
         synthesis = await service.synthesis(job)
     encoder = StreamEncoder(fmt, synthesis.sample_rate)
@@ -109,48 +111,9 @@ async def text_to_speech(
     body: TextToSpeechBody,
     fmt: AudioFormat = Depends(query_format),
     service: SpeechService = Depends(speech_service),
+    caller: Caller = Depends(request_caller),
 ) -> StreamingResponse:
-    job = service.prepare(ask(voice_id, body))
+    job = service.prepare(ask(voice_id, body, caller))
     async with voice_not_found(voice_id):
         stream = await service.audio(job, fmt)
     return AudioResponse(stream)
-
-
-async def _voices(service: SpeechService) -> list[dict]:
-    by_voice: dict[str, list[str]] = {}
-    unconfirmed: set[str] = set()
-    for model, voices in (await model_voices(service)).items():
-        for voice in voices.names:
-            by_voice.setdefault(voice, []).append(model)
-            if not voices.confirmed:
-                unconfirmed.add(voice)
-    return [
-        {
-            "voice_id": voice,
-            "name": voice,
-            "category": "premade",
-            "labels": {"confirmed": "false"} if voice in unconfirmed else {},
-            "description": f"served by {', '.join(models)}"
-            + (" (not yet confirmed: the model has not run)" if voice in unconfirmed else ""),
-            "preview_url": None,
-            "high_quality_base_model_ids": models,
-        }
-        for voice, models in by_voice.items()
-    ]
-
-
-@router.get("/v1/voices", summary="List voices (ElevenLabs)")
-async def list_voices(service: SpeechService = Depends(speech_service)):
-    return {"voices": await _voices(service)}
-
-
-@router.get("/v2/voices", summary="Search voices (ElevenLabs)")
-async def search_voices(
-    search: str | None = Query(None), service: SpeechService = Depends(speech_service)
-):
-    voices = [
-        voice
-        for voice in await _voices(service)
-        if not search or search.lower() in voice["name"].lower()
-    ]
-    return {"voices": voices, "has_more": False, "total_count": len(voices), "next_page_token": None}

@@ -16,6 +16,7 @@ from router.chunking import Fragments
 from router.encoding import AudioFormat
 from router.errors import InvalidRequest, VoiceNotFound
 from router.speech import Ask
+from router.voices import Caller
 
 DEFAULT_OUTPUT_FORMAT = "mp3_44100_128"
 # ElevenLabs' own codes: codec_samplerate[_bitrate in kbit/s].
@@ -104,13 +105,13 @@ def query_format(
     return parse_output_format(output_format)
 
 
-def ask(voice_id: str, body: TextToSpeechBody, text: str | Fragments | None = None,
+def ask(voice_id: str, body: TextToSpeechBody, caller: Caller, text: str | Fragments | None = None,
         word_times: bool = False) -> Ask:
     """The one Ask an ElevenLabs request makes: `body`'s text, or `text` (a socket's fragments)."""
     speed = body.voice_settings.speed if body.voice_settings else None
     return Ask(text=body.text if text is None else text, text_param="text", model=body.model_id,
                family="elevenlabs", voice=voice_id, language=body.language_code, speed=speed or 1.0,
-               seed=body.seed, word_times=word_times)
+               seed=body.seed, word_times=word_times, caller=caller)
 
 
 @asynccontextmanager

@@ -34,11 +34,12 @@ from router.api.elevenlabs.schemas import (
     voice_not_found,
 )
 from router.api.elevenlabs.speaker import Speaker
-from router.auth import key_matches, presented_keys
+from router.auth import caller, key_matches, presented_keys
 from router.chunking import Fragments
 from router.encoding import AudioFormat
 from router.errors import ChorusError, VoiceNotFound
 from router.speech import SpeechJob, SpeechService
+from router.voices import Caller
 
 log = logging.getLogger("chorus")
 router = APIRouter()
@@ -57,14 +58,14 @@ class SocketLimit:
 class Socket:
     """One client's socket: its contexts (a Speaker each), what it reads, what it sends."""
 
-    def __init__(self, websocket: WebSocket, service: SpeechService, voice_id: str,
+    def __init__(self, websocket: WebSocket, service: SpeechService, voice_id: str, caller: Caller,
                  options: SocketOptions, fmt: AudioFormat, multi: bool):
-        self.websocket, self.service, self.voice_id = websocket, service, voice_id
+        self.websocket, self.service, self.voice_id, self.caller = websocket, service, voice_id, caller
         self.options, self.fmt, self.multi = options, fmt, multi
         self.contexts: dict[str | None, Speaker] = {}
         self._limit = service.settings.input_limit("elevenlabs")
         self._send_lock = asyncio.Lock()
-        self._authorized = not service.settings.api_keys
+        self._authorized = not service.settings.every_api_key
         self._last_active = asyncio.get_running_loop().time()
 
     async def send(self, message: dict[str, Any]) -> None:
@@ -81,8 +82,24 @@ class Socket:
             payload["contextId"] = context.id
         await self.send(payload)
 
+    @property
+    def authorized(self) -> bool:
+        return self._authorized
+
+    async def check_voice(self) -> None:
+        """The model and the voice, checked before any text is waited for, as ElevenLabs does;
+        a failure closes the socket with ElevenLabs' error."""
+        options = self.options
+        body = TextToSpeechBody(text="", model_id=options.model_id, language_code=options.language_code)
+        try:
+            async with voice_not_found(self.voice_id):
+                job = self.service.prepare(ask(self.voice_id, body, self.caller, _nothing()))
+            await _check_voice(self.service, job, self.voice_id)
+        except ChorusError as exc:
+            raise SocketError(exc.code, exc.message, fatal=True) from None
+
     def authorize(self, presented: list[bytes]) -> None:
-        keys = [key.encode() for key in self.service.settings.api_keys]
+        keys = [key.encode() for key in self.service.settings.every_api_key]
         self._authorized = self._authorized or key_matches(presented, keys)
 
     async def run(self) -> None:
@@ -99,11 +116,17 @@ class Socket:
                 await self.error(exc.code, exc.message)
                 continue
             if first:
+                checked = self._authorized
                 if message.key():
-                    self.authorize([message.key().removeprefix("Bearer ").strip().encode()])
+                    presented = [message.key().removeprefix("Bearer ").strip().encode()]
+                    self.authorize(presented)
+                    if not checked:
+                        self.caller = caller(presented, self.service.settings)
                 if not self._authorized:
                     raise SocketError("invalid_api_key", "invalid API key: send it in the xi-api-key header, the "
                                       "authorization query parameter or the first message", fatal=True)
+                if not checked:
+                    await self.check_voice()
                 first = False
             self.active()
             if await self.handle(message):
@@ -191,8 +214,8 @@ class Socket:
             return None
         schedule = TextSchedule((message.generation_config or GenerationConfig()).chunk_length_schedule, self._limit)
         speed = (message.voice_settings.speed if message.voice_settings else None) or 1.0
-        context = self.contexts[key] = Speaker(key, schedule, speed, self.service, self.voice_id, self.options,
-                                               self.fmt, self.send)
+        context = self.contexts[key] = Speaker(key, schedule, speed, self.service, self.voice_id, self.caller,
+                                               self.options, self.fmt, self.send)
         context.start(self.active, self._ended)
         return context
 
@@ -285,21 +308,18 @@ async def _converse(websocket: WebSocket, service: SpeechService, voice_id: str,
             options = SocketOptions.model_validate(dict(websocket.query_params))
         except ValidationError as exc:
             raise SocketError("invalid_request", validation_problem(exc)[0], fatal=True) from None
-        try:
-            fmt = parse_output_format(options.output_format)
-            # The model and the voice are checked now, before any text is waited for, as
-            # ElevenLabs does.
-            body = TextToSpeechBody(text="", model_id=options.model_id, language_code=options.language_code)
-            async with voice_not_found(voice_id):
-                job = service.prepare(ask(voice_id, body, _nothing()))
-            await _check_voice(service, job, voice_id)
-        except ChorusError as exc:
-            raise SocketError(exc.code, exc.message, fatal=True) from None
-        socket = Socket(websocket, service, voice_id, options, fmt, multi)
         presented = presented_keys({k.lower(): v for k, v in websocket.headers.raw})
         if options.authorization:
             presented.append(options.authorization.removeprefix("Bearer ").strip().encode())
+        try:
+            fmt = parse_output_format(options.output_format)
+        except ChorusError as exc:
+            raise SocketError(exc.code, exc.message, fatal=True) from None
+        socket = Socket(websocket, service, voice_id, caller(presented, service.settings), options, fmt, multi)
         socket.authorize(presented)
+        if socket.authorized:
+            await socket.check_voice()
+        # Else the key comes in the first message, and the voice (maybe that key's) once it came.
         limit = service.settings.websocket_max_seconds
         try:
             async with asyncio.timeout(limit):

@@ -20,6 +20,7 @@ from router.chunking import Fragments
 from router.encoding import AudioFormat, StreamEncoder
 from router.errors import ChorusError
 from router.speech import SpeechService
+from router.voices import Caller
 
 log = logging.getLogger("chorus")
 
@@ -35,9 +36,10 @@ class Speaker:
     every message where the socket is multi-stream-input (`context_id` not None)."""
 
     def __init__(self, context_id: str | None, schedule: TextSchedule, speed: float, service: SpeechService,
-                 voice_id: str, options: SocketOptions, fmt: AudioFormat, send: Send):
+                 voice_id: str, caller: Caller, options: SocketOptions, fmt: AudioFormat, send: Send):
         self.id, self.schedule, self._speed = context_id, schedule, speed
-        self._service, self._voice_id, self._options, self._fmt, self._send = service, voice_id, options, fmt, send
+        self._service, self._voice_id, self._caller = service, voice_id, caller
+        self._options, self._fmt, self._send = options, fmt, send
         #: The context's one audio stream: every job's audio goes through it, so a client decodes
         #: one file (one MP3 stream, one Ogg stream) however many times the text was flushed.
         self._encoder: StreamEncoder | None = None
@@ -85,7 +87,7 @@ class Speaker:
     async def _speak_job(self, fragments: Fragments) -> None:
         body = TextToSpeechBody(text="", model_id=self._options.model_id, language_code=self._options.language_code,
                                 voice_settings=VoiceSettings(speed=self._speed), seed=self._options.seed)
-        job = self._service.prepare(ask(self._voice_id, body, fragments, word_times=True))
+        job = self._service.prepare(ask(self._voice_id, body, self._caller, fragments, word_times=True))
         async with voice_not_found(self._voice_id):
             synthesis = await self._service.synthesis(job)
             if self._encoder is None:

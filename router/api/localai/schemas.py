@@ -26,6 +26,15 @@ def localai_error(status: int, message: str, param: str | None, code: str) -> JS
     )
 
 
+#: How LocalAI's requests name a saved voice of its voice library.
+PROFILE_URI = "localai://voice-profiles/"
+
+
+def profile_voice(voice: str | None) -> str | None:
+    """A voice as the library knows it: `localai://voice-profiles/<id>` is the profile's id."""
+    return voice.removeprefix(PROFILE_URI) if voice else voice
+
+
 class TTSBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
 

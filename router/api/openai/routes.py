@@ -10,10 +10,18 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from functions import PROMPT_BACKENDS
-from router.api.common import AudioResponse, family_route, is_elevenlabs_client, log, speech_service
+from router.api.common import (
+    AudioResponse,
+    family_route,
+    is_elevenlabs_client,
+    log,
+    request_caller,
+    speech_service,
+)
 from router.api.openai.schemas import OPENAI_FORMATS, SpeechBody, VoiceRef, openai_error
 from router.errors import ChorusError
 from router.speech import Ask, SpeechService, model_voices
+from router.voices import Caller
 
 router = APIRouter(route_class=family_route(openai_error, validation_status=400), tags=["OpenAI"])
 
@@ -24,7 +32,7 @@ def _event(payload: dict) -> bytes:
 
 @router.post("/v1/audio/speech", summary="Create speech (OpenAI)")
 async def create_speech(
-    body: SpeechBody, service: SpeechService = Depends(speech_service)
+    body: SpeechBody, service: SpeechService = Depends(speech_service), caller: Caller = Depends(request_caller)
 ) -> StreamingResponse:
     job = service.prepare(Ask(
         text=body.input,
@@ -34,6 +42,7 @@ async def create_speech(
         voice=body.voice.id if isinstance(body.voice, VoiceRef) else body.voice,
         speed=body.speed,
         instructions=body.instructions,
+        caller=caller,
     ))
     stream = await service.audio(job, OPENAI_FORMATS[body.response_format])
     if body.stream_format == "audio":
@@ -97,11 +106,12 @@ async def list_speech_models(service: SpeechService = Depends(speech_service)):
 
 
 @router.get("/v1/audio/voices", summary="List voices per model")
-async def list_voices(service: SpeechService = Depends(speech_service)):
-    listing = await model_voices(service)
+async def list_voices(service: SpeechService = Depends(speech_service), caller: Caller = Depends(request_caller)):
+    listing = await model_voices(service, caller)
+    saved = {voice.id: voice.name for voice in service.voices.all(caller)}
     return {
         "voices": [
-            {"id": voice, "name": voice, "model": model, "confirmed": voices.confirmed}
+            {"id": voice, "name": saved.get(voice, voice), "model": model, "confirmed": voices.confirmed}
             for model, voices in listing.items()
             for voice in voices.names
         ]

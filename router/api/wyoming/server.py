@@ -51,6 +51,7 @@ from router.errors import (
     VoiceNotFound,
 )
 from router.speech import Ask, SpeechService, model_voices
+from router.voices import Caller
 
 log = logging.getLogger("chorus")
 
@@ -85,6 +86,8 @@ async def describe(service: SpeechService) -> Info:
     """One program, one voice per (model, backend voice) of every model that speaks text. A
     model whose backend cannot be reached lists its config's voices as not installed."""
     listing = await model_voices(service)
+    # Wyoming carries no key: the saved voices made on a server without keys.
+    saved = {voice.id: voice.name for voice in service.voices.all(Caller())}
     voices = []
     for config in service.registry.all():
         served = listing.get(config.name)  # None: a config-less model first served since the listing
@@ -96,7 +99,8 @@ async def describe(service: SpeechService) -> Info:
         for voice in served.names or [None]:
             voices.append(TtsVoice(
                 name=f"{config.name}{VOICE_SEPARATOR}{voice}" if voice else config.name,
-                description=f"{voice} ({config.name}, {config.backend})" if voice else f"{config.name} ({config.backend})",
+                description=f"{saved.get(voice, voice)} ({config.name}, {config.backend})" if voice
+                else f"{config.name} ({config.backend})",
                 attribution=ATTRIBUTIONS.get(config.backend, _CHORUS),
                 installed=served.confirmed,
                 version=None,
@@ -412,7 +416,7 @@ class WyomingServer:
                                                   limit=self.service.settings.max_body_bytes)
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("Wyoming (Home Assistant) on tcp://%s:%d", self.host, self.port)
-        if self.service.settings.api_keys:
+        if self.service.settings.every_api_key:
             log.warning("CHORUS_API_KEYS does not apply to the Wyoming listener on port %d: it has no "
                         "authentication, so expose it on the LAN only", self.port)
         if self.service.settings.wyoming_zeroconf:
