@@ -270,9 +270,10 @@ def test_a_killed_worker_aborts_the_response_then_comes_back(stack: Stack) -> No
                 received += len(chunk)
     assert received < 60 * 22050 * 2
 
-    wait_for(lambda: status(f"{stack.url}/readyz") == 503, 30, "/readyz stayed 200 with the worker down")
-    wait_for(lambda: status(f"{stack.url}/readyz") == 200, 120, "the restart policy did not bring Piper back")
-    assert stack.container("piper")["RestartCount"] > restarts
+    # Docker restarts it at once: how long /readyz says 503 meanwhile is the machine's speed to
+    # decide, so the restart is what is waited on.
+    wait_for(lambda: stack.container("piper")["RestartCount"] > restarts, 120, "the restart policy did not restart Piper")
+    wait_for(lambda: status(f"{stack.url}/readyz") == 200, 120, "Piper's restart did not make the router ready")
     again = httpx.post(f"{stack.url}/tts", json={"model": "tts-1", "input": SHORT_TEXT}, timeout=60)
     assert again.status_code == 200
     assert SHORT_SECONDS[0] <= decode(again.content).duration <= SHORT_SECONDS[1]

@@ -5,6 +5,11 @@ synthesised by the backend alone, without the router: each must be heard as well
 take one word in 25 (SLACK), and last as long (the same words at the same rate). Speed is heard
 on every family that has it, against the backend alone at the same speed.
 
+Every format is heard through Piper. Kokoro synthesises at about its real time here, so through
+it each family is heard in the formats that take their own path from its 24 kHz (kept, resampled
+up, down to telephony rates, a compressed codec) and at another speed: the encoders after that are
+the router's, the same for every backend.
+
 The sockets (ElevenLabs' stream-input, Wyoming's synthesize-chunk) get the text a word at a time,
 as a language model writes it. Each test hears its clips in one batch; the backend alone is heard
 once per backend, speed and language.
@@ -63,6 +68,8 @@ class Speaker:
     #: Text in the voice's own language that the English ASR cannot hear, for the routes that
     #: name a voice but no language (OpenAI's, Wyoming's); None where the voice's own is English.
     own_text: str | None = None
+    #: Heard in every format (else in each family's core formats: see the module's text).
+    every_format: bool = True
     _references: dict = field(default_factory=dict)
 
     def reference(self, listener: Listener, speed: float, language: str | None) -> tuple[float, float]:
@@ -121,12 +128,18 @@ def kokoro(released_kokoro_chorus, released_kokoro_worker: str) -> Speaker:
 
     # English in its Japanese voice: every route that can name a language names English.
     return Speaker(released_kokoro_chorus.url, released_kokoro_chorus.wyoming_port, CONFIG["name"], "jf_alpha",
-                   RATE, "en", alone, own_text=JAPANESE)
+                   RATE, "en", alone, own_text=JAPANESE, every_format=False)
 
 
 @pytest.fixture(params=["piper", pytest.param("kokoro", marks=pytest.mark.images)])
 def speaker(request: pytest.FixtureRequest) -> Speaker:
     return request.getfixturevalue(request.param)
+
+
+def formats(speaker: Speaker, core: list, rest: list) -> list:
+    """The cases a test hears: `core` (a format of each path from the backend's rate, and a speed),
+    then `rest` where the backend hears every format."""
+    return core + rest if speaker.every_format else core
 
 
 def assert_heard(listener: Listener, speaker: Speaker, clips: dict[str, tuple[Decoded, float, str | None]]) -> None:
@@ -194,8 +207,8 @@ def test_openai_speech_is_heard_in_every_format(speaker: Speaker, listener: List
     # OpenAI's API names no language: the voice speaks its own, which the ASR hears only in English.
     text = speaker.own_text or HARVARD
     clips = {}
-    for fmt, speed in [("mp3", 1.0), ("opus", 1.0), ("aac", 1.0), ("flac", 1.0), ("wav", 1.0), ("pcm", 1.0),
-                       ("mp3", FAST)]:
+    for fmt, speed in formats(speaker, [("mp3", 1.0), ("pcm", 1.0), ("mp3", FAST)],
+                              [("opus", 1.0), ("aac", 1.0), ("flac", 1.0), ("wav", 1.0)]):
         response = httpx.post(f"{speaker.url}/v1/audio/speech", timeout=300, json={
             "model": speaker.model, "input": text, "voice": speaker.voice, "response_format": fmt, "speed": speed})
         assert response.status_code == 200, response.text
@@ -210,7 +223,7 @@ def test_openai_speech_is_heard_in_every_format(speaker: Speaker, listener: List
 
 def test_localai_tts_is_heard_in_every_format(speaker: Speaker, listener: Listener) -> None:
     clips = {}
-    for fmt in ("wav", "mp3", "opus", "flac", "aac"):
+    for fmt in formats(speaker, ["wav", "mp3"], ["opus", "flac", "aac"]):
         body = {"model": speaker.model, "input": HARVARD, "voice": speaker.voice, "response_format": fmt}
         if speaker.language:
             body["language"] = speaker.language
@@ -228,13 +241,15 @@ def _eleven_decode(data: bytes, output_format: str) -> Decoded:
 
 
 def _eleven_formats(speaker: Speaker) -> list[str]:
-    return ["mp3_44100_128", "opus_48000_64", f"pcm_{speaker.rate}", "wav_16000", "ulaw_8000", "alaw_8000"]
+    return formats(speaker, ["mp3_44100_128", f"pcm_{speaker.rate}", "ulaw_8000"],
+                   ["opus_48000_64", "wav_16000", "alaw_8000"])
 
 
 def test_elevenlabs_http_is_heard_in_every_format(speaker: Speaker, listener: Listener) -> None:
     clips = {}
     cases = [(fmt, "", 1.0) for fmt in _eleven_formats(speaker)]
-    cases += [("mp3_44100_128", "/stream", 1.0), ("pcm_16000", "/with-timestamps", 1.0), ("mp3_44100_128", "", FAST)]
+    cases += formats(speaker, [("pcm_16000", "/with-timestamps", 1.0), ("mp3_44100_128", "", FAST)],
+                     [("mp3_44100_128", "/stream", 1.0)])
     for fmt, route, speed in cases:
         body = {"text": HARVARD, "model_id": speaker.model, "voice_settings": {"speed": speed}}
         if speaker.language:
@@ -269,7 +284,8 @@ def _socket(speaker: Speaker, fmt: str, speed: float) -> bytes:
 
 
 def test_elevenlabs_socket_is_heard_word_by_word_in_every_format(speaker: Speaker, listener: Listener) -> None:
-    cases = [(fmt, 1.0) for fmt in _eleven_formats(speaker)] + [("mp3_44100_128", FAST)]
+    cases = formats(speaker, [("mp3_44100_128", 1.0), ("mp3_44100_128", FAST)],
+                    [(fmt, 1.0) for fmt in _eleven_formats(speaker) if fmt != "mp3_44100_128"])
     clips = {f"{fmt} at {speed}": (_eleven_decode(_socket(speaker, fmt, speed), fmt), speed, speaker.language)
              for fmt, speed in cases}
     assert_heard(listener, speaker, clips)
