@@ -85,7 +85,8 @@ class Batcher:
 
     async def _next_batch(self) -> list[_Waiting]:
         first = self._queue[0]
-        while len(self._joining(first)) < self.max_size:
+        # A seeded chunk goes alone: it has no company to wait for.
+        while first.prepared.seed is None and len(self._joining(first)) < self.max_size:
             left = first.arrived + self.wait_seconds - time.monotonic()
             if left <= 0:
                 break

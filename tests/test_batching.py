@@ -122,10 +122,11 @@ async def test_on_a_free_model_a_chunk_waits_for_company_until_the_batch_is_full
     # A minute's window, but a full batch starts at once.
     full = Batcher(echo, 2, 60, lambda size, waits: None)
     assert await asyncio.gather(*start(full, Prepared("a"), Prepared("b"))) == [b"a", b"b"]
-    # Alone, it starts when its window is over.
+    # Alone, it starts when its window is over; a seeded chunk, which goes alone, at once.
     alone = Batcher(echo, 2, 0.01, lambda size, waits: None)
     assert await alone.generate(Prepared("c")) == b"c"
-    assert echo.generations == [["a", "b"], ["c"]]
+    assert await full.generate(Prepared("seeded", seed=1)) == b"seeded"
+    assert echo.generations == [["a", "b"], ["c"], ["seeded"]]
 
 
 @pytest.mark.anyio
