@@ -7,16 +7,19 @@ test_bark)."""
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 from collections.abc import Sequence
 
 import pytest
 from anyio import CapacityLimiter
+from prometheus_client import generate_latest
 
 from functions.batch_metrics import BatchMetrics
 from functions.batching import Batcher, Prepared
 from functions.protocol import InvalidRequestError, SynthesisRequest
 from functions.serving import LoadedBackend, ServingError
+from router.metrics import Metrics
 
 
 class Echo:
@@ -143,7 +146,17 @@ async def test_the_host_batches_and_counts_and_bad_input_fails_only_its_request(
     assert outcomes[0] == b"one" and outcomes[2] == b"three"
     assert isinstance(outcomes[1], ServingError) and outcomes[1].code == "invalid_request"
     # The refused chunk never joined: the two others filled the batch, so it did not wait a minute.
-    exposition = metrics.exposition()
-    assert 'chorus_batch_size_bucket{model="echo",le="2"} 1' in exposition
-    assert 'chorus_batch_size_count{model="echo"} 1' in exposition
-    assert 'chorus_batch_wait_seconds_count{model="echo"} 2' in exposition
+    # A worker's GET /metrics, and the router's in local mode (its own registry), say the same.
+    router = Metrics()
+    router.add_batches(metrics)
+    for exposition in (metrics.exposition(), generate_latest(router.registry).decode()):
+        # One batch of two; two chunks waited.
+        assert (figure(exposition, "chorus_batch_size_bucket", "1.0"), figure(exposition, "chorus_batch_size_bucket", "2.0"),
+                figure(exposition, "chorus_batch_size_count"), figure(exposition, "chorus_batch_size_sum"),
+                figure(exposition, "chorus_batch_wait_seconds_count")) == (0, 1, 1, 2, 2), exposition
+
+
+def figure(exposition: str, series: str, le: str = "") -> float:
+    """One series of model "echo" in Prometheus's text format."""
+    bound = f'le="{le}",' if le else ""
+    return float(re.search(rf'^{series}{{{bound}model="echo"}} (\S+)$', exposition, re.M)[1])
