@@ -62,13 +62,13 @@ class Batcher:
         self.backend = backend
         self.max_size, self.wait_seconds, self._observe = max_size, wait_seconds, observe
         self._queue: list[_Waiting] = []
-        self._arrived = asyncio.Event()
+        self._changed = asyncio.Event()
         self._driver: asyncio.Task[None] | None = None
 
     async def generate(self, prepared: Prepared) -> bytes:
         waiting = _Waiting(prepared, asyncio.get_running_loop().create_future())
         self._queue.append(waiting)
-        self._arrived.set()
+        self._changed.set()
         if self._driver is None or self._driver.done():
             self._driver = asyncio.create_task(self._drive())
         try:
@@ -76,6 +76,7 @@ class Batcher:
         finally:
             if waiting in self._queue:  # cancelled before its generation: the others go on without it
                 self._queue.remove(waiting)
+                self._changed.set()
 
     async def _drive(self) -> None:
         while self._queue:
@@ -90,9 +91,9 @@ class Batcher:
             left = first.arrived + self.wait_seconds - time.monotonic()
             if left <= 0:
                 break
-            self._arrived.clear()
+            self._changed.clear()
             try:
-                await asyncio.wait_for(self._arrived.wait(), left)
+                await asyncio.wait_for(self._changed.wait(), left)
             except TimeoutError:
                 break
             if first not in self._queue:

@@ -93,6 +93,19 @@ async def test_a_cancelled_chunk_leaves_the_others_whole() -> None:
 
 
 @pytest.mark.anyio
+async def test_a_chunk_cancelled_while_waiting_for_company_lets_the_next_batch_go() -> None:
+    echo = Echo()
+    echo.free.set()
+    batcher = Batcher(echo, 2, 60, lambda size, waits: None)
+    # "a" waits (a minute at most) for a chunk with its options; "b" and "c" have other options.
+    lonely, *others = await queued(batcher, Prepared("a"), Prepared("b", key="loud"), Prepared("c", key="loud"))
+    lonely.cancel()
+    # Well within the minute that "a" would have waited: its leaving is noticed at once.
+    assert await asyncio.wait_for(asyncio.gather(*others), 30) == [b"b", b"c"]
+    assert echo.generations == [["b", "c"]]
+
+
+@pytest.mark.anyio
 async def test_a_chunk_that_fails_its_batch_fails_alone() -> None:
     echo = Echo()
     batcher = Batcher(echo, 4, 0, lambda size, waits: None)
