@@ -112,10 +112,10 @@ class DeploySettings(BaseModel):
     #: audio is still delivered in order. Each counts as one of the model's inputs.
     fan_out: int = Field(1, ge=1, le=16)
     #: Chunks of text one generation may take together, for the backends that batch (Bark,
-    #: MusicGen, Parler-TTS; functions/batching.py). 1, one at a time, is what a CPU config
-    #: wants: a batch makes each request's first audio wait for the whole batch's, and a CPU's
-    #: cores are already busy with one generation, so the latency costs more than the little
-    #: throughput it buys. On a GPU, where one item leaves most of the chip idle, raise it.
+    #: MusicGen, Parler-TTS; functions/batching.py). 1 keeps one at a time, as before: a batched
+    #: chunk waits for the batch's longest clip and the batch holds every member's activations,
+    #: and on a CPU the gain is modest (bench/costs.md: about 2x at four requests, none for Bark),
+    #: so a config opts in. On a GPU, where one item leaves most of the chip idle, raise it.
     max_batch_size: int = Field(1, ge=1, le=64)
     #: How long the first chunk of a batch waits for others to join when the model is free; a
     #: chunk that arrives while a generation runs waits for it anyway, and joins the next one.
