@@ -7,8 +7,9 @@ For each backend: build the model once (into --models, default a folder under th
 directory; Kokoro's ONNX export needs torch and runs in a virtual environment of its own, see
 bench/kokoro_model.py), load it, hold generation to a fixed number of tokens, and print load
 seconds, first chunk, real-time factor (synthesis seconds per audio second), peak memory and audio
-seconds per wall second with 1, 2, 4 and 8 requests at once on one loaded backend, and, where the
-backend's library generates batches (Bark, MusicGen, Parler-TTS), with 4 requests in one generate.
+seconds per wall second with 1, 2, 4 and 8 requests at once on one loaded backend, one generation
+at a time, and, for the backends that batch (Bark, MusicGen, Parler-TTS), the same through the host
+batching them, with the ratio of the two.
 CUDA is used where the image's libraries find it; the device is printed.
 
 A pass ends within --minutes (default 10) once the images and models are built: each backend gets
@@ -40,12 +41,11 @@ BACKENDS = ("piper", "kokoro", "kokoro-int8", "bark", "parler-tts", "transformer
 #: Rows that measure another model in a backend's image: Kokoro's int8 release, real weights.
 IMAGES = {"kokoro-int8": "kokoro"}
 SHORT_TOKENS, FULL_TOKENS = 32, 256
-BATCH = 4
 COLUMNS = ("load s", "audio s", "first chunk s", "real-time factor", "x Piper's", "peak RSS MB", "peak CUDA MB",
-           "audio s per wall s (1/2/4/8)", f"{BATCH} in one generate")
+           "audio s per wall s (1/2/4/8)", "batched (1/2/4/8)", "batched / one at a time")
 
 
-def measure(backend: str, models: Path, tokens: int, budget: float) -> dict:
+def measure(backend: str, models: Path, tokens: int, budget: float, concurrency: str = "1,2,4,8") -> dict:
     if backend == "kokoro":
         # Its export needs torch, which Kokoro's image does not have: built here, beforehand.
         subprocess.run([sys.executable, str(ROOT / "bench" / "kokoro_model.py"), str(models / "kokoro-82m")],
@@ -57,7 +57,7 @@ def measure(backend: str, models: Path, tokens: int, budget: float) -> dict:
         models = released_kokoro()
     started = time.perf_counter()
     command = [str(image_python(IMAGES.get(backend, backend))), str(ROOT / "bench" / "real_size" / "run.py"), backend, str(models),
-               "--tokens", str(tokens), "--concurrency", "1,2,4,8", "--batch", str(BATCH), "--budget", f"{budget:.1f}"]
+               "--tokens", str(tokens), "--concurrency", concurrency, "--budget", f"{budget:.1f}"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=3600)
     wall = round(time.perf_counter() - started, 1)
     if result.returncode != 0:
@@ -68,13 +68,20 @@ def measure(backend: str, models: Path, tokens: int, budget: float) -> dict:
 def row(figures: dict, piper: dict | None) -> str:
     if "error" in figures:
         return f"| `{figures['backend']}` | failed: {figures['error'][0][:120]} |" + " |" * (len(COLUMNS) - 1)
-    curve = "/".join("-" if value is None else str(value) for value in figures["audio_s_per_wall_s"].values())
+    alone, batched = figures["audio_s_per_wall_s"], figures["batched_audio_s_per_wall_s"] or {}
     # The same run's Piper is the baseline: a ratio holds where a machine's absolute speed does not.
     ratio = round(figures["real_time_factor"] / piper["real_time_factor"], 1) if piper else ""
-    batched = next(iter((figures["batched"] or {"": ""}).values()))
+    # Batched against one at a time, point by point, in the same run.
+    gains = {count: round(value / alone[count], 2) for count, value in batched.items()
+             if value is not None and alone.get(count)}
     cells = (figures["load_s"], figures["audio_s"], figures["first_chunk_s"], figures["real_time_factor"], ratio,
-             figures["peak_rss_mb"], figures["peak_cuda_mb"] or "", curve, batched)
+             figures["peak_rss_mb"], figures["peak_cuda_mb"] or "", _points(alone), _points(batched),
+             _points(gains))
     return f"| `{figures['backend']}` ({figures['device']}) | " + " | ".join(str(cell) for cell in cells) + " |"
+
+
+def _points(curve: dict) -> str:
+    return "/".join("-" if value is None else str(value) for value in curve.values())
 
 
 def machine(device: str) -> str:
@@ -89,7 +96,7 @@ def machine(device: str) -> str:
     return f"{os.cpu_count()} x {model}"
 
 
-def table(results: list[dict], tokens: int, minutes: float, command: str) -> str:
+def table(results: list[dict], tokens: int, minutes: float, command: str, concurrency: str) -> str:
     piper = next((r for r in results if r["backend"] == "piper" and "error" not in r), None)
     sources = "\n".join(f"- `{r['backend']}`: {r['source']}"
                         + (f"; {r['parameters'] / 1e6:.1f} M parameters" if r["parameters"] else "")
@@ -100,7 +107,8 @@ def table(results: list[dict], tokens: int, minutes: float, command: str) -> str
         "",
         f"Measured {datetime.date.today().isoformat()} by `{command}` in {minutes:.1f} minutes.",
         "",
-        "| backend (device) | " + " | ".join(COLUMNS) + " |",
+        "| backend (device) | " + " | ".join(column.replace("1/2/4/8", concurrency.replace(",", "/"))
+                                             for column in COLUMNS) + " |",
         "|---" * (len(COLUMNS) + 1) + "|",
         *(row(r, piper) for r in results),
         "",
@@ -114,6 +122,7 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="256 tokens per request instead of 32")
     parser.add_argument("--only", help="comma-separated backends (default: all)")
     parser.add_argument("--minutes", type=float, default=10, help="the pass's time, once built")
+    parser.add_argument("--concurrency", default="1,2,4,8", help="requests at once, the curve's points")
     parser.add_argument("--models", type=Path, default=Path(tempfile.gettempdir()) / "chorus-real-size")
     parser.add_argument("--write", type=Path, help="also write the table to this markdown file")
     args = parser.parse_args()
@@ -127,13 +136,14 @@ def main() -> None:
     for done, backend in enumerate(chosen):
         budget = max(args.minutes * 60 - spent, 0) / (len(chosen) - done)
         print(f"{backend}: building and measuring...", file=sys.stderr, flush=True)
-        results.append(measure(backend, args.models, tokens, budget))
+        results.append(measure(backend, args.models, tokens, budget, args.concurrency))
         spent += results[-1].get("wall_s", 0) - results[-1].get("build_s", 0)
         print(json.dumps(results[-1]), file=sys.stderr, flush=True)
     command = " ".join(["python bench/backends.py", *(["--full"] if args.full else []),
                          *(["--only", args.only] if args.only else []),
-                         *(["--minutes", f"{args.minutes:g}"] if args.minutes != 10 else [])])
-    text = table(results, tokens, spent / 60, command)
+                         *(["--minutes", f"{args.minutes:g}"] if args.minutes != 10 else []),
+                         *(["--concurrency", args.concurrency] if args.concurrency != "1,2,4,8" else [])])
+    text = table(results, tokens, spent / 60, command, args.concurrency)
     print(text)
     if args.write:
         devices = "+".join(sorted({r["device"] for r in results if "device" in r})) or "cpu"

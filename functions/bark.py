@@ -4,12 +4,13 @@ current torch): 24 kHz speech in the voice of a preset such as `v2/en_speaker_6`
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from transformers import BarkModel, BarkProcessor
 
+from functions.batching import Prepared
 from functions.config import ModelConfig, resolve_in
 from functions.pretrained import PretrainedBackend
 from functions.protocol import BackendError, InvalidRequestError, SynthesisRequest, pcm16
@@ -81,11 +82,14 @@ class BarkBackend(PretrainedBackend):
             self._histories[preset] = loaded.to(self._device)
         return self._histories[preset]
 
-    def synthesize(self, request: SynthesisRequest) -> Iterator[bytes]:
+    def prepare(self, request: SynthesisRequest) -> Prepared:
         self._refuse_speed(request)
-        history = self._history(request.voice)
-        inputs = self._processor(request.text)
-        audio = self._generate(
-            request.seed, lambda: self.model.generate(**inputs.to(self._device), history_prompt=history)
-        )
-        yield pcm16(audio[0].float().cpu().numpy())
+        # The voice preset is the batch's (the model takes one history for all): it is the key.
+        return Prepared(request.text, self._preset(request.voice), request.seed)
+
+    def generate_batch(self, batch: Sequence[Prepared]) -> list[bytes]:
+        history = self._history(batch[0].key)
+        inputs = self._processor([item.inputs for item in batch]).to(self._device)
+        audio, lengths = self._generate(batch, lambda: self.model.generate(
+            **inputs, history_prompt=history, return_output_lengths=True))
+        return [pcm16(clip[:length].float().cpu().numpy()) for clip, length in zip(audio, lengths, strict=True)]

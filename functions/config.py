@@ -111,6 +111,15 @@ class DeploySettings(BaseModel):
     #: How many chunks of one long text are synthesised at once (by as many backend calls);
     #: audio is still delivered in order. Each counts as one of the model's inputs.
     fan_out: int = Field(1, ge=1, le=16)
+    #: Chunks of text one generation may take together, for the backends that batch (Bark,
+    #: MusicGen, Parler-TTS; functions/batching.py). 1 keeps one at a time, as before: a batched
+    #: chunk waits for the batch's longest clip and the batch holds every member's activations,
+    #: and on a CPU the gain is modest (bench/costs.md: about 2x at four requests, none for Bark),
+    #: so a config opts in. On a GPU, where one item leaves most of the chip idle, raise it.
+    max_batch_size: int = Field(1, ge=1, le=64)
+    #: How long the first chunk of a batch waits for others to join when the model is free; a
+    #: chunk that arrives while a generation runs waits for it anyway, and joins the next one.
+    batch_wait_ms: int = Field(0, ge=0, le=10_000)
     timeout: int = Field(600, ge=1, le=86400)
     #: Modal: seconds a container may take to start, its model's load included (Modal's own
     #: default is 300). Sized for the example checkpoints: the slowest to load, XTTS v2, takes
@@ -144,6 +153,11 @@ class DeploySettings(BaseModel):
             raise ValueError(
                 f"fan_out ({self.fan_out}) must not exceed max_concurrent_inputs "
                 f"({self.max_concurrent_inputs}): one request's chunks must fit in one container"
+            )
+        if self.max_batch_size > self.max_concurrent_inputs:
+            raise ValueError(
+                f"max_batch_size ({self.max_batch_size}) must not exceed max_concurrent_inputs "
+                f"({self.max_concurrent_inputs}): a batch is made of the inputs one container holds"
             )
         if self.min_containers > self.max_containers:
             raise ValueError(

@@ -4,10 +4,11 @@ voice..."). The description comes from the request's `instructions` or `voice`, 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Sequence
 
 from transformers import AutoTokenizer
 
+from functions.batching import Prepared
 from functions.devices import cuda_hidden
 from functions.pretrained import PretrainedBackend
 from functions.protocol import SynthesisRequest, pcm16
@@ -37,15 +38,22 @@ class ParlerBackend(PretrainedBackend):
         # Any description is a voice; there is no list to offer.
         return []
 
-    def synthesize(self, request: SynthesisRequest) -> Iterator[bytes]:
+    def prepare(self, request: SynthesisRequest) -> Prepared:
         self._refuse_speed(request, '; describe the pace in the voice description instead ("speaks slowly")')
         description = request.instructions or request.voice or DEFAULT_DESCRIPTION
-        described = self._tokenizer(description, return_tensors="pt").to(self._device)
-        prompt = self._tokenizer(request.text, return_tensors="pt").to(self._device)
-        audio = self._generate(request.seed, lambda: self.model.generate(
+        return Prepared((description, request.text), seed=request.seed)
+
+    def generate_batch(self, batch: Sequence[Prepared]) -> list[bytes]:
+        descriptions, texts = zip(*(item.inputs for item in batch), strict=True)
+        described = self._tokenizer(list(descriptions), padding=True, return_tensors="pt").to(self._device)
+        prompt = self._tokenizer(list(texts), padding=True, return_tensors="pt").to(self._device)
+        # Each clip ends at its own end-of-audio token: the library says where, the rest is padding.
+        generated = self._generate(batch, lambda: self.model.generate(
             input_ids=described.input_ids,
             attention_mask=described.attention_mask,
             prompt_input_ids=prompt.input_ids,
             prompt_attention_mask=prompt.attention_mask,
+            return_dict_in_generate=True,
         ))
-        yield pcm16(audio[0].float().cpu().numpy())
+        return [pcm16(clip[:length].float().cpu().numpy())
+                for clip, length in zip(generated.sequences, generated["audios_length"], strict=True)]

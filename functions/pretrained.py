@@ -1,16 +1,19 @@
 """What the transformers backends (Bark, Parler-TTS, MusicGen) share: a model and its processor
 loaded with `from_pretrained` (a folder of the models directory, else a hub id) into host memory,
-moved to the GPU where there is one by `to_device()`, and one generation at a time. Imported only by those backends: it imports torch."""
+moved to the GPU where there is one by `to_device()`, and one generation at a time, of a batch of
+chunks of text (functions/batching.py) or of one. Imported only by those backends: it imports torch."""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from abc import abstractmethod
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 
+from functions.batching import Prepared
 from functions.config import ModelConfig
 from functions.devices import best_device
 from functions.hub import load_error, pretrained_source
@@ -58,8 +61,20 @@ class PretrainedBackend(Backend):
                 f"model '{self.config.name}' ({self.label}) cannot change the speed{hint}", param="speed"
             )
 
-    def _generate(self, seed: int | None, generate: Callable[[], T]) -> T:
+    @abstractmethod
+    def prepare(self, request: SynthesisRequest) -> Prepared:
+        """`functions.batching.Batchable.prepare`."""
+
+    @abstractmethod
+    def generate_batch(self, batch: Sequence[Prepared]) -> list[bytes]:
+        """`functions.batching.Batchable.generate_batch`."""
+
+    def synthesize(self, request: SynthesisRequest) -> Iterator[bytes]:
+        yield from self.generate_batch([self.prepare(request)])
+
+    def _generate(self, batch: Sequence[Prepared], generate: Callable[[], T]) -> T:
         with self._lock, torch.inference_mode():
-            if seed is not None:
-                torch.manual_seed(seed)
+            # A seeded chunk is always generated alone (functions/batching.py).
+            if len(batch) == 1 and batch[0].seed is not None:
+                torch.manual_seed(batch[0].seed)
             return generate()

@@ -23,6 +23,8 @@ from typing import TypeVar
 from anyio import CapacityLimiter, to_thread
 
 from functions import create_backend
+from functions.batch_metrics import BatchMetrics
+from functions.batching import Batchable, Batcher
 from functions.config import CONFIGLESS_MODELS, MEMORY_RELEASE_SECONDS, ModelConfig, redact
 from functions.protocol import (
     Backend,
@@ -139,6 +141,8 @@ class LoadedBackend:
     limiter: CapacityLimiter
     #: Told when each synthesis starts and ends.
     memory: MemoryRelease | None = None
+    #: For a backend that generates batches: its chunks of text go through it.
+    batcher: Batcher | None = None
 
     async def chunks(self, request: SynthesisRequest) -> AsyncIterator[Spoken]:
         """The backend's PCM chunks (and word times, where asked for); what the backend raises
@@ -146,6 +150,11 @@ class LoadedBackend:
         if self.memory is not None:
             self.memory.started()
         try:
+            if self.batcher is not None:
+                prepared = await to_thread.run_sync(self.batcher.backend.prepare, request, limiter=self.limiter)
+                if pcm := await self.batcher.generate(prepared):
+                    yield pcm
+                return
             # aclosing: the backend's generator is closed when this stops, not when collected.
             async with aclosing(in_threads(self.backend.synthesize(request), self.limiter)) as pcm:
                 async for chunk in pcm:
@@ -202,6 +211,7 @@ class BackendPool:
         self.on_device = on_device
         self._loaded: dict[str, LoadedBackend] = {}
         self.memory = MemoryRelease(release_after, lambda: [entry.backend for entry in self._loaded.values()])
+        self.batches = BatchMetrics()
         self._locks: dict[str, asyncio.Lock] = {}
         #: Keys of the loaded config-less models, least recently used first.
         self._configless: OrderedDict[str, None] = OrderedDict()
@@ -268,7 +278,12 @@ class BackendPool:
 
     def _add(self, key: str, config: ModelConfig, backend: Backend) -> None:
         # Past this many concurrent requests, more threads only fight over the cores.
-        self._loaded[key] = LoadedBackend(backend, CapacityLimiter(config.deploy.max_concurrent_inputs), self.memory)
+        deploy = config.deploy
+        batcher = None
+        if isinstance(backend, Batchable):
+            batcher = Batcher(backend, deploy.max_batch_size, deploy.batch_wait_ms / 1000,
+                              self.batches.observer(config.name))
+        self._loaded[key] = LoadedBackend(backend, CapacityLimiter(deploy.max_concurrent_inputs), self.memory, batcher)
         if config.configless:
             self._keep_configless(key)
 

@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Sequence
 
 from transformers import AutoProcessor, MusicgenForConditionalGeneration
 
+from functions.batching import Prepared
 from functions.pretrained import PretrainedBackend
 from functions.protocol import SynthesisRequest, pcm16
 
@@ -37,13 +38,27 @@ class MusicgenBackend(PretrainedBackend):
         frames = round(duration * self.model.config.audio_encoder.frame_rate)
         return max(1, frames) + self.model.decoder.config.num_codebooks - 1
 
-    def synthesize(self, request: SynthesisRequest) -> Iterator[bytes]:
+    def _samples(self, tokens: int) -> int:
+        """The samples `tokens` generated tokens decode to (the codebook delay's steps make none)."""
+        codec = self.model.config.audio_encoder
+        frames = tokens - (self.model.decoder.config.num_codebooks - 1)
+        return max(0, frames) * round(codec.sampling_rate / codec.frame_rate)
+
+    def prepare(self, request: SynthesisRequest) -> Prepared:
         self._refuse_speed(request)
-        inputs = self._processor(text=[request.text], padding=True, return_tensors="pt")
-        options: dict = {"max_new_tokens": self._max_new_tokens(request.duration_seconds)}
+        options: dict = {}
         if request.guidance_scale is not None:
             options["guidance_scale"] = request.guidance_scale
         if request.do_sample is not None:
             options["do_sample"] = request.do_sample
-        audio = self._generate(request.seed, lambda: self.model.generate(**inputs.to(self._device), **options))
-        yield pcm16(audio[0, 0].float().cpu().numpy())
+        return Prepared((request.text, self._max_new_tokens(request.duration_seconds)),
+                        tuple(sorted(options.items())), request.seed)
+
+    def generate_batch(self, batch: Sequence[Prepared]) -> list[bytes]:
+        # Padded prompts with their attention mask; every clip is generated to the longest one's
+        # length and cut back to its own.
+        prompts, lengths = zip(*(item.inputs for item in batch), strict=True)
+        inputs = self._processor(text=list(prompts), padding=True, return_tensors="pt").to(self._device)
+        options = {**dict(batch[0].key), "max_new_tokens": max(lengths)}
+        audio = self._generate(batch, lambda: self.model.generate(**inputs, **options))
+        return [pcm16(clip[0, :self._samples(tokens)].float().cpu().numpy()) for clip, tokens in zip(audio, lengths, strict=True)]

@@ -11,6 +11,7 @@ talks to it over a small protocol:
   `X-Channels: 1`). A request that asks for `word_times` gets frames instead (PCM and word
   times, `functions.protocol.frame`, `application/x-chorus-framed-pcm`).
 - `POST /voices` `{"config": ModelConfig}` -> `{"voices": [...]}`.
+- `GET /metrics` -> batching per model (`functions.batch_metrics`), in Prometheus's text format.
 - `GET /healthz` -> 200 once the start-up load is done, else 503: `"status": "loading"`, or
   `"failed"` with its `problem` when it can load nothing (its configs cannot be read) and never will.
 
@@ -150,6 +151,9 @@ class Worker:
             body["problem"] = self.problem
         return JSONResponse(body, status_code=200 if self.ready else 503)
 
+    async def metrics(self, request: Request) -> Response:
+        return Response(self.pool.batches.exposition(), media_type="text/plain; version=0.0.4")
+
     async def voices(self, request: Request) -> Response:
         try:
             body = await _parse(request, VoicesBody)
@@ -230,6 +234,7 @@ def create_app(
             Route("/healthz", worker.healthz, methods=["GET"]),
             Route("/synthesize", worker.synthesize, methods=["POST"]),
             Route("/voices", worker.voices, methods=["POST"]),
+            Route("/metrics", worker.metrics, methods=["GET"]),
         ],
         lifespan=lifespan,
     )

@@ -11,8 +11,11 @@ import contextvars
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.core import HistogramMetricFamily
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from functions.batch_metrics import BatchMetrics
 
 # The *_created series would double the output and no dashboard here reads them.
 disable_created_metrics()
@@ -86,11 +89,31 @@ class Metrics:
             ["model"], registry=r,
         )
 
+    def add_batches(self, batches: BatchMetrics) -> None:
+        """Serve the batching of the backends this process hosts (local mode)."""
+        self.registry.register(_BatchCollector(batches))
+
     def cold_start(self, backend: str, container_seconds: float, ready_seconds: float) -> None:
         self.cold_starts.labels(backend).inc()
         self.cold_start_seconds.labels(backend, "container").observe(container_seconds)
         self.cold_start_seconds.labels(backend, "ready").observe(ready_seconds)
         self.workers_running.labels(backend).set(1)
+
+
+class _BatchCollector:
+    """functions.batch_metrics' histograms, read at each scrape."""
+
+    def __init__(self, batches: BatchMetrics):
+        self.batches = batches
+
+    def collect(self):
+        for (name, help_text), by_model in self.batches.histograms():
+            family = HistogramMetricFamily(name, help_text, labels=["model"])
+            for model, histogram in sorted(by_model.items()):
+                buckets = [(str(float(bound)), count) for bound, count in zip(histogram.buckets, histogram.counts,
+                                                                              strict=True)]
+                family.add_metric([model], [*buckets, ("+Inf", histogram.count)], sum_value=histogram.total)
+            yield family
 
 
 def _route_name(scope: Scope, routes: list[BaseRoute]) -> str:

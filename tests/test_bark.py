@@ -8,9 +8,9 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.audio import audio_seconds
+from tests.audio import audio_seconds, pcm_seconds
+from tests.tiny_models.harness import batched, batches, concurrently, router, synthesize, tiny_worker
 from tests.tiny_models.harness import pcm as worker_pcm
-from tests.tiny_models.harness import router, synthesize, tiny_worker
 
 pytestmark = pytest.mark.images
 
@@ -47,6 +47,28 @@ def test_voice_presets_reach_the_model(bark_worker: str) -> None:
     # The router puts the config's `tts.voice` into the request; a worker given the request's
     # voice uses it, and given the config's voice speaks with that.
     assert clip(WITH_VOICE, voice="v2/en_speaker_1") == clip(voice="v2/en_speaker_1")
+
+
+def test_four_requests_at_once_share_one_generation_each_with_its_own_audio(bark_worker: str) -> None:
+    config = batched(BARK, "tiny-bark-4", 4)
+    texts = [TEXT, "Good morning to you all.", "Yes.", "What a day it has been, and what a night."]
+    asked = [(config, {"text": text, "voice": "v2/en_speaker_1"}) for text in texts]
+    clips = [pcm(response) for response in concurrently(bark_worker, *asked)]
+    assert batches(bark_worker, "tiny-bark-4") == (1, 4)
+    assert len(set(clips)) == 4, "each text must make its own audio"
+    for clip in clips:
+        # The tiny model's semantic stage stops after 40 tokens whatever the text: 0.8 s each.
+        assert pcm_seconds(clip, RATE) == pytest.approx(0.8, abs=0.05)
+        assert np.frombuffer(clip, dtype="<i2").std() > 0
+
+
+def test_a_seeded_request_goes_alone_and_sounds_as_it_does_unbatched(bark_worker: str) -> None:
+    config = batched(BARK, "tiny-bark-2", 2)
+    seeded = {"text": TEXT, "voice": "v2/en_speaker_0", "seed": 3}
+    responses = concurrently(bark_worker, (config, seeded), (config, {"text": "Yes."}), (config, {"text": TEXT}))
+    assert batches(bark_worker, "tiny-bark-2") == (2, 3)
+    assert pcm(responses[0]) == pcm(synthesize(bark_worker, BARK, **seeded))
+    assert all(pcm(response) for response in responses[1:])
 
 
 def test_voices_lists_the_presets(bark_worker: str) -> None:

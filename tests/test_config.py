@@ -341,3 +341,11 @@ def test_an_alias_selects_its_config_and_may_not_be_claimed_twice(tmp_path):
     (tmp_path / "b.yaml").write_text("name: other\naliases: ['../x']\nbackend: piper\n")
     with pytest.raises(ConfigError, match="alias"):
         load_configs(tmp_path, tmp_path)
+
+
+def test_a_batch_larger_than_what_a_container_holds_is_refused(tmp_path):
+    text = "name: m\nbackend: bark\ndeploy:\n  max_concurrent_inputs: 2\n  max_batch_size: 4\n"
+    with pytest.raises(ConfigError, match=r"max_batch_size \(4\) must not exceed max_concurrent_inputs \(2\)"):
+        load_config_file(write(tmp_path, "big.yaml", text))
+    batched = load_config_file(write(tmp_path, "ok.yaml", text.replace("max_batch_size: 4", "max_batch_size: 2")))
+    assert (batched.deploy.max_batch_size, batched.deploy.batch_wait_ms) == (2, 0)

@@ -8,9 +8,9 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.audio import audio_seconds
+from tests.audio import audio_seconds, pcm_seconds
+from tests.tiny_models.harness import batched, batches, concurrently, router, synthesize, tiny_worker
 from tests.tiny_models.harness import pcm as worker_pcm
-from tests.tiny_models.harness import router, synthesize, tiny_worker
 
 pytestmark = pytest.mark.images
 
@@ -54,6 +54,29 @@ def test_the_description_reaches_the_model(parler_worker: str) -> None:
     assert clip(voice=CALM, instructions=EXCITED) == clip(voice=EXCITED)
     # With no description at all, LocalAI's default one is used.
     assert clip() == clip(voice=LOCALAI_DESCRIPTION)
+
+
+def test_four_requests_at_once_share_one_generation_each_with_its_own_voice_and_end(parler_worker: str) -> None:
+    config = batched(PARLER, "tiny-parler-4", 4)
+    asked = [{"text": TEXT, "voice": CALM}, {"text": "Good morning to you all.", "voice": EXCITED},
+             {"text": "Yes."}, {"text": TEXT, "instructions": "A whispering old man."}]
+    clips = [pcm(response) for response in concurrently(parler_worker, *((config, fields) for fields in asked))]
+    assert batches(parler_worker, "tiny-parler-4") == (1, 4)
+    assert len(set(clips)) == 4, "each description and text must make its own audio"
+    longest = max(len(clip) for clip in clips)
+    for clip in clips:
+        assert 0 < pcm_seconds(clip, RATE) <= 0.8
+        # Each clip ends where its own audio does, not padded to the longest's.
+        assert len(clip) == longest or any(clip[-480:]), "a shorter clip kept the batch's padding"
+
+
+def test_a_seeded_request_goes_alone_and_sounds_as_it_does_unbatched(parler_worker: str) -> None:
+    config = batched(PARLER, "tiny-parler-2", 2)
+    seeded = {"text": TEXT, "voice": CALM, "seed": 5}
+    responses = concurrently(parler_worker, (config, seeded), (config, {"text": "Yes."}), (config, {"text": TEXT}))
+    assert batches(parler_worker, "tiny-parler-2") == (2, 3)
+    assert pcm(responses[0]) == pcm(synthesize(parler_worker, PARLER, **seeded))
+    assert all(pcm(response) for response in responses[1:])
 
 
 def test_speed_is_refused_rather_than_ignored(parler_worker: str) -> None:

@@ -5,8 +5,10 @@ a clear 503 through the router."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from starlette.testclient import TestClient
@@ -15,8 +17,8 @@ from functions.config import ModelConfig
 from router.app import create_app
 from router.registry import ModelRegistry
 from router.settings import Settings
+from tests.tiny_models.harness import batched, batches, concurrently, synthesize, tiny_worker
 from tests.tiny_models.harness import pcm as worker_pcm
-from tests.tiny_models.harness import synthesize, tiny_worker
 
 pytestmark = pytest.mark.images
 
@@ -78,6 +80,54 @@ def test_a_hub_id_absent_offline_fails_at_load_with_a_clear_error(music_worker: 
     response = synthesize(music_worker, HUB, text="Calm piano", duration_seconds=0.2)
     assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
     assert "HF_HUB_OFFLINE=1" in response.json()["error"]["message"]
+
+
+def test_four_prompts_at_once_share_one_generation_each_at_its_own_length(music_worker: str) -> None:
+    config = batched(MUSIC, "tiny-music-4", 4)
+    prompts = {"A dog barks": 0.2, "Calm piano": 0.4, "Loud drums and bass": 0.6, "Rain on a window": 0.8}
+    responses = concurrently(music_worker, *((config, {"text": text, "duration_seconds": seconds})
+                                              for text, seconds in prompts.items()))
+    clips = [pcm(response) for response in responses]
+    assert batches(music_worker, "tiny-music-4") == (1, 4)
+    for clip, seconds in zip(clips, prompts.values(), strict=True):
+        assert len(clip) / RATE == pytest.approx(seconds, abs=0.021)
+        assert clip.std() > 0
+    assert len({clip[:RATE // 5].tobytes() for clip in clips}) == 4, "each prompt must make its own sound"
+
+
+def test_a_seeded_prompt_goes_alone_and_sounds_as_it_does_unbatched(music_worker: str) -> None:
+    config = batched(MUSIC, "tiny-music-2", 2)
+    seeded = {"text": "Calm piano", "duration_seconds": 0.3, "seed": 7}
+    responses = concurrently(music_worker, (config, seeded), (config, {"text": "A dog barks", "duration_seconds": 0.2}),
+                             (config, {"text": "Rain", "duration_seconds": 0.5}))
+    # The two unseeded prompts together, the seeded one alone.
+    assert batches(music_worker, "tiny-music-2") == (2, 3)
+    assert pcm(responses[0]).tobytes() == pcm(synthesize(music_worker, MUSIC, **seeded)).tobytes()
+    assert [len(pcm(response)) / RATE for response in responses[1:]] == pytest.approx([0.2, 0.5], abs=0.021)
+
+
+def test_a_member_whose_client_leaves_mid_generation_leaves_the_others_whole(music_worker: str) -> None:
+    config = batched(MUSIC, "tiny-music-left", 3)
+
+    async def scenario() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=300) as client:
+            def send(**fields: object) -> asyncio.Task[httpx.Response]:
+                body = {"config": config, "request": {"model": config["name"], **fields}}
+                return asyncio.ensure_future(client.post(f"{music_worker}/synthesize", json=body))
+
+            # The one that leaves asks for the longest clip: the batch generates for as long.
+            leaving = send(text="A long storm", duration_seconds=8)
+            staying = [send(text="A dog barks", duration_seconds=0.3), send(text="Calm piano", duration_seconds=0.5)]
+            while batches(music_worker, config["name"]) == (0, 0):
+                await asyncio.sleep(0.05)  # until the batch has started
+            leaving.cancel()
+            return await asyncio.gather(*staying)
+
+    responses = asyncio.run(scenario())
+    assert batches(music_worker, config["name"]) == (1, 3)
+    assert [len(pcm(response)) / RATE for response in responses] == pytest.approx([0.3, 0.5], abs=0.021)
+    # The worker serves on.
+    assert len(pcm(synthesize(music_worker, MUSIC, text="Calm piano", duration_seconds=0.2))) / RATE == pytest.approx(0.2, abs=0.021)
 
 
 @pytest.mark.parametrize(

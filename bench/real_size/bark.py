@@ -93,11 +93,3 @@ def fix_length(backend, tokens: int) -> None:
 def parameters(backend) -> int:
     return sum(parameter.numel() for parameter in backend.model.parameters())
 
-
-def batched(backend, request, count: int) -> int:
-    """Samples from one generate over `count` copies of the request's text, in the same voice."""
-    history = backend._history(request.voice)
-    inputs = backend._processor([request.text] * count)
-    audio = backend._generate(None, lambda: backend.model.generate(**inputs.to(backend._device),
-                                                                  history_prompt=history))
-    return audio.shape[0] * audio.shape[-1]

@@ -107,15 +107,3 @@ def fix_length(backend, tokens: int) -> None:
 def parameters(backend) -> int:
     return sum(parameter.numel() for parameter in backend.model.parameters())
 
-
-def batched(backend, request, count: int) -> int:
-    """Samples from one generate over `count` copies of the request (description and text), in one batch."""
-    from functions.parler_tts import DEFAULT_DESCRIPTION
-
-    described = backend._tokenizer([DEFAULT_DESCRIPTION] * count, return_tensors="pt").to(backend._device)
-    prompt = backend._tokenizer([request.text] * count, return_tensors="pt").to(backend._device)
-    audio = backend._generate(None, lambda: backend.model.generate(
-        input_ids=described.input_ids, attention_mask=described.attention_mask,
-        prompt_input_ids=prompt.input_ids, prompt_attention_mask=prompt.attention_mask,
-    ))
-    return audio.shape[0] * audio.shape[-1]

@@ -1,20 +1,23 @@
 """One heavy backend at its real size, measured inside its own image; prints one JSON line.
 
     python bench/real_size/run.py BACKEND MODELS_DIR [--tokens N] [--concurrency 1,2,4,8]
-                                  [--budget SECONDS] [--batch N]
+                                  [--budget SECONDS]
 
 BACKEND names a module of bench/real_size (bark, kokoro...). It builds the model (once), loads it
 through the production backend (`functions.create_backend`, `load`, `to_device`), holds generation
 to `--tokens` tokens, then times one request alone (the first chunk and the whole: the curve's
 point 1) and the same request from 2, 4 and 8 threads at once on the one loaded backend, as one
 worker serves them. With --budget (seconds from the end of the build), a point that would not end
-within it is skipped (null). With --batch, a backend module that has `batched` also times one generate over N copies of
-the request: what batching in the worker would give.
+within it is skipped (null). A backend that generates batches (functions.batching) is timed again
+at each point through the host that serves it (functions.serving), batching up to the largest
+count (`deploy.max_batch_size`) with a 50 ms window (`deploy.batch_wait_ms`): the same requests,
+with batching and without, in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib
 import json
 import multiprocessing
@@ -31,9 +34,12 @@ ROOT = HERE.parents[1]
 sys.path[:] = [str(ROOT), *(entry for entry in sys.path if Path(entry or ".").resolve() != HERE)]
 
 from functions import create_backend  # noqa: E402
+from functions.batching import Batchable  # noqa: E402
 from functions.config import ModelConfig  # noqa: E402
 from functions.protocol import SynthesisRequest  # noqa: E402
 
+#: The batching window measured: requests sent together start together, as a GPU config would set it.
+BATCH_WAIT_SECONDS = 0.05
 TEXT = "The quick brown fox jumps over the lazy dog. The dog does not mind at all, and sleeps on."
 
 
@@ -72,15 +78,39 @@ def concurrently(backend, request: SynthesisRequest, count: int) -> float:
     return sum(samples for _, _, samples in results) / backend.sample_rate / wall
 
 
+def through_host(backend, request: SynthesisRequest, count: int, batch_size: int) -> float:
+    """Audio seconds per wall second with `count` requests at once through the host, which batches."""
+    from anyio import CapacityLimiter
+
+    from functions.batching import Batcher
+    from functions.serving import LoadedBackend
+
+    async def run() -> float:
+        batcher = Batcher(backend, batch_size, BATCH_WAIT_SECONDS, lambda size, waits: None)
+        loaded = LoadedBackend(backend, CapacityLimiter(count), batcher=batcher)
+
+        async def samples() -> int:
+            return sum([len(pcm) // 2 async for pcm in loaded.chunks(request)])
+
+        start = time.perf_counter()
+        made = sum(await asyncio.gather(*(samples() for _ in range(count))))
+        return made / backend.sample_rate / (time.perf_counter() - start)
+
+    return asyncio.run(run())
+
+
 def fits(deadline: float | None, seconds: float) -> bool:
     return deadline is None or time.perf_counter() + seconds <= deadline
 
 
 def curve_of(backend, request: SynthesisRequest, counts: list[int], audio_s: float, alone: float,
-             deadline: float | None) -> dict[int, float | None]:
-    """Audio seconds per wall second at each count; 1 is the request already timed (`alone`, for
-    `audio_s` of audio). A point expected to end after `deadline`, at the last point's rate, is None."""
+             deadline: float | None, batch_size: int | None) -> tuple[dict, dict]:
+    """Audio seconds per wall second at each count, one generation at a time; 1 is the request
+    already timed (`alone`, for `audio_s` of audio). With `batch_size`, each point is timed again
+    through the host batching up to it, right after, so that both see the machine as it was. A
+    point expected to end after `deadline`, at the last point's rate, is None."""
     curve: dict[int, float | None] = {}
+    batched: dict[int, float | None] = {}
     rate = alone
     for count in counts:
         if count == 1:
@@ -89,7 +119,16 @@ def curve_of(backend, request: SynthesisRequest, counts: list[int], audio_s: flo
             curve[count] = rate = concurrently(backend, request, count)
         else:
             curve[count] = None
-    return curve
+        if batch_size:
+            # At worst a batch costs what its requests cost one after another.
+            on_time = curve[count] is not None and fits(deadline, audio_s * count / rate)
+            batched[count] = through_host(backend, request, count, batch_size) if on_time else None
+    return curve, batched
+
+
+def figures(curve: dict[int, float | None]) -> dict[str, float | None] | None:
+    """Three significant digits: the heavy backends' rates are hundredths on a CPU."""
+    return {str(count): value if value is None else float(f"{value:.3g}") for count, value in curve.items()} or None
 
 
 def main() -> None:
@@ -99,7 +138,6 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--concurrency", default="1,2,4,8")
     parser.add_argument("--budget", type=float, help="seconds the measuring may take, once the model is built")
-    parser.add_argument("--batch", type=int, help="also time one generate over this many requests")
     args = parser.parse_args()
     module = importlib.import_module(f"bench.real_size.{args.backend.replace('-', '_')}")
     on, torch = device()
@@ -123,13 +161,9 @@ def main() -> None:
     speak(backend, request)  # the first request pays for lazy set-up (kernels, caches), not counted
     first_chunk, total, samples = speak(backend, request)
     seconds = samples / backend.sample_rate
-    curve = curve_of(backend, request, [int(count) for count in args.concurrency.split(",")],
-                     audio_s=seconds, alone=seconds / total, deadline=deadline)
-    batched = None
-    # At worst a batch costs what its requests cost one after another.
-    if args.batch and hasattr(module, "batched") and fits(deadline, total * args.batch):
-        start = time.perf_counter()
-        batched = module.batched(backend, request, args.batch) / backend.sample_rate / (time.perf_counter() - start)
+    counts = [int(count) for count in args.concurrency.split(",")]
+    curve, batched = curve_of(backend, request, counts, audio_s=seconds, alone=seconds / total, deadline=deadline,
+                              batch_size=max(counts) if isinstance(backend, Batchable) else None)
     print(json.dumps({
         "backend": args.backend,
         "device": on,
@@ -143,9 +177,8 @@ def main() -> None:
         "real_time_factor": round(total / seconds, 3) if seconds else None,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "peak_cuda_mb": round(torch.cuda.max_memory_allocated() / 2**20) if on == "cuda" and torch else None,
-        "audio_s_per_wall_s": {str(count): value if value is None else round(value, 2)
-                               for count, value in curve.items()},
-        "batched": {str(args.batch): round(batched, 2)} if batched is not None else None,
+        "audio_s_per_wall_s": figures(curve),
+        "batched_audio_s_per_wall_s": figures(batched),
     }))
 
 

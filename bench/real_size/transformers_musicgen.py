@@ -92,9 +92,3 @@ def fix_length(backend, tokens: int) -> None:
 def parameters(backend) -> int:
     return sum(parameter.numel() for parameter in backend.model.parameters())
 
-
-def batched(backend, request, count: int) -> int:
-    """Samples from one generate over `count` copies of the request's prompt, in one padded batch."""
-    inputs = backend._processor(text=[request.text] * count, padding=True, return_tensors="pt")
-    audio = backend._generate(None, lambda: backend.model.generate(**inputs.to(backend._device)))
-    return audio.shape[0] * audio.shape[-1]

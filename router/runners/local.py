@@ -11,6 +11,7 @@ from functions.config import CONFIGLESS_MODELS, MEMORY_RELEASE_SECONDS, ModelCon
 from functions.protocol import SynthesisRequest
 from functions.serving import BackendPool, LoadedBackend, ServingError
 from router.errors import ChorusError, backend_error
+from router.metrics import Metrics
 from router.runners import PcmStream, Runner
 
 log = logging.getLogger("chorus")
@@ -41,6 +42,9 @@ class InProcessRunner(Runner):
 
     def is_ready(self) -> bool:
         return self._ready
+
+    def observe(self, metrics: Metrics) -> None:
+        metrics.add_batches(self._pool.batches)
 
     async def _backend(self, config: ModelConfig) -> LoadedBackend:
         try:

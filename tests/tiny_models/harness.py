@@ -5,9 +5,11 @@ serving it on loopback from the same image."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -98,3 +100,27 @@ def synthesize(url: str, config: dict, timeout: float = 300, **request: object) 
         json={"config": config, "request": {"model": config["name"], **request}},
         timeout=timeout,
     )
+
+
+def concurrently(url: str, *requests: tuple[dict, dict]) -> list[httpx.Response]:
+    """Each (config, request fields) sent to the worker at once, from threads of its own."""
+    with ThreadPoolExecutor(len(requests)) as pool:
+        return list(pool.map(lambda sent: synthesize(url, sent[0], **sent[1]), requests))
+
+
+def batches(url: str, model: str) -> tuple[int, int]:
+    """The worker's generations for `model` and the chunks of text they took (GET /metrics)."""
+    metrics = httpx.get(f"{url}/metrics").text
+
+    def series(name: str) -> int:
+        found = re.search(rf'^chorus_batch_size_{name}{{model="{re.escape(model)}"}} (\S+)$', metrics, re.M)
+        return int(float(found[1])) if found else 0
+
+    return series("count"), series("sum")
+
+
+def batched(config: dict, name: str, size: int) -> dict:
+    """`config` as `name`, taking `size` chunks a generation and waiting until it has them (ten
+    seconds at most): what the tests send decides the batches, not how fast the machine is."""
+    deploy = {"max_batch_size": size, "max_concurrent_inputs": size, "batch_wait_ms": 10_000}
+    return {**config, "name": name, "deploy": deploy}
