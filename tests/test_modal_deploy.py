@@ -151,8 +151,11 @@ def test_what_the_client_adds_comes_before_the_dockerfile(monkeypatch, tmp_path,
     assert modal_api.function("web").definition.mount_client_dependencies == (builder_version > "2024.10")
 
 
-def test_each_backend_class_is_defined_as_the_router_calls_it(monkeypatch, tmp_path, no_network, no_token):
-    """Each backend's class as `modal deploy` defines it."""
+def test_each_backend_class_is_defined_as_the_router_calls_it_on_an_image_modal_builds(
+    monkeypatch, tmp_path, no_network, no_token
+):
+    """Each backend's class as `modal deploy` defines it, and its worker image as Modal's builder
+    takes it (one deploy of every backend for both: each costs most of a minute here)."""
     configs = write_configs(tmp_path / "configs", ALL_BACKENDS)
     app = load_app(monkeypatch, configs)
     with modal_server(secrets_present=SECRETS) as modal_api:
@@ -187,23 +190,6 @@ def test_each_backend_class_is_defined_as_the_router_calls_it(monkeypatch, tmp_p
         expected = local_files("functions", "root/functions")
         assert {path: files.get(path) for path in expected} == expected, backend
 
-
-def test_a_class_may_start_for_as_long_as_its_slowest_model_asks(monkeypatch, tmp_path, no_network, no_token):
-    configs = write_configs(tmp_path / "configs", [
-        {"name": "quick", "backend": "piper", "parameters": {"model": "a.onnx"}, "deploy": {"startup_timeout": 60}},
-        {"name": "slow", "backend": "piper", "parameters": {"model": "b.onnx"}, "deploy": {"startup_timeout": 1800}},
-    ])
-    app = load_app(monkeypatch, configs)
-    with modal_server(secrets_present=SECRETS) as modal_api:
-        deploy(app)
-    assert modal_api.describe(modal_api.function("PiperBackend.*"))["startup_timeout"] == 1800
-
-
-def test_every_worker_image_builds_on_modal(monkeypatch, tmp_path, no_network, no_token):
-    app = load_app(monkeypatch, write_configs(tmp_path / "configs", ALL_BACKENDS))
-    with modal_server(secrets_present=SECRETS) as modal_api:
-        deploy(app)
-
     assert modal_api.build_errors() == {}
     for backend, class_name in BACKENDS.items():
         image_id = modal_api.function(f"{class_name}.*").image_id
@@ -217,6 +203,17 @@ def test_every_worker_image_builds_on_modal(monkeypatch, tmp_path, no_network, n
         for path in needed:
             assert uploaded.get(path.relative_to(REPO).as_posix()) == sha256(path), (backend, path.name)
         assert_built_from(modal_api, image_id, WORKER_DOCKERFILE, worker_build_args(backend, gpu=gpu_wanted(backend)))
+
+
+def test_a_class_may_start_for_as_long_as_its_slowest_model_asks(monkeypatch, tmp_path, no_network, no_token):
+    configs = write_configs(tmp_path / "configs", [
+        {"name": "quick", "backend": "piper", "parameters": {"model": "a.onnx"}, "deploy": {"startup_timeout": 60}},
+        {"name": "slow", "backend": "piper", "parameters": {"model": "b.onnx"}, "deploy": {"startup_timeout": 1800}},
+    ])
+    app = load_app(monkeypatch, configs)
+    with modal_server(secrets_present=SECRETS) as modal_api:
+        deploy(app)
+    assert modal_api.describe(modal_api.function("PiperBackend.*"))["startup_timeout"] == 1800
 
 
 @pytest.mark.filterwarnings("error::modal.exception.DeprecationError")
