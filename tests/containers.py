@@ -84,7 +84,9 @@ def _build(image: ImageBuild, context: Path = REPO) -> tuple[float, str | None]:
     with log.open("wb") as sink:
         try:
             result = subprocess.run(
-                ["docker", "build", "-f", str(context / image.dockerfile), *arguments, "-t", image.tag, str(context)],
+                # --force-rm: the classic builder keeps a failed step's container otherwise.
+                ["docker", "build", "--force-rm", "-f", str(context / image.dockerfile), *arguments, "-t", image.tag,
+                 str(context)],
                 stdout=sink, stderr=subprocess.STDOUT, timeout=BUILD_TIMEOUT,
             )
             problem = None if result.returncode == 0 else f"exit status {result.returncode}"
