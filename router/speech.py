@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from anyio import to_thread
@@ -237,9 +237,9 @@ class ModelVoices:
     confirmed: bool = True
 
 
-async def model_voices(service: SpeechService, caller: Caller = Caller()) -> dict[str, ModelVoices]:
-    """Every model's voices: the backend's own, the public names its config maps, then the saved
-    voices `caller` may use with it (by id). A model
+async def model_voices(service: SpeechService, saved: Sequence[Voice] = ()) -> dict[str, ModelVoices]:
+    """Every model's voices: the backend's own, the public names its config maps, then those of the
+    `saved` voices (the caller's, read once by the listing) it can speak, by id. A model
     whose backend cannot be reached, or must not be started to be asked (a cold Modal model),
     lists its config's voice and mapped names, unconfirmed. The backends are asked all at once,
     so one slow worker does not add its delay to every other model's."""
@@ -256,12 +256,12 @@ async def model_voices(service: SpeechService, caller: Caller = Caller()) -> dic
         return ModelVoices(names)
 
     listed = await asyncio.gather(*(backend_voices(config) for config in configs))
-    saved: dict[str, list[str]] = {}
-    for voice in service.voices.all(caller):
+    cloned: dict[str, list[str]] = {}
+    for voice in saved:
         for model in service.cloning_models(voice):
-            saved.setdefault(model, []).append(voice.id)
+            cloned.setdefault(model, []).append(voice.id)
     return {
-        config.name: ModelVoices(list(dict.fromkeys([*voices.names, *config.voices, *saved.get(config.name, [])])),
+        config.name: ModelVoices(list(dict.fromkeys([*voices.names, *config.voices, *cloned.get(config.name, [])])),
                                  voices.confirmed)
         for config, voices in zip(configs, listed, strict=True)
     }

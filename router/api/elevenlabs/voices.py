@@ -35,10 +35,11 @@ def saved_voice_json(voice: Voice, models: list[str]) -> dict:
 
 
 async def _voices(service: SpeechService, caller: Caller) -> list[dict]:
-    saved = {voice.id: voice for voice in service.voices.all(caller)}
+    own = service.voices.all(caller)
+    saved = {voice.id: voice for voice in own}
     by_voice: dict[str, list[str]] = {}
     unconfirmed: set[str] = set()
-    for model, voices in (await model_voices(service, caller)).items():
+    for model, voices in (await model_voices(service, own)).items():
         for voice in voices.names:
             by_voice.setdefault(voice, []).append(model)
             if not voices.confirmed:

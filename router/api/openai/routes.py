@@ -107,11 +107,12 @@ async def list_speech_models(service: SpeechService = Depends(speech_service)):
 
 @router.get("/v1/audio/voices", summary="List voices per model")
 async def list_voices(service: SpeechService = Depends(speech_service), caller: Caller = Depends(request_caller)):
-    listing = await model_voices(service, caller)
-    saved = {voice.id: voice.name for voice in service.voices.all(caller)}
+    saved = service.voices.all(caller)
+    listing = await model_voices(service, saved)
+    names = {voice.id: voice.name for voice in saved}
     return {
         "voices": [
-            {"id": voice, "name": saved.get(voice, voice), "model": model, "confirmed": voices.confirmed}
+            {"id": voice, "name": names.get(voice, voice), "model": model, "confirmed": voices.confirmed}
             for model, voices in listing.items()
             for voice in voices.names
         ]

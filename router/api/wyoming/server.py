@@ -85,9 +85,10 @@ class MalformedEvent(InvalidRequest):
 async def describe(service: SpeechService) -> Info:
     """One program, one voice per (model, backend voice) of every model that speaks text. A
     model whose backend cannot be reached lists its config's voices as not installed."""
-    listing = await model_voices(service)
     # Wyoming carries no key: the saved voices made on a server without keys.
-    saved = {voice.id: voice.name for voice in service.voices.all(Caller())}
+    keyless = service.voices.all(Caller())
+    listing = await model_voices(service, keyless)
+    saved = {voice.id: voice.name for voice in keyless}
     voices = []
     for config in service.registry.all():
         served = listing.get(config.name)  # None: a config-less model first served since the listing
@@ -122,7 +123,7 @@ async def _model_voice(service: SpeechService, name: str) -> tuple[str, str | No
         return model, voice
     with contextlib.suppress(ModelNotFound):
         return service.registry.get(name).name, None
-    for model, voices in (await model_voices(service)).items():
+    for model, voices in (await model_voices(service, service.voices.all(Caller()))).items():
         if name in voices.names:
             return model, name
     raise VoiceNotFound(f"voice '{name}' is not served here; describe lists every voice (model{VOICE_SEPARATOR}voice)",
