@@ -44,8 +44,11 @@ install-test: $(VENV)/.installed-test
 run: install
 	$(BIN)/chorus serve
 
+# Two processes, each taking a whole module at a time (its fixtures are set up once): much of a
+# test's time is spent waiting on a container or a server, which the other process fills.
+TEST_WORKERS ?= 2
 test: install-test
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
 
 bench: install-test
 	$(BIN)/python bench/speech.py

@@ -12,6 +12,7 @@ from __future__ import annotations
 import runpy
 import socket
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,19 +47,49 @@ def no_token(monkeypatch, tmp_path):
     monkeypatch.setenv("MODAL_CONFIG_PATH", str(tmp_path / "home" / ".modal.toml"))
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's worker reports its collection
 def pytest_collection_finish(session: pytest.Session) -> None:
     # Images are built once, before the first test, in a step of their own: a first build takes
-    # far longer than any test may.
-    if any(item.get_closest_marker("images") for item in session.items):
-        from tests.containers import build_session_images
+    # far longer than any test may. Under xdist the controller builds them, when the first worker
+    # says it needs them and before it hands out any test.
+    if not any(item.get_closest_marker("images") for item in session.items):
+        return
+    from tests import containers
 
-        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-        problem = build_session_images(reporter.write_line if reporter else print)
-        if problem is not None:
-            pytest.exit(problem, returncode=1)
+    workerinput = getattr(session.config, "workerinput", None)
+    if workerinput is not None:
+        images_wanted(workerinput["testrunuid"]).touch()
+        containers.use_session_images()
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    problem = containers.build_session_images(reporter.write_line if reporter else print)
+    if problem is not None:
+        pytest.exit(problem, returncode=1)
+
+
+IMAGES_BUILT = pytest.StashKey[bool]()
+
+
+def images_wanted(testrunuid: str) -> Path:
+    return Path(tempfile.gettempdir()) / f"chorus-images-wanted-{testrunuid}"
+
+
+def pytest_xdist_node_collection_finished(node, ids) -> None:
+    wanted = images_wanted(node.workerinput["testrunuid"])
+    if node.config.stash.get(IMAGES_BUILT, False) or not wanted.exists():
+        return
+    node.config.stash[IMAGES_BUILT] = True
+    from tests.containers import build_session_images
+
+    reporter = node.config.pluginmanager.get_plugin("terminalreporter")
+    problem = build_session_images(reporter.write_line if reporter else print)
+    if problem is not None:
+        pytest.exit(problem, returncode=1)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if workerinput := getattr(session.config, "workerinput", None):
+        images_wanted(workerinput["testrunuid"]).unlink(missing_ok=True)
     # A container whose client was killed outlives it: remove what the image tests started.
     if "tests.containers" in sys.modules:
         sys.modules["tests.containers"].remove_test_containers()

@@ -127,6 +127,13 @@ def build_session_images(write_line: Callable[[str], None]) -> str | None:
     return problem
 
 
+def use_session_images() -> None:
+    """In an xdist worker: the controller's build step makes every image before any test runs."""
+    global _session_images
+    if _engine_problem() is None:
+        _session_images = {image.name for image in image_builds(list(BACKENDS))}
+
+
 def docker_output(*args: str) -> str:
     return subprocess.run(["docker", *args], capture_output=True, text=True, check=True).stdout.strip()
 

@@ -169,7 +169,9 @@ class Stack:
 
 def stack_up(files: tuple[Path, ...], **env: str) -> Stack:
     stack = Stack(f"chorus-test-{uuid.uuid4().hex[:8]}", files, {**compose_environment(), **env}, free_port())
+    # Host ports of its own: another stack may be up (another test worker).
     stack.env["CHORUS_PORT"] = str(stack.port)
+    stack.env["CHORUS_WYOMING_PORT"] = str(free_port())
     return stack
 
 

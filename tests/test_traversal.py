@@ -21,9 +21,10 @@ _opened: list[str] = []
 _watching = threading.Event()
 
 
-def _audit(event: str, args: tuple) -> None:
-    if _watching.is_set() and event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
-        _opened.append(os.fsdecode(args[0]))
+def _audit(event: str, args: tuple, watching: threading.Event = _watching, opened: list[str] = _opened) -> None:
+    # The hook outlives the module (an audit hook cannot be removed): it keeps what it uses.
+    if watching.is_set() and event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+        opened.append(os.fsdecode(args[0]))
 
 
 sys.addaudithook(_audit)
