@@ -44,11 +44,12 @@ install-test: $(VENV)/.installed-test
 run: install
 	$(BIN)/chorus serve
 
-# Two processes, each taking a whole module at a time (its fixtures are set up once): much of a
-# test's time is spent waiting on a container or a server, which the other process fills.
+# Two processes, each taking a whole module at a time (its fixtures are set up once), in the order
+# collected (the longest first, tests/conftest.py): much of a test's time is spent waiting on a
+# container or a server, which the other process fills.
 TEST_WORKERS ?= 2
 test: install-test
-	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 bench: install-test
 	$(BIN)/python bench/speech.py

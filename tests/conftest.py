@@ -47,6 +47,20 @@ def no_token(monkeypatch, tmp_path):
     monkeypatch.setenv("MODAL_CONFIG_PATH", str(tmp_path / "home" / ".modal.toml"))
 
 
+#: The modules that take longest (a minute or more each, measured), handed out first when `make test`
+#: runs two processes: neither is then left with one of them at the end while the other idles.
+LONGEST_MODULES = ("test_containers", "test_heard", "test_modal_deploy", "test_coqui", "test_modal_app",
+                   "test_docker_mode", "test_kokoro_released", "test_agents", "test_cli", "test_configless")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        module = item.path.stem
+        return LONGEST_MODULES.index(module) if module in LONGEST_MODULES else len(LONGEST_MODULES)
+
+    items.sort(key=rank)  # stable: each module's tests keep their order
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist's worker reports its collection
 def pytest_collection_finish(session: pytest.Session) -> None:
     # Images are built once, before the first test, in a step of their own: a first build takes
