@@ -55,6 +55,8 @@ CONFIGS = {
         tts:
           voice: voices/reference.wav
           stream: true
+        voices:
+          narrator: voices/reference.wav
     """,
     # LocalAI's documented example, unchanged.
     "xtts_v2.yaml": """
@@ -296,6 +298,26 @@ def test_router_serves_coqui_on_all_three_api_families(worker, setup, tmp_path):
                 ("xtts-clone", "voices/reference.wav")} <= {(v["model"], v["id"]) for v in listed}
         eleven_voices = httpx.get(f"{router.url}/v1/voices", timeout=60).json()["voices"]
         assert {"alice", "bob", "Ana Florence"} <= {v["voice_id"] for v in eleven_voices}
+
+
+def test_streamed_pieces_leave_the_router_with_the_chunk_s_characters_timed(worker, setup, tmp_path):
+    """A chunk's pieces leave the router as they come, and its characters are spread over all of
+    its audio, as for a chunk made at once."""
+    env = {"CHORUS_MODE": "http", "CHORUS_BACKEND_URLS": f"coqui={worker}"}
+    text = "hello world"
+    with chorus_server(setup["models"], tmp_path / "router.log", configs_dir=setup["configs"],
+                       env=env) as router:
+        with httpx.stream("POST", f"{router.url}/v1/text-to-speech/narrator/stream/with-timestamps",
+                          params={"output_format": "pcm_24000"}, timeout=120,
+                          json={"text": text, "model_id": "xtts-stream", "language_code": "en"}) as response:
+            assert response.status_code == 200, response.read()
+            lines = [json.loads(line) for line in response.iter_lines() if line]
+    audio = [base64.b64decode(line["audio_base64"]) for line in lines if line.get("audio_base64")]
+    assert len(audio) > 1
+    alignments = [line["alignment"] for line in lines if line.get("alignment")]
+    assert "".join(c for alignment in alignments for c in alignment["characters"]) == text
+    seconds = len(b"".join(audio)) / 2 / 24000
+    assert alignments[-1]["character_end_times_seconds"][-1] == pytest.approx(seconds, abs=1e-3)
 
 
 # --- a voice a user uploads, cloned by XTTS ---------------------------------------------------
