@@ -67,8 +67,9 @@ class TTSSettings(BaseModel):
     #: Coqui XTTS: a chunk's audio leaves piece by piece as it is made (XTTS's inference_stream),
     #: so its first audio comes after about a second of speech is made, not the whole chunk. Off
     #: by default: the vocoder decodes all of the chunk made so far for each piece, so the chunk
-    #: costs more in all, and the pieces' seams are crossfaded, so a seeded request's audio
-    #: differs slightly from the whole chunk's (same length, same sampled tokens).
+    #: costs more in all (twice as much for 12 s of speech on a CPU, bench/costs.md), and the
+    #: pieces' seams are crossfaded, so a seeded request's audio differs slightly from the whole
+    #: chunk's (same length, same sampled tokens).
     stream: bool = False
     vall_e: ValleSettings = Field(default_factory=ValleSettings, alias="vall-e")
 
