@@ -37,9 +37,11 @@ sys.path[:0] = [str(ROOT)]
 
 from tests.containers import image_python  # noqa: E402  (the tests' way to run code in an image)
 
-BACKENDS = ("piper", "kokoro", "kokoro-int8", "bark", "parler-tts", "transformers-musicgen", "coqui", "vall-e-x")
-#: Rows that measure another model in a backend's image: Kokoro's int8 release, real weights.
-IMAGES = {"kokoro-int8": "kokoro"}
+BACKENDS = ("piper", "kokoro", "kokoro-int8", "bark", "parler-tts", "transformers-musicgen", "coqui", "coqui-stream",
+            "vall-e-x")
+#: Rows that measure another model or config in a backend's image: Kokoro's int8 release, real weights;
+#: XTTS with its chunks streamed, whose first chunk s is its first piece.
+IMAGES = {"kokoro-int8": "kokoro", "coqui-stream": "coqui"}
 SHORT_TOKENS, FULL_TOKENS = 32, 256
 COLUMNS = ("load s", "audio s", "first chunk s", "real-time factor", "x Piper's", "peak RSS MB", "peak CUDA MB",
            "audio s per wall s (1/2/4/8)", "batched (1/2/4/8)", "batched / one at a time")

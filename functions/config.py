@@ -64,6 +64,13 @@ class TTSSettings(BaseModel):
     voice: str | None = None
     #: Kokoro's voices file (an .npz of style vectors), beside its model file when not given.
     voices_file: str | None = None
+    #: Coqui XTTS: a chunk's audio leaves piece by piece as it is made (XTTS's inference_stream),
+    #: so its first audio comes after about a second of speech is made, not the whole chunk. Off
+    #: by default: the vocoder decodes all of the chunk made so far for each piece, so the chunk
+    #: costs more in all (twice as much for 12 s of speech on a CPU, bench/costs.md), and the
+    #: pieces' seams are crossfaded, so a seeded request's audio differs slightly from the whole
+    #: chunk's (same length, same sampled tokens).
+    stream: bool = False
     vall_e: ValleSettings = Field(default_factory=ValleSettings, alias="vall-e")
 
 

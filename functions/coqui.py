@@ -284,14 +284,19 @@ class CoquiBackend(Backend):
     def synthesize(self, request: SynthesisRequest) -> Iterator[bytes]:
         language = self._language(request.language)
         voice = request.voice or self._default_voice()
+        # Held until the last piece is out: a consumer that stops early (a client that left)
+        # closes this generator, which releases it.
         with self._lock:
             if self._is_xtts:
-                wav = self._synthesize_xtts(request, language, voice)
+                pieces = self._synthesize_xtts(request, language, voice)
             else:
-                wav = self._synthesize_generic(request, language, voice)
-        yield pcm16(wav.detach().cpu().numpy() if isinstance(wav, torch.Tensor) else wav)
+                pieces = [self._synthesize_generic(request, language, voice)]
+            for wav in pieces:
+                yield pcm16(wav.detach().cpu().numpy() if isinstance(wav, torch.Tensor) else wav)
 
-    def _synthesize_xtts(self, request: SynthesisRequest, language: str | None, voice: str | None):
+    def _synthesize_xtts(self, request: SynthesisRequest, language: str | None,
+                         voice: str | None) -> Iterator:
+        """The chunk's audio: whole, or piece by piece as XTTS makes it (`tts.stream`)."""
         if voice is None:
             speakers = self._speakers()
             if not speakers:
@@ -305,19 +310,21 @@ class CoquiBackend(Backend):
         config = self._model.config
         if request.seed is not None:
             torch.manual_seed(request.seed)
-        output = self._model.inference(
-            request.text,
-            language,
-            gpt_cond_latent,
-            speaker_embedding,
-            temperature=config.temperature,
-            length_penalty=config.length_penalty,
-            repetition_penalty=config.repetition_penalty,
-            top_k=config.top_k,
-            top_p=config.top_p,
-            speed=request.speed,
-        )
-        return output["wav"]
+        sampling = {
+            "temperature": config.temperature,
+            "length_penalty": config.length_penalty,
+            "repetition_penalty": config.repetition_penalty,
+            "top_k": config.top_k,
+            "top_p": config.top_p,
+            "speed": request.speed,
+        }
+        if self.config.tts.stream:
+            # A piece every 20 audio tokens (about 0.9 s of speech), XTTS's own default.
+            yield from self._model.inference_stream(request.text, language, gpt_cond_latent,
+                                                    speaker_embedding, **sampling)
+        else:
+            yield self._model.inference(request.text, language, gpt_cond_latent, speaker_embedding,
+                                        **sampling)["wav"]
 
     def _synthesize_generic(self, request: SynthesisRequest, language: str | None, voice: str | None):
         speakers = self._speakers()

@@ -18,6 +18,7 @@ import httpx
 import numpy as np
 import pytest
 
+from functions.protocol import FrameReader
 from tests.audio import MP3, audio_seconds, decode, encoded_voice, write_voice_like_wav
 from tests.containers import image_python
 from tests.processes import REPO, backend_worker, chorus_server
@@ -41,6 +42,19 @@ CONFIGS = {
           language: en
         tts:
           voice: voices/reference.wav
+        voices:
+          narrator: voices/reference.wav
+    """,
+    # The same XTTS, each chunk's audio sent piece by piece as it is made.
+    "xtts-stream.yaml": """
+        name: xtts-stream
+        backend: coqui
+        parameters:
+          model: xtts
+          language: en
+        tts:
+          voice: voices/reference.wav
+          stream: true
         voices:
           narrator: voices/reference.wav
     """,
@@ -92,7 +106,7 @@ def running_worker(python: Path, setup: dict[str, Path]) -> Iterator[str]:
     started = time.monotonic()
     with backend_worker(python, "coqui", setup["configs"], setup["models"], setup["root"] / "worker.log",
                         env=env) as url:
-        print(f"Coqui worker loaded three models in {time.monotonic() - started:.1f} s")
+        print(f"Coqui worker loaded {len(CONFIGS)} models in {time.monotonic() - started:.1f} s")
         yield url
 
 
@@ -178,6 +192,62 @@ def test_xtts_clones_from_a_reference_in_the_models_directory(worker, setup):
           f"reference) {timings[0]:.2f} s, second (cached latents) {timings[1]:.2f} s")
 
 
+def pieces(worker: str, setup, model: str, **request) -> Iterator[bytes]:
+    """The PCM pieces of one request as the backend yielded them: a request for word times gets
+    each piece in a frame of its own (Coqui measures none, so all are audio)."""
+    body = {"config": _config(setup, model),
+            "request": {"model": model, "text": "hello world", "word_times": True, **request}}
+    with httpx.stream("POST", f"{worker}/synthesize", json=body, timeout=120) as response:
+        assert response.status_code == 200, response.read()
+        reader = FrameReader()
+        for data in response.iter_bytes():
+            yield from reader.feed(data)
+
+
+def test_xtts_streams_a_chunk_piece_by_piece(worker, setup):
+    streamed = list(pieces(worker, setup, "xtts-stream", language="en", seed=3))
+    whole = pcm(synthesize(worker, setup, "xtts-clone", language="en", seed=3))
+    assert len(streamed) > 1 and all(isinstance(piece, bytes) and piece for piece in streamed)
+    # The same seed samples the same tokens: as long as the whole chunk made at once. Only the
+    # pieces' crossfaded seams differ.
+    joined = np.frombuffer(b"".join(streamed), dtype="<i2")
+    assert len(joined) == len(whole) and np.abs(joined).max() > 0
+    assert list(pieces(worker, setup, "xtts-stream", language="en", seed=3)) == streamed, \
+        "same seed: same pieces"
+
+
+def test_a_client_leaving_mid_stream_frees_the_model(worker, setup):
+    stream = pieces(worker, setup, "xtts-stream", language="en", seed=5)
+    assert next(stream)
+    stream.close()  # leaves with the rest of the chunk unread
+    # One synthesis at a time per model: this is made only once the left stream let go.
+    assert len(list(pieces(worker, setup, "xtts-stream", language="en", seed=5))) > 1
+
+
+def test_xtts_stream_holds_the_model_until_closed(python, setup):
+    """In the backend itself: the model's lock is held from the first piece until the consumer
+    closes the stream, and a closed stream frees it."""
+    script = textwrap.dedent(f"""
+        from pathlib import Path
+        import yaml
+        from functions import create_backend
+        from functions.config import ModelConfig
+        from functions.protocol import SynthesisRequest
+        config = ModelConfig.model_validate(yaml.safe_load(Path({str(setup["configs"] / "xtts-stream.yaml")!r}).read_text()))
+        backend = create_backend(config, Path({str(setup["models"])!r}))
+        backend.load()
+        request = SynthesisRequest(model="xtts-stream", text="hello world", language="en", seed=5)
+        stream = backend.synthesize(request)
+        assert next(stream) and backend._lock.locked()
+        stream.close()
+        assert not backend._lock.locked()
+        assert len(list(backend.synthesize(request))) > 1 and not backend._lock.locked()
+        print("ok")
+    """)
+    result = subprocess.run([str(python), "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.stdout.strip().endswith("ok"), result.stderr[-2000:]
+
+
 @pytest.mark.parametrize("voice", ["../outside.wav", "/etc/passwd", "voices/../../outside.wav"])
 def test_xtts_reference_cannot_leave_the_models_directory(worker, setup, voice):
     response = synthesize(worker, setup, "xtts-clone", language="en", voice=voice)
@@ -228,6 +298,26 @@ def test_router_serves_coqui_on_all_three_api_families(worker, setup, tmp_path):
                 ("xtts-clone", "voices/reference.wav")} <= {(v["model"], v["id"]) for v in listed}
         eleven_voices = httpx.get(f"{router.url}/v1/voices", timeout=60).json()["voices"]
         assert {"alice", "bob", "Ana Florence"} <= {v["voice_id"] for v in eleven_voices}
+
+
+def test_streamed_pieces_leave_the_router_with_the_chunk_s_characters_timed(worker, setup, tmp_path):
+    """A chunk's pieces leave the router as they come, and its characters are spread over all of
+    its audio, as for a chunk made at once."""
+    env = {"CHORUS_MODE": "http", "CHORUS_BACKEND_URLS": f"coqui={worker}"}
+    text = "hello world"
+    with chorus_server(setup["models"], tmp_path / "router.log", configs_dir=setup["configs"],
+                       env=env) as router:
+        with httpx.stream("POST", f"{router.url}/v1/text-to-speech/narrator/stream/with-timestamps",
+                          params={"output_format": "pcm_24000"}, timeout=120,
+                          json={"text": text, "model_id": "xtts-stream", "language_code": "en"}) as response:
+            assert response.status_code == 200, response.read()
+            lines = [json.loads(line) for line in response.iter_lines() if line]
+    audio = [base64.b64decode(line["audio_base64"]) for line in lines if line.get("audio_base64")]
+    assert len(audio) > 1
+    alignments = [line["alignment"] for line in lines if line.get("alignment")]
+    assert "".join(c for alignment in alignments for c in alignment["characters"]) == text
+    seconds = len(b"".join(audio)) / 2 / 24000
+    assert alignments[-1]["character_end_times_seconds"][-1] == pytest.approx(seconds, abs=1e-3)
 
 
 # --- a voice a user uploads, cloned by XTTS ---------------------------------------------------

@@ -83,18 +83,21 @@ def build(models_dir: Path) -> dict:
 
 
 def fix_length(backend, tokens: int) -> None:
-    """Every call of the GPT's generate (one per request) makes exactly `tokens` audio tokens:
-    max_gen_mel_tokens is the cap it puts on the length, and min_new_tokens masks the stop token
-    until then. An audio token is one DVAE code standing for 1024 samples at 22.05 kHz: 46.4 ms
-    of speech, 21.5 a second."""
+    """Every generation of the GPT (one per request: `generate`, or `get_generator` when the
+    chunk is streamed) makes exactly `tokens` audio tokens: max_gen_mel_tokens is the cap it puts
+    on the length, and min_new_tokens masks the stop token until then. An audio token is one DVAE
+    code standing for 1024 samples at 22.05 kHz: 46.4 ms of speech, 21.5 a second."""
     gpt = backend._model.gpt
     gpt.max_gen_mel_tokens = tokens
-    generate = gpt.generate
+    for name in ("generate", "get_generator"):
+        setattr(gpt, name, _at_least(getattr(gpt, name), tokens))
 
+
+def _at_least(generation, tokens: int):
     def fixed(*args, **kwargs):
-        return generate(*args, **kwargs, min_new_tokens=tokens)
+        return generation(*args, **kwargs, min_new_tokens=tokens)
 
-    gpt.generate = fixed
+    return fixed
 
 
 def parameters(backend) -> int:
