@@ -267,6 +267,20 @@ async def test_a_worker_dying_mid_stream_raises_from_the_iterator(scripted) -> N
 
 
 @pytest.mark.anyio
+async def test_a_worker_dying_mid_stream_is_not_ready_until_a_probe_finds_it_back(scripted) -> None:
+    worker, url = scripted
+    with fresh(worker, WorkerScript.DIES_MID_STREAM):
+        async with running(HttpRunner({"piper": url}, health_interval=3600), CONFIG) as runner:
+            assert runner.is_ready()
+            with pytest.raises(SynthesisFailed, match="stopped mid-stream"):
+                await collect(runner)
+            # Its last probe found it healthy; the broken stream is newer news.
+            assert not runner.is_ready()
+            await runner.workers.health("piper", url)
+            assert runner.is_ready()
+
+
+@pytest.mark.anyio
 async def test_a_stream_closed_before_it_is_read_releases_the_worker(scripted) -> None:
     # What the router does with a chunk it fetched ahead when the client goes away first.
     worker, url = scripted

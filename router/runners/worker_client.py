@@ -95,7 +95,8 @@ class WorkerClient:
             )
         # Closing the stream before its end drops the connection, which tells the worker to stop.
         framed = response.headers.get("content-type", "").startswith(FRAMED_MEDIA_TYPE)
-        audio = (_worker_frames if framed else _worker_pcm)(backend, response, self.read_timeout)
+        reads = self._reads(backend, base, response)
+        audio = (_worker_frames if framed else _worker_pcm)(backend, reads)
         return PcmStream(sample_rate, released_by(audio, response.aclose))
 
     async def voices(self, backend: str, base: str, config: ModelConfig) -> list[str]:
@@ -146,6 +147,22 @@ class WorkerClient:
             code = {400: "invalid_request", 503: "backend_unavailable"}.get(response.status_code, "synthesis_failed")
         raise backend_error(backend, code, _error_message(response), _error_param(response))
 
+    async def _reads(self, backend: str, base: str, response: httpx.Response) -> AsyncIterator[bytes]:
+        try:
+            async for data in response.aiter_raw():
+                yield data
+        except httpx.TimeoutException as exc:
+            raise SynthesisFailed(
+                f"backend '{backend}' sent nothing for {self.read_timeout:g} s; the audio is incomplete"
+            ) from exc
+        except httpx.TransportError as exc:
+            # The worker died mid-stream: /readyz says so until a probe finds it back, rather
+            # than what the last probe saw.
+            self._report(backend, WorkerHealth(f"its worker at {base} stopped mid-stream ({_describe(exc)})"))
+            raise SynthesisFailed(
+                f"backend '{backend}' stopped mid-stream ({_describe(exc)}); the audio is incomplete"
+            ) from exc
+
     def _unavailable(self, backend: str, problem: str) -> BackendUnavailable:
         self._report(backend, WorkerHealth(problem))
         return BackendUnavailable(f"backend '{backend}' is unavailable: {problem}")
@@ -156,12 +173,12 @@ class WorkerClient:
             self._client = None
 
 
-async def _worker_pcm(backend: str, response: httpx.Response, read_timeout: float) -> AsyncIterator[bytes]:
+async def _worker_pcm(backend: str, reads: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     """A worker's PCM as it arrives, in whole samples."""
     # Network reads split the stream anywhere; a half sample is held back until its other byte
     # arrives, so that every chunk passed on is whole samples.
     odd = b""
-    async for data in _reads(backend, response, read_timeout):
+    async for data in reads:
         if odd:
             data, odd = odd + data, b""
         if len(data) % 2:
@@ -172,10 +189,10 @@ async def _worker_pcm(backend: str, response: httpx.Response, read_timeout: floa
         raise SynthesisFailed(f"backend '{backend}' sent a truncated sample; the audio is incomplete")
 
 
-async def _worker_frames(backend: str, response: httpx.Response, read_timeout: float) -> AsyncIterator[Spoken]:
+async def _worker_frames(backend: str, reads: AsyncIterator[bytes]) -> AsyncIterator[Spoken]:
     """A worker's PCM and word times, from its frames."""
     frames = FrameReader()
-    async for data in _reads(backend, response, read_timeout):
+    async for data in reads:
         try:
             for item in frames.feed(data):
                 yield item
@@ -183,20 +200,6 @@ async def _worker_frames(backend: str, response: httpx.Response, read_timeout: f
             raise SynthesisFailed(f"backend '{backend}' sent an unreadable frame ({exc})") from exc
     if frames.partial:
         raise SynthesisFailed(f"backend '{backend}' sent a truncated frame; the audio is incomplete")
-
-
-async def _reads(backend: str, response: httpx.Response, read_timeout: float) -> AsyncIterator[bytes]:
-    try:
-        async for data in response.aiter_raw():
-            yield data
-    except httpx.TimeoutException as exc:
-        raise SynthesisFailed(
-            f"backend '{backend}' sent nothing for {read_timeout:g} s; the audio is incomplete"
-        ) from exc
-    except httpx.TransportError as exc:
-        raise SynthesisFailed(
-            f"backend '{backend}' stopped mid-stream ({_describe(exc)}); the audio is incomplete"
-        ) from exc
 
 
 def _config_json(config: ModelConfig) -> dict[str, Any]:
