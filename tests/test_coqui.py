@@ -45,19 +45,6 @@ CONFIGS = {
         voices:
           narrator: voices/reference.wav
     """,
-    # The same XTTS, each chunk's audio sent piece by piece as it is made.
-    "xtts-stream.yaml": """
-        name: xtts-stream
-        backend: coqui
-        parameters:
-          model: xtts
-          language: en
-        tts:
-          voice: voices/reference.wav
-          stream: true
-        voices:
-          narrator: voices/reference.wav
-    """,
     # LocalAI's documented example, unchanged.
     "xtts_v2.yaml": """
         name: xtts_v2
@@ -70,6 +57,9 @@ CONFIGS = {
           voice: Ana Florence
     """,
 }
+# The same XTTS, each chunk's audio sent piece by piece as it is made.
+CONFIGS["xtts-stream.yaml"] = (CONFIGS["xtts-clone.yaml"].replace("name: xtts-clone", "name: xtts-stream")
+                               .replace("tts:\n", "tts:\n          stream: true\n"))
 
 
 @pytest.fixture(scope="module")
